@@ -8,11 +8,20 @@ z = conv1x1(x) with one output channel, gamma = H*W/3                      (Eq. 
 
 Because pi_hw >= 0, max_k(pi a_k x + pi b_k) = pi * max_k(a_k x + b_k): variant C is
 variant B's output scaled per position. The fused paths rely on this identity.
+
+Layout of FC2's output (Eq. 2): [da^1_1..da^1_W, ..., da^m_1..da^m_W, db^1_1.., ..., db^m_W] with
+W = C (B, C) or 1 (A) and m = dynamic_segments (= K by default).
+
+Robustness notes (REFERENCE.md section 2): every constant (alpha, beta, lambda_a, lambda_b, tau) is a
+buffer, so it follows .to(device) / .half() and is saved in the state_dict; no tensor is created on a
+fixed device; no reshape hard-codes the batch size (N = 1 and dynamic-batch ONNX work); the hyper
+function's normalisation runs in at least float32 (bf16/fp16 autocast safe) and the output has the
+input's dtype and memory format (channels_last in -> channels_last out).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +35,10 @@ IMPLS = ("auto", "reference", "fused")
 class Coefficients:
     """What the hyper function produced for one input.
 
-    a, b: (N, K, C) for B and C, (N, K, 1) for A (b is all zeros when use_bias=False).
+    a, b: (N, K, C) for B and C, (N, K, 1) for A (b holds the static init_b when use_bias=False).
+          dtype: float32 (float64 if the module is float64), whatever the input dtype.
     pi:   (N, 1, *spatial) spatial attention for C, None otherwise.
+    Output of the module: y = max_k(a[:, k] * x + b[:, k]) (* pi for C), a and b broadcast over space.
     """
 
     a: torch.Tensor
@@ -35,38 +46,61 @@ class Coefficients:
     pi: Optional[torch.Tensor] = None
 
 
-def _pair_tuple(name: str, value: Sequence[float], k: int) -> tuple:
+def _pair_tuple(name: str, value: Union[float, Sequence[float]], k: int) -> tuple:
+    if isinstance(value, (int, float)):
+        value = (value,)
     value = tuple(float(v) for v in value)
-    if len(value) < k:
-        raise ValueError(f"{name} has {len(value)} values but k={k}: give one per segment, e.g. {name}=(1.0, 0.0)")
-    return value[:k]
+    if not value:
+        raise ValueError(f"{name} is empty: give one value per segment, e.g. {name}=(1.0, 0.0)")
+    # extra values are dropped (k=1 with the K=2 defaults), missing ones are 0 (the paper's
+    # default: alpha^1 = 1, alpha^k = beta^k = 0 otherwise)
+    return (value + (0.0,) * k)[:k]
+
+
+def _in_export_context() -> bool:
+    """True while tracing/scripting/exporting (ONNX, torch.export, torch.jit.trace): use the reference path."""
+    return bool(
+        torch.jit.is_scripting()
+        or torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+        or torch.compiler.is_exporting()
+    )
+
+
+def _per_sample(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """(N, W) -> (N, W, 1, ..., 1) to broadcast against an ndim-dimensional (N, C, ...) input."""
+    return t[(Ellipsis,) + (None,) * (ndim - 2)]
 
 
 def piecewise_max(x: torch.Tensor, a: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
     """max_k(a_k x + b_k) with a, b shaped (N, K, C|1); a running max keeps no K-sized temporary."""
-    shape = (x.shape[0], a.shape[2]) + (1,) * (x.dim() - 2)
     y = None
     for k in range(a.shape[1]):
-        seg = x * a[:, k].reshape(shape)
+        seg = x * _per_sample(a[:, k], x.dim())
         if b is not None:
-            seg = seg + b[:, k].reshape(shape)
+            seg = seg + _per_sample(b[:, k], x.dim())
         y = seg if y is None else torch.maximum(y, seg)
     return y
 
 
 def spatial_attention(z: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-    """pi = min(gamma * softmax(z / tau), 1) over all positions, gamma = positions / 3 (Eq. 4)."""
-    n = z.shape[0]
-    positions = z[0, 0].numel()
-    attn = torch.softmax(z.reshape(n, -1).float() / tau, dim=1) * (positions / 3.0)
+    """pi = min(gamma * softmax(z / tau), 1) over all positions, gamma = positions / 3 (Eq. 4).
+
+    z: (N, 1, *spatial). Computed in (at least) float32, returned in z's dtype.
+    """
+    zf = z.flatten(1)
+    dt = torch.promote_types(zf.dtype, torch.float32)
+    attn = torch.softmax(zf.to(dt) / tau.to(dt), dim=1) * (zf.shape[1] / 3.0)
     return attn.clamp(max=1.0).reshape(z.shape).to(z.dtype)
 
 
 class DyReLU(nn.Module):
     """Dynamic ReLU, variants A (shared), B (per channel) and C (per channel and position).
 
-    Works on (N, C), (N, C, L) and (N, C, H, W) inputs. ``impl`` picks the reference
-    path (this file) or the fused path (``dyrelu.fused``); both compute the same function.
+    Works on (N, C), (N, C, L), (N, C, H, W) (and (N, C, D, H, W)) inputs. ``impl`` picks the
+    reference path (this file) or the fused path (``dyrelu.fused``); both compute the same function.
+    ``impl="auto"`` uses the fused path where ``dyrelu.fused.supports`` says so; while tracing,
+    scripting or exporting (ONNX, torch.export) the reference path is always used, whatever ``impl``.
     """
 
     def __init__(
@@ -91,31 +125,44 @@ class DyReLU(nn.Module):
             raise ValueError(f"variant={variant!r} is not one of {VARIANTS}")
         if impl not in IMPLS:
             raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
+        k = int(k)
         if k < 1:
             raise ValueError(f"k={k} must be >= 1")
         if channels < 1 or reduction < 1:
             raise ValueError(f"channels={channels} and reduction={reduction} must be >= 1")
+        if hidden is not None and int(hidden) < 1:
+            raise ValueError(f"hidden={hidden} must be >= 1")
+        if float(tau) <= 0:
+            raise ValueError(f"tau={tau} must be > 0")
         m = k if dynamic_segments is None else int(dynamic_segments)
         if not 1 <= m <= k:
             raise ValueError(f"dynamic_segments={dynamic_segments} must be between 1 and k={k}")
-        self.channels, self.variant, self.k, self.reduction = channels, variant, k, reduction
-        self.use_bias, self.dynamic_segments, self.impl = use_bias, m, impl
-        self.hidden = int(hidden) if hidden is not None else max(1, channels // reduction)
-        # Decided once here (not per call) so torch.compile sees no data-dependent branch.
-        self.has_intercept = bool(use_bias or any(float(v) != 0.0 for v in _pair_tuple("init_b", init_b, k)))
+        self.channels, self.variant, self.k, self.reduction = int(channels), variant, k, int(reduction)
+        self.use_bias, self.dynamic_segments, self.impl = bool(use_bias), m, impl
+        self.hidden = int(hidden) if hidden is not None else max(1, self.channels // self.reduction)
+        init_b = _pair_tuple("init_b", init_b, k)
+        # Decided once here (not per call) so torch.compile sees no data-dependent branch;
+        # refreshed after load_state_dict.
+        self.has_intercept = bool(self.use_bias or any(v != 0.0 for v in init_b))
 
         # Constants are buffers so .to(device) / .half() / state_dict carry them.
         self.register_buffer("init_a", torch.tensor(_pair_tuple("init_a", init_a, k)))
-        self.register_buffer("init_b", torch.tensor(_pair_tuple("init_b", init_b, k)))
+        self.register_buffer("init_b", torch.tensor(init_b))
         self.register_buffer("lambda_a", torch.tensor(float(lambda_a)))
         self.register_buffer("lambda_b", torch.tensor(float(lambda_b)))
         self.register_buffer("tau", torch.tensor(float(tau)))
 
-        width = 1 if variant == "A" else channels
+        width = 1 if variant == "A" else self.channels
         self.coef_width = width
-        self.fc1 = nn.Linear(channels, self.hidden)
-        self.fc2 = nn.Linear(self.hidden, (2 if use_bias else 1) * m * width)
-        self.spatial = nn.Conv2d(channels, 1, kernel_size=1, bias=False) if variant == "C" else None
+        self.fc1 = nn.Linear(self.channels, self.hidden)
+        self.fc2 = nn.Linear(self.hidden, (2 if self.use_bias else 1) * m * width)
+        self.spatial = nn.Conv2d(self.channels, 1, kernel_size=1, bias=False) if variant == "C" else None
+        self.register_load_state_dict_post_hook(DyReLU._after_load)
+
+    @staticmethod
+    def _after_load(module: "DyReLU", incompatible_keys) -> None:
+        if not module.use_bias and not module.init_b.is_meta:
+            module.has_intercept = bool((module.init_b != 0).any())
 
     def extra_repr(self) -> str:
         return (
@@ -123,57 +170,72 @@ class DyReLU(nn.Module):
             f"hidden={self.hidden}, use_bias={self.use_bias}, dynamic_segments={self.dynamic_segments}, impl={self.impl}"
         )
 
+    @torch.no_grad()
     def set_tau(self, tau: float) -> None:
+        if float(tau) <= 0:
+            raise ValueError(f"tau={tau} must be > 0")
         self.tau.fill_(float(tau))
 
     # ---- hyper function -------------------------------------------------------------
     def _check(self, x: torch.Tensor) -> None:
+        if torch.jit.is_tracing():  # shapes are fixed by the trace; a check would only warn (TracerWarning)
+            return
         if x.dim() < 2 or x.shape[1] != self.channels:
             raise ValueError(f"DyReLU({self.channels}) expects (N, {self.channels}, ...) input, got {tuple(x.shape)}")
 
+    @staticmethod
+    def pool(x: torch.Tensor) -> torch.Tensor:
+        """Global average pool over every dim after the channel dim: (N, C, ...) -> (N, C)."""
+        return x.mean(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x
+
     def hyper(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, C) pooled context -> a, b of shape (N, K, width). b is zeros without intercepts."""
-        n, k, m, w = pooled.shape[0], self.k, self.dynamic_segments, self.coef_width
-        theta = 2.0 * torch.sigmoid(self.fc2(F.relu(self.fc1(pooled)))) - 1.0
-        theta = theta.reshape(n, 2 if self.use_bias else 1, m, w)
-        init_a = self.init_a.to(theta.dtype).reshape(1, k, 1)
-        init_b = self.init_b.to(theta.dtype).reshape(1, k, 1)
-        da, db = theta[:, 0], (theta[:, 1] if self.use_bias else None)
+        """(N, C) pooled context -> a, b of shape (N, K, width), in float32 (float64 for float64 modules).
+
+        Without intercepts (use_bias=False) b is init_b broadcast to (N, K, width).
+        """
+        k, m, w = self.k, self.dynamic_segments, self.coef_width
+        logits = self.fc2(F.relu(self.fc1(pooled)))
+        dt = torch.promote_types(logits.dtype, torch.float32)  # normalise in >= fp32 (autocast-safe)
+        theta = 2.0 * torch.sigmoid(logits.to(dt)) - 1.0
+        theta = theta.unflatten(1, (2 if self.use_bias else 1, m, w))  # (N, 2|1, m, w)
+        init_a = self.init_a.to(dt).reshape(1, k, 1)
+        init_b = self.init_b.to(dt).reshape(1, k, 1)
+        da = theta[:, 0]
+        db = theta[:, 1] if self.use_bias else None
         if m < k:  # the last k-m segments stay at their init values (Table 6)
-            pad = theta.new_zeros(n, k - m, w)
-            da = torch.cat([da, pad], 1)
-            db = torch.cat([db, pad], 1) if db is not None else None
-        a = init_a + self.lambda_a.to(theta.dtype) * da
-        b = init_b + self.lambda_b.to(theta.dtype) * db if db is not None else init_b.expand(n, k, w)
+            da = F.pad(da, (0, 0, 0, k - m))
+            db = F.pad(db, (0, 0, 0, k - m)) if db is not None else None
+        a = init_a + self.lambda_a.to(dt) * da
+        b = init_b + self.lambda_b.to(dt) * db if db is not None else init_b.expand_as(a)
         return a, b
 
     def attention(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Spatial attention pi (N, 1, *spatial) of variant C (Eq. 4); None for A and B."""
         if self.spatial is None:
             return None
-        xs = x.reshape(x.shape[0], x.shape[1], -1, 1) if x.dim() != 4 else x
+        xs = x if x.dim() == 4 else x.reshape(x.shape[0], x.shape[1], -1, 1)
         z = self.spatial(xs)  # (N, 1, *, *)
-        return spatial_attention(z, self.tau).reshape((x.shape[0], 1) + tuple(x.shape[2:]))
+        pi = spatial_attention(z, self.tau)
+        return pi if x.dim() == 4 else pi.reshape((x.shape[0], 1) + tuple(x.shape[2:]))
 
     @torch.no_grad()
     def coefficients(self, x: torch.Tensor) -> Coefficients:
         """a, b (and pi for C) that this module would use on ``x``, for analysis tools."""
         self._check(x)
-        pooled = x.mean(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x
-        a, b = self.hyper(pooled)
+        a, b = self.hyper(self.pool(x))
         return Coefficients(a=a, b=b, pi=self.attention(x))
 
     # ---- forward ----------------------------------------------------------------------
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
-        pooled = x.mean(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x
-        a, b = self.hyper(pooled)
+        a, b = self.hyper(self.pool(x))
         a, b = a.to(x.dtype), b.to(x.dtype)
         y = piecewise_max(x, a, b if self.has_intercept else None)
         pi = self.attention(x)
-        return y if pi is None else y * pi
+        return y if pi is None else y * pi.to(y.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.impl != "reference":
+        if self.impl != "reference" and not _in_export_context():
             from . import fused
 
             if fused.supports(self, x):

@@ -1,0 +1,119 @@
+"""Where metrics go: metrics.csv in the run folder always; W&B and TensorBoard on request. Rank 0 only."""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+log = logging.getLogger(__name__)
+
+
+class CsvLogger:
+    """One row per epoch. On resume, rows of epochs that will be re-run are dropped."""
+
+    def __init__(self, path: Path, resume_epoch: int = 0):
+        self.path = Path(path)
+        self.rows: list[dict] = []
+        if self.path.exists() and resume_epoch > 0:
+            with open(self.path, newline="") as f:
+                self.rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < resume_epoch]
+        self._write()
+
+    def log_epoch(self, row: Mapping[str, Any]) -> None:
+        self.rows.append(dict(row))
+        self._write()
+
+    def _write(self) -> None:
+        fields: list[str] = []
+        for r in self.rows:
+            fields += [k for k in r if k not in fields]
+        tmp = self.path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields or ["epoch"])
+            w.writeheader()
+            w.writerows(self.rows)
+        os.replace(tmp, self.path)
+
+
+def _wandb_mode(mode: str) -> str:
+    if mode != "auto":
+        return mode
+    try:
+        import wandb
+
+        return "online" if (os.environ.get("WANDB_API_KEY") or wandb.api.api_key) else "offline"
+    except Exception:
+        return "offline"
+
+
+class RunLogger:
+    def __init__(self, cfg, run_dir: Path, resume_epoch: int, enabled: bool, config_dict: dict):
+        self.enabled = enabled
+        self.csv = CsvLogger(run_dir / "metrics.csv", resume_epoch) if enabled else None
+        self.wandb = None
+        self.tb = None
+        if not enabled:
+            return
+        backends = list(cfg.logger.backends)
+        unknown = set(backends) - {"wandb", "tensorboard"}
+        if unknown:
+            raise ValueError(f"logger.backends has unknown {sorted(unknown)}; valid: ['wandb', 'tensorboard']")
+        if "wandb" in backends and cfg.logger.wandb.mode != "disabled":
+            import wandb
+
+            wcfg = cfg.logger.wandb
+            mode = _wandb_mode(wcfg.mode)
+            os.environ.setdefault("WANDB_SILENT", "true")
+            # A fixed id per run folder: a resumed or requeued run continues the same W&B run.
+            run_id = (run_dir / ".wandb_id").read_text().strip() if (run_dir / ".wandb_id").exists() else wandb.util.generate_id()
+            (run_dir / ".wandb_id").write_text(run_id)
+            self.wandb = wandb.init(
+                project=wcfg.project, entity=wcfg.entity, group=wcfg.group or cfg.get("table"), tags=list(wcfg.tags),
+                config=config_dict, dir=str(run_dir), mode=mode, id=run_id, resume="allow",
+                name=run_dir.name, settings=wandb.Settings(init_timeout=60),
+            )
+            log.info("W&B run %s (%s)", run_id, mode)
+        if "tensorboard" in backends:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def log_step(self, metrics: Mapping[str, float], step: int) -> None:
+        if self.wandb is not None:
+            self.wandb.log({f"train/{k}": v for k, v in metrics.items()}, step=step)
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(f"train/{k}", v, step)
+
+    def log_epoch(self, row: Mapping[str, Any], step: int) -> None:
+        if not self.enabled:
+            return
+        self.csv.log_epoch(row)
+        if self.wandb is not None:
+            self.wandb.log({f"epoch/{k}": v for k, v in row.items()}, step=step)
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"epoch/{k}", v, row["epoch"])
+
+    def summary(self, values: Mapping[str, Any]) -> None:
+        if self.wandb is not None:
+            self.wandb.summary.update(dict(values))
+
+    def log_artifact(self, path: Path, name: str, kind: str) -> None:
+        if self.wandb is not None:
+            import wandb
+
+            art = wandb.Artifact(name, type=kind)
+            art.add_file(str(path))
+            self.wandb.log_artifact(art)
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=exit_code)  # lets a multirun start its next W&B run
+            self.wandb = None
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None

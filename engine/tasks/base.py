@@ -1,0 +1,50 @@
+"""The task interface the loop talks to."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Task:
+    """One kind of problem: its datasets, model, loss and evaluation.
+
+    The loop calls, in order: ``build_datasets()``, ``build_model()``, then per step
+    ``loss(model, batch)`` and per epoch ``evaluate(model, loader)``.
+    """
+
+    name: str = ""
+    primary_metric: str = ""  # the metric that picks best.pt (higher is better)
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def build_datasets(self) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
+        raise NotImplementedError
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def input_size(self) -> tuple[int, int, int]:
+        h, w = self.cfg.task.input_size
+        return (3, int(h), int(w))
+
+    def to_device(self, batch, device: torch.device, channels_last: bool) -> Any:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, int]:
+        """Returns the mean loss of the batch and its number of samples."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader, device: torch.device, autocast, channels_last: bool) -> dict:
+        """Metrics over the whole validation set (all ranks take part; every rank gets the result)."""
+        raise NotImplementedError
+
+    def results(self, metrics: dict, best: float) -> dict:
+        """The task's keys of results.json."""
+        raise NotImplementedError
+
+    def collate_fn(self):
+        return None

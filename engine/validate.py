@@ -1,0 +1,72 @@
+"""Check a composed config before anything is built: one clear line per bad value."""
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key, the value and what is allowed."""
+
+
+def _get(cfg: DictConfig, key: str):
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            raise ConfigError(f"missing config key {key!r}")
+        node = node[part]
+    return node
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# key, predicate, what is allowed
+_RULES = [
+    ("seed", _is_int, "an integer"),
+    ("data.batch_size", lambda v: _is_int(v) and v > 0, "a positive integer (the global batch)"),
+    ("data.num_workers", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    ("trainer.max_epochs", lambda v: _is_int(v) and v > 0, "a positive integer"),
+    ("trainer.limit_train_batches", lambda v: v is None or (_is_int(v) and v > 0), "null or a positive integer"),
+    ("trainer.limit_val_batches", lambda v: v is None or (_is_int(v) and v > 0), "null or a positive integer"),
+    ("trainer.device", lambda v: v in ("auto", "cpu", "cuda"), "one of auto, cpu, cuda"),
+    ("trainer.amp", lambda v: v in ("auto", "bf16", "fp16", "off", False), "one of auto, bf16, fp16, off"),
+    ("trainer.channels_last", lambda v: v in ("auto", True, False), "one of auto, true, false"),
+    ("trainer.deterministic", lambda v: isinstance(v, bool), "true or false"),
+    ("trainer.compile", lambda v: isinstance(v, bool), "true or false"),
+    ("trainer.ema_decay", lambda v: v is None or (_is_num(v) and 0 < v < 1), "null or a number in (0, 1)"),
+    ("trainer.grad_clip", lambda v: v is None or (_is_num(v) and v > 0), "null or a positive number"),
+    ("trainer.log_every", lambda v: _is_int(v) and v > 0, "a positive integer"),
+    ("trainer.val_every", lambda v: _is_int(v) and v > 0, "a positive integer"),
+    ("optim.name", lambda v: v in ("sgd", "adam", "adamw"), "one of sgd, adam, adamw"),
+    ("optim.lr", lambda v: _is_num(v) and v > 0, "a positive number"),
+    ("optim.weight_decay", lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+    ("optim.momentum", lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("sched.name", lambda v: v in ("cosine", "step"), "one of cosine, step"),
+    ("sched.warmup_epochs", lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+    ("aug.label_smoothing", lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("aug.mixup_alpha", lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+    ("aug.cutmix_alpha", lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+    ("aug.color_jitter", lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+]
+
+
+def validate(cfg: DictConfig) -> None:
+    for key, ok, allowed in _RULES:
+        value = _get(cfg, key)
+        if not ok(value):
+            raise ConfigError(f"{key}={value!r} is not valid: expected {allowed}")
+    from models import list_models
+    import dyrelu
+
+    name = cfg.model.name
+    valid_models = list_models()
+    if name not in valid_models:
+        raise ConfigError(f"model.name={name!r} is not a known model; valid: {', '.join(valid_models)}")
+    for key in ("act", "head_act"):
+        if key in cfg and cfg[key] is not None and cfg[key].name not in dyrelu.ACT_NAMES:
+            raise ConfigError(f"{key}.name={cfg[key].name!r} is not a known activation; valid: {', '.join(dyrelu.ACT_NAMES)}")

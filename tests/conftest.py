@@ -1,0 +1,20 @@
+"""Shared test setup: generated data goes to one cache per test session unless DYRELU_CACHE is set."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _dyrelu_cache(tmp_path_factory):
+    if not os.environ.get("DYRELU_CACHE"):
+        os.environ["DYRELU_CACHE"] = str(tmp_path_factory.mktemp("dyrelu_cache"))
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    yield

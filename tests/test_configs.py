@@ -1,0 +1,68 @@
+"""Every model x activation pair the paper uses composes from the configs and runs forward."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runs import compose
+
+CLS_PAIRS = (
+    [("mbv2_035", a) for a in ["relu", "dyrelu_a", "dyrelu_b", "dyrelu_c", "rrelu", "leaky_relu", "prelu",
+                               "prelu_shared", "se_relu", "maxout", "relu6", "hswish"]]
+    + [("mbv2_100", a) for a in ["relu", "dyrelu_b", "se_relu", "maxout"]]
+    + [(m, a) for m in ["mbv2_050", "mbv2_075", "mbv3_large", "mbv3_small", "resnet10", "resnet18", "resnet34", "resnet50"]
+       for a in ["relu", "dyrelu_b"]]
+)
+KPT_PAIRS = [("mbv2_050", b, h) for b in ["relu", "dyrelu_a", "dyrelu_b", "dyrelu_c"] for h in ["relu", "dyrelu_a", "dyrelu_b", "dyrelu_c"]] + [
+    (m, a, a) for m in ["mbv2_100", "mbv3_large", "mbv3_small"] for a in ["relu", "dyrelu_c"]
+]
+
+
+def _build(cfg):
+    from engine.tasks import build_task
+
+    task = build_task(cfg)
+    task.num_classes = 10
+    return task.build_model().eval()
+
+
+@pytest.mark.parametrize("model,act", CLS_PAIRS)
+def test_cls_pair_composes_and_runs(model, act):
+    cfg = compose([f"model={model}", f"act={act}", "data=imagenet", "data.root=/unused"])
+    assert cfg.model.name == model and cfg.act.name == act
+    net = _build(cfg)
+    with torch.no_grad():
+        out = net(torch.randn(1, 3, 64, 64))
+    assert out.shape == (1, 10)
+
+
+@pytest.mark.parametrize("model,act,head", KPT_PAIRS)
+def test_kpt_pair_composes_and_runs(model, act, head):
+    cfg = compose(["task=kpt", f"model={model}", f"act={act}", f"act@head_act={head}"])
+    assert cfg.head_act.name == head and cfg.optim.name == "adam" and cfg.data.name == "coco_demo"
+    net = _build(cfg)
+    with torch.no_grad():
+        out = net(torch.randn(1, 3, 64, 48))
+    assert out.shape == (1, 17, 16, 12)
+
+
+def test_recipes_follow_the_paper():
+    c = compose(["model=mbv2_035", "data=imagenet", "data.root=/x"])
+    assert (c.optim.name, c.optim.lr, c.optim.momentum, c.optim.weight_decay) == ("sgd", 0.05, 0.9, 2.0e-5)
+    assert (c.sched.name, c.trainer.max_epochs, c.model.dropout, c.aug.label_smoothing) == ("cosine", 300, 0.1, 0.1)
+    assert c.aug.color_jitter > 0 and c.aug.mixup_alpha == 0 and c.data.batch_size == 256
+    c = compose(["model=mbv2_100", "data=imagenet", "data.root=/x"])
+    assert c.optim.weight_decay == 3.0e-5 and c.model.dropout == 0.2 and c.aug.mixup_alpha > 0
+    c = compose(["model=resnet50", "data=imagenet", "data.root=/x"])
+    assert (c.optim.lr, c.optim.weight_decay, c.sched.name, list(c.sched.milestones), c.trainer.max_epochs) == (0.1, 1.0e-4, "step", [30, 60], 90)
+    c = compose(["task=kpt", "model=mbv2_050", "data=coco", "data.root=/x"])
+    assert (c.optim.name, c.optim.lr, list(c.sched.milestones), c.trainer.max_epochs) == ("adam", 1.0e-3, [170, 200], 210)
+    assert list(c.task.input_size) == [256, 192]
+
+
+def test_lr_scales_linearly_with_the_global_batch():
+    from engine.optim import effective_lr
+
+    c = compose(["model=mbv2_035", "data=imagenet", "data.root=/x"])
+    assert effective_lr(c.optim, 256) == pytest.approx(0.05)
+    assert effective_lr(c.optim, 1024) == pytest.approx(0.2)

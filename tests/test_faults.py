@@ -1,0 +1,153 @@
+"""Faults a cluster throws at runs, each injected: kill -9, SIGTERM/SIGUSR1, a kill during a
+checkpoint write, a NaN loss, DDP vs one process. Nothing may be lost."""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from runs import ROOT, TINY, env, results, run_train, train_cmd
+
+# Long enough epochs to be interrupted in the middle (20 steps of 16 images).
+MID = [*TINY, "data.train_per_class=32", "trainer.log_every=1"]
+
+
+def _spawn(run_dir, *overrides):
+    return subprocess.Popen(train_cmd(run_dir, *overrides), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(proc, needle, timeout=300):
+    """Read the child's output until a line contains ``needle``; returns what was read."""
+    seen, t0 = [], time.time()
+    for line in proc.stdout:
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+        if time.time() - t0 > timeout:
+            break
+    proc.kill()
+    raise AssertionError(f"never saw {needle!r}:\n{''.join(seen)[-3000:]}")
+
+
+def _weights(run_dir):
+    return torch.load(Path(run_dir) / "checkpoints" / "last.pt", weights_only=False)["model"]
+
+
+@pytest.mark.slow
+def test_kill9_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path):
+    args = [*MID, "trainer.max_epochs=3", "trainer.deterministic=true"]
+    run_train(tmp_path / "straight", *args)
+
+    proc = _spawn(tmp_path / "killed", *args)
+    _wait_for(proc, "epoch 2 step 5/")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = torch.load(tmp_path / "killed" / "checkpoints" / "last.pt", weights_only=False)
+    assert state["epoch"] == 1  # the end of epoch 1 was the last save
+
+    p = run_train(tmp_path / "killed", *args)
+    assert "Resuming from" in p.stdout + p.stderr
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5, rtol=0), k
+    assert abs(results(tmp_path / "straight")["top1"] - results(tmp_path / "killed")["top1"]) < 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_saves_mid_epoch_and_resumes(tmp_path, sig):
+    args = [*MID, "trainer.max_epochs=2"]
+    proc = _spawn(tmp_path / "run", *args)
+    _wait_for(proc, "epoch 1 step 3/")
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 124, out[-3000:]
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    assert state["epoch"] == 0 and state["step_in_epoch"] >= 3
+
+    p = run_train(tmp_path / "run", *args)
+    log = p.stdout + p.stderr
+    assert "Resuming from" in log and f"step {state['step_in_epoch']}" in log
+    assert results(tmp_path / "run")["epochs"] == 2
+
+
+def test_kill_during_checkpoint_write_leaves_previous_file_loadable(tmp_path):
+    from engine.checkpoint import atomic_save
+
+    path = tmp_path / "last.pt"
+    atomic_save({"epoch": 1, "w": torch.ones(3)}, path)
+    script = textwrap.dedent(f"""
+        import time, torch
+        from engine.checkpoint import atomic_save
+        class Slow:
+            def __reduce__(self):
+                time.sleep(60)
+                return (int, (0,))
+        atomic_save({{"epoch": 2, "w": torch.zeros(1_000_000), "slow": Slow()}}, {str(path)!r})
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env())
+    t0 = time.time()
+    while not list(tmp_path.glob(".last.pt.*.tmp")) and time.time() - t0 < 60:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    state = torch.load(path, weights_only=False)
+    assert state["epoch"] == 1 and torch.equal(state["w"], torch.ones(3))
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    run_train(run_dir, *TINY, "trainer.max_epochs=1")
+    before = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    # Resume with an exploding learning rate: the loss leaves the finite numbers in epoch 2.
+    p = run_train(run_dir, *TINY, "trainer.max_epochs=2", "optim.lr=1e38", "optim.momentum=0.0", check=False)
+    assert p.returncode != 0
+    assert "epoch 2 step" in p.stderr and "last.pt" in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    after = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    assert after["epoch"] == before["epoch"] == 1
+    for k in before["model"]:
+        assert torch.equal(before["model"][k], after["model"][k])
+
+
+def _torchrun(nproc, run_dir, *overrides, timeout=600):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0",
+           str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}"]
+    p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process(tmp_path):
+    # No randomness that depends on the process count: no augmentation, no dropout.
+    args = [*TINY, "trainer.max_epochs=2", "trainer.limit_train_batches=3", "data.train_augment=false",
+            "model.dropout=0.0", "act=dyrelu_b"]
+    run_train(tmp_path / "one", *args)
+    _torchrun(2, tmp_path / "two", *args)
+    one, two = results(tmp_path / "one"), results(tmp_path / "two")
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert abs(one["top1"] - two["top1"]) < 1e-6 and abs(one["top5"] - two["top5"]) < 1e-6
+
+    def rows(d):
+        with open(d / "metrics.csv") as f:
+            return list(csv.DictReader(f))
+
+    for r1, r2 in zip(rows(tmp_path / "one"), rows(tmp_path / "two")):
+        assert abs(float(r1["train_loss"]) - float(r2["train_loss"])) < 1e-4
+        assert abs(float(r1["val_loss"]) - float(r2["val_loss"])) < 1e-4
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for k in a:
+        if a[k].is_floating_point():
+            assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-4), k
