@@ -35,6 +35,14 @@ def exit_on_known_error():
     except StopRequested:
         sys.exit(PREEMPTED_EXIT_CODE)
     except (ValueError,) + _known() as exc:
-        log.error("%s: %s", type(exc).__name__, exc)
+        _to_log_files(f"{type(exc).__name__}: {exc}")
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
+
+
+def _to_log_files(message: str) -> None:
+    """Record the error in the run's log file without repeating it on the console."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)

@@ -11,14 +11,15 @@ log = logging.getLogger(__name__)
 
 
 class CsvLogger:
-    """One row per epoch. On resume, rows of epochs that will be re-run are dropped."""
+    """One row per epoch (numbered from 1). On resume after ``completed`` epochs, rows of
+    epochs that will be run again are dropped."""
 
-    def __init__(self, path: Path, resume_epoch: int = 0):
+    def __init__(self, path: Path, completed: int = 0):
         self.path = Path(path)
         self.rows: list[dict] = []
-        if self.path.exists() and resume_epoch > 0:
+        if self.path.exists() and completed > 0:
             with open(self.path, newline="") as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < resume_epoch]
+                self.rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= completed]
         self._write()
 
     def log_epoch(self, row: Mapping[str, Any]) -> None:

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # A demo set and model small enough for a few seconds per epoch on 2 CPU cores.
 TINY = [
     "data.train_per_class=8", "data.val_per_class=4", "data.batch_size=16", "data.num_workers=0",
-    "data.image_size=40", "data.crop_size=32", "data.val_resize=32", "task.input_size=[32,32]",
+    "data.image_size=40", "data.crop_size=32", "data.val_resize=32",
     "trainer.progress=false", "trainer.device=cpu", "logger=csv",
 ]
 

@@ -42,8 +42,8 @@ def test_kpt_pair_composes_and_runs(model, act, head):
     assert cfg.head_act.name == head and cfg.optim.name == "adam" and cfg.data.name == "coco_demo"
     net = _build(cfg)
     with torch.no_grad():
-        out = net(torch.randn(1, 3, 64, 48))
-    assert out.shape == (1, 17, 16, 12)
+        out = net(torch.randn(1, 3, 128, 96))
+    assert out.shape == (1, 17, 32, 24)
 
 
 def test_recipes_follow_the_paper():
@@ -57,7 +57,7 @@ def test_recipes_follow_the_paper():
     assert (c.optim.lr, c.optim.weight_decay, c.sched.name, list(c.sched.milestones), c.trainer.max_epochs) == (0.1, 1.0e-4, "step", [30, 60], 90)
     c = compose(["task=kpt", "model=mbv2_050", "data=coco", "data.root=/x"])
     assert (c.optim.name, c.optim.lr, list(c.sched.milestones), c.trainer.max_epochs) == ("adam", 1.0e-3, [170, 200], 210)
-    assert list(c.task.input_size) == [256, 192]
+    assert list(c.data.input_size) == [256, 192] and list(c.data.heatmap_size) == [64, 48]
 
 
 def test_lr_scales_linearly_with_the_global_batch():

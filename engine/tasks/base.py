@@ -27,7 +27,7 @@ class Task:
         raise NotImplementedError
 
     def input_size(self) -> tuple[int, int, int]:
-        h, w = self.cfg.task.input_size
+        h, w = self.cfg.data.input_size
         return (3, int(h), int(w))
 
     def to_device(self, batch, device: torch.device, channels_last: bool) -> Any:

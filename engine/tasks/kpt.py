@@ -36,7 +36,7 @@ class KeypointTask(Task):
     def build_datasets(self):
         from data.coco import build_coco_datasets
 
-        d, t = self.cfg.data, self.cfg.task
+        d = self.cfg.data
         if d.name not in KPT_DATASETS:
             raise ValueError(f"task=kpt needs a keypoint dataset: data={d.name!r} is not one of {list(KPT_DATASETS)}")
         root = d.root
@@ -46,8 +46,8 @@ class KeypointTask(Task):
             root = ensure_coco_demo()
         train, val = build_coco_datasets(
             root=root, train_ann=d.train_ann, train_images=d.train_images, val_ann=d.val_ann, val_images=d.val_images,
-            det_file=d.det_file, det_score_thresh=float(d.det_score_thresh), input_size=tuple(t.input_size),
-            heatmap_size=tuple(t.heatmap_size), sigma=float(t.sigma), skip_bad_images=bool(d.skip_bad_images),
+            det_file=d.det_file, det_score_thresh=float(d.det_score_thresh), input_size=tuple(d.input_size),
+            heatmap_size=tuple(d.heatmap_size), sigma=float(d.sigma), skip_bad_images=bool(d.skip_bad_images),
         )
         self.val_ann = val.ann_file
         return train, val
