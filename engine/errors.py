@@ -23,8 +23,9 @@ def _known() -> tuple[type, ...]:
 
 
 @contextlib.contextmanager
-def exit_on_known_error():
-    """ValueError and the project's own errors carry a message meant for the user: print it, exit 1.
+def exit_on_known_error(keep_going: bool = False):
+    """ValueError and the project's own errors carry a message meant for the user: print it, exit 1
+    (or, with ``keep_going``, as in a multirun, return so that the next job runs).
 
     Preemption exits 124 after the checkpoint is saved. Anything else is a bug: full traceback.
     """
@@ -37,7 +38,8 @@ def exit_on_known_error():
     except (ValueError,) + _known() as exc:
         _to_log_files(f"{type(exc).__name__}: {exc}")
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+        if not keep_going:
+            sys.exit(1)
 
 
 def _to_log_files(message: str) -> None:

@@ -163,7 +163,8 @@ def count_complexity(model, input_size) -> dict:
     from dyrelu.flops import count_complexity as count
 
     c = count(model, input_size)
-    return {"params": int(c["params"]), "madds": int(c["madds"])}
+    # madds counts all of DY-ReLU's work; madds_paper is the paper's convention (its multiplies only).
+    return {k: int(c[k]) for k in ("params", "params_no_classifier", "madds", "madds_paper")}
 
 
 def build_everything(cfg, dist: DistInfo, device: torch.device):
@@ -181,6 +182,8 @@ def run(cfg, run_dir: str | Path) -> dict:
     dist = init_distributed(device.type)
     if device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
+    if not dist.is_main:  # rank 0 speaks for the run
+        logging.getLogger().setLevel(logging.WARNING)
     # Every rank works in rank 0's folder, whatever each rank's Hydra resolved.
     run_dir = Path(broadcast_object(str(Path(run_dir).resolve())))
     ckpt_dir = run_dir / "checkpoints"
@@ -240,7 +243,8 @@ def run(cfg, run_dir: str | Path) -> dict:
         state = ckpt_io.load(last_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        # The schedule is a function of the config and the step (scheduler state is saved for
+        # inspection only), so a resumed run follows the config it is resumed with.
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         if ema is not None and state.get("ema"):
@@ -350,6 +354,7 @@ def run(cfg, run_dir: str | Path) -> dict:
                 barrier()
     except StopRequested:
         exit_code = 124
+        raise
     except BaseException:
         exit_code = 1
         raise
@@ -363,7 +368,7 @@ def run(cfg, run_dir: str | Path) -> dict:
         "task": task.name, "model": cfg.model.name, "act": cfg.act.name,
         **({"head_act": cfg.head_act.name} if "head_act" in cfg else {}),
         **task.results(metrics, best),
-        "params": complexity["params"], "madds": complexity["madds"], "epochs": max_epochs,
+        **complexity, "epochs": max_epochs,
         "wall_time_s": round(time.time() - t_start, 2), "seed": int(cfg.seed),
         "table": cfg.get("table"), "row": cfg.get("row"), "world_size": dist.world_size, "device": device.type,
     }

@@ -1,0 +1,143 @@
+"""Model zoo: networks by name, every activation built through ``dyrelu.make_act``.
+
+    from models import build_model, list_models, build_pose_model
+    net = build_model("mbv2_035", act={"name": "dyrelu_b", "k": 2, "reduction": 8})
+
+Names (see docs/models.md for the exact activation placement of each family):
+mbv2_035, mbv2_050, mbv2_075, mbv2_100, mbv3_large, mbv3_small, resnet10, resnet18, resnet34,
+resnet50. Models take plain arguments (no Hydra), use random init only and never download.
+
+``act`` is an activation spec as ``dyrelu.make_act`` takes it: a name ("relu", "dyrelu_b", ...) or
+a mapping {"name": ..., **overrides}. Model-specific placement of the activation (which sites get
+it, K=1 after projection convolutions, Maxout channel expansion) happens in the model files
+through :class:`ActBuilder` below.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any, Callable, Dict, List, Optional
+
+from torch import nn
+
+import dyrelu
+
+__all__ = [
+    "register_model",
+    "build_model",
+    "list_models",
+    "build_pose_model",
+    "ActBuilder",
+    "HYPER_SIZINGS",
+]
+
+_MODELS: Dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Optional[Callable] = None, *, name: Optional[str] = None):
+    """Decorator: ``@register_model`` or ``@register_model(name="...")`` adds an entry point."""
+
+    def deco(f: Callable) -> Callable:
+        key = name or f.__name__
+        if key in _MODELS and _MODELS[key] is not f:
+            raise ValueError(f"model {key!r} is registered twice")
+        _MODELS[key] = f
+        return f
+
+    return deco(fn) if fn is not None else deco
+
+
+def list_models() -> List[str]:
+    """Registered model names, sorted."""
+    return sorted(_MODELS)
+
+
+def build_model(name: str, act: Any = "relu", num_classes: int = 1000, **kwargs) -> nn.Module:
+    """Build a registered network with activation spec ``act`` (random init, no downloads)."""
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(list_models())}")
+    return _MODELS[name](act=act, num_classes=num_classes, **kwargs)
+
+
+# ---- activation placement helper, shared by the model files ---------------------------------
+
+#: How the hidden width of DY-ReLU's (and SE+ReLU's) first FC is chosen (``hyper_sizing`` model kwarg).
+#: "conv_in" (default, fits the paper's parameter counts best; docs/models.md §Parameters):
+#:     hidden = max(hyper_min, C_in // R), C_in = input channels of the conv that feeds the activation.
+#: "act": hidden = max(hyper_min, C // R), C = the activation's own channels (public unofficial code).
+#: "registry": pass nothing; whatever ``dyrelu.make_act`` does by default (C // R).
+HYPER_SIZINGS = ("conv_in", "act", "registry")
+DEFAULT_HYPER_MIN = 8
+
+
+def _spec_get(spec: Any, key: str, default: Any = None) -> Any:
+    if isinstance(spec, Mapping):
+        return spec.get(key, default)
+    return default
+
+
+def _dyrelu_default(key: str) -> Any:
+    return inspect.signature(dyrelu.DyReLU.__init__).parameters[key].default
+
+
+#: static activations with a hyper function of their own (SE): sized by the same rule as DY-ReLU,
+#: passed through the spec (``make_act``'s extra kwargs only reach dynamic activations)
+_SIZED_STATIC = {"se_relu": dyrelu.SEReLU}
+
+
+class ActBuilder:
+    """Builds the activation of one network at each site, following that network's placement rules.
+
+    ``act(channels, conv_in=...)``: the activation after a conv whose input had ``conv_in``
+    channels (used to size DY-ReLU's hyper function with ``hyper_sizing="conv_in"``).
+    ``act(channels, conv_in=..., k1=True)``: the K=1 DY-ReLU the paper adds after the projection
+    conv of a mobile block (a = 1 + da, b = 0 + db); only meaningful for a dynamic spec.
+    ``expansion``: how many times the conv before an activation multiplies its outputs (Maxout K).
+    """
+
+    def __init__(self, spec: Any, hyper_sizing: str = "conv_in", hyper_min: int = DEFAULT_HYPER_MIN):
+        if hyper_sizing not in HYPER_SIZINGS:
+            raise ValueError(f"hyper_sizing={hyper_sizing!r} is not one of {HYPER_SIZINGS}")
+        self.spec = spec
+        self.name = dyrelu.act_name(spec)
+        self.dynamic = bool(dyrelu.is_dynamic(spec))
+        self.sized = self.dynamic or self.name in _SIZED_STATIC
+        self.expansion = int(dyrelu.act_expansion(spec))
+        self.hyper_sizing = hyper_sizing
+        self.hyper_min = int(hyper_min)
+
+    def hidden(self, channels: int, conv_in: Optional[int]) -> Optional[int]:
+        """Hidden width of the hyper function at a site, or None to leave the registry's default."""
+        if not self.sized or self.hyper_sizing == "registry" or _spec_get(self.spec, "hidden") is not None:
+            return None
+        cls = _SIZED_STATIC.get(self.name, dyrelu.DyReLU)
+        default = inspect.signature(cls.__init__).parameters["reduction"].default
+        reduction = int(_spec_get(self.spec, "reduction", default))
+        base = channels if (self.hyper_sizing == "act" or conv_in is None) else int(conv_in)
+        return max(self.hyper_min, base // reduction)
+
+    def __call__(self, channels: int, conv_in: Optional[int] = None, k1: bool = False, **extra) -> nn.Module:
+        if self.dynamic:
+            hidden = self.hidden(channels, conv_in)
+            if hidden is not None:
+                extra.setdefault("hidden", hidden)
+            if k1:
+                extra.update(k=1, init_a=(1.0,), init_b=(0.0,), dynamic_segments=None)
+        elif k1:
+            raise ValueError("k1=True (the K=1 activation after a projection conv) needs a dynamic activation")
+        elif self.sized:  # SE+ReLU: same hidden-width rule, through the spec
+            hidden = self.hidden(channels, conv_in)
+            if hidden is not None:
+                spec = dict(self.spec) if isinstance(self.spec, Mapping) else {"name": self.spec}
+                spec["hidden"] = hidden
+                return dyrelu.make_act(spec, channels, **extra)
+        return dyrelu.make_act(self.spec, channels, **extra)
+
+    def static(self, spec: Any, channels: int) -> nn.Module:
+        """A static activation (e.g. the ReLU kept at positions not selected for the dynamic act)."""
+        return dyrelu.make_act(spec, channels)
+
+
+# Model files register themselves on import (they import register_model / ActBuilder from here).
+from . import mobilenetv2, mobilenetv3, resnet  # noqa: E402,F401
+from .pose import build_pose_model  # noqa: E402

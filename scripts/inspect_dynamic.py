@@ -1,0 +1,379 @@
+#!/usr/bin/env python
+"""Is DY-ReLU dynamic? Fig. 3 and supplementary Fig. 1 of the paper, plus the two statistics of Sec. 5.2.
+
+    python scripts/inspect_dynamic.py ckpt=<run>/checkpoints/best.pt [max_images=50000] [out=<dir>] \
+        [data=imagenet] [data.root=/path/to/imagenet] [batch_size=256] [device=auto] [wandb=auto]
+
+The model is rebuilt from the config stored in the checkpoint (as eval.py does) and run over the
+validation set (the first ``max_images`` images; default all). Forward hooks capture the input
+and output of every DY-ReLU; ``DyReLU.coefficients(x)`` gives its per-image coefficients a, b.
+
+Writes into ``out`` (default <run>/inspect_dynamic/):
+  fig3_top_scatter.png      input vs output of the DY-ReLU after the depthwise conv (MobileNetV2's A2)
+                            in every other block (1, 3, ..., 17), with the lines y = x and y = -x
+  supp_fig1_scatter.png     the same panels as a grid (supplementary Fig. 1)
+  fig3_bottom_slope_diff.png  slope difference |a1 - a2| per block (mean, 10-90 % band), all A2 blocks
+  stats.json                the statistics below, per DY-ReLU and pooled
+and prints one JSON object (the summary) as its last stdout line.
+
+Statistics (Sec. 5.2), with the exact definitions used here:
+  unit: one activation function = one (DY-ReLU layer, validation image, channel) triple for
+        DY-ReLU-B/C (one per image and layer for DY-ReLU-A, whose function is shared by the channels).
+        The coefficients are a_c^k, b_c^k of Eq. 3 (for DY-ReLU-C before the spatial attention pi,
+        which only rescales the whole function by pi in [0, 1]).
+  share_slope_neg_or_gt1:  units with at least one segment k with a_c^k < 0 or a_c^k > 1
+                           ("51% of DY-ReLU have segments with either negative slope or slope above 1")
+  share_intercept_gt_0.05: units with at least one segment with b_c^k > 0.05
+                           ("37% of DY-ReLU have at least one segment with intercept more than 0.05")
+  share_abs_intercept_gt_0.05: the same with |b_c^k| > 0.05 (the other reading of the sentence)
+  pooled over every DY-ReLU of the network ("all", including the K=1 ones after projection convs)
+  and over those with K >= 2 only ("k2plus"); per-layer shares are in stats.json.
+  slope difference: max_k a_c^k - min_k a_c^k, which is |a_c^1 - a_c^2| for K = 2.
+Scatter points are a seeded random sample of ``points_per_image`` elements per image and layer
+(at most ``max_points`` per layer); the statistics use every unit, not the sample.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+DEFAULTS = {
+    "ckpt": None, "out": None, "max_images": None, "batch_size": None, "num_workers": None, "device": "auto",
+    "data": None, "points_per_image": 64, "max_points": 100000, "blocks": "every_other", "seed": 0, "wandb": "auto",
+}
+A2_NAME = re.compile(r"^(.*?)blocks\.(\d+)\.conv_dw\.act$")
+USAGE = __doc__.split("\n\n")[1]
+
+
+def find_a2_blocks(names) -> dict:
+    """{module name: block number (1 = lowest)} of the DY-ReLUs after a depthwise conv
+    (``<prefix>blocks.<i>.conv_dw.act``) of the backbone: the prefix with the most blocks, so a
+    pose model's head blocks (``head.blocks.<i>``) are not mixed with its backbone's."""
+    by_prefix: dict = {}
+    for n in names:
+        m = A2_NAME.match(n)
+        if m:
+            by_prefix.setdefault(m.group(1), {})[n] = int(m.group(2)) + 1
+    return max(by_prefix.values(), key=len) if by_prefix else {}
+
+
+def parse_args(argv) -> tuple[dict, dict]:
+    """key=value arguments -> (options, dotted overrides of the stored config (data.*, task.*, ...))."""
+    import yaml
+
+    opts, overrides = dict(DEFAULTS), {}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(__doc__)
+            sys.exit(0)
+        if "=" not in arg:
+            raise SystemExit(f"error: argument {arg!r} is not key=value\n{USAGE}")
+        key, value = arg.split("=", 1)
+        value = yaml.safe_load(value) if value != "" else None
+        if key in opts:
+            opts[key] = value
+        elif "." in key and key.split(".")[0] in ("data", "task", "trainer", "model", "act", "head_act"):
+            overrides[key] = value
+        else:
+            raise SystemExit(f"error: unknown key {key!r}; valid: {', '.join(DEFAULTS)} or data.*/task.* overrides\n{USAGE}")
+    if not opts["ckpt"]:
+        raise SystemExit(f"error: ckpt=<run>/checkpoints/best.pt is required\n{USAGE}")
+    if opts["blocks"] not in ("every_other", "all"):
+        raise SystemExit(f"error: blocks={opts['blocks']!r}; valid: every_other, all")
+    return opts, overrides
+
+
+def load_run(opts, overrides):
+    """(run_cfg, task, val_ds, model, state) of the checkpoint, through engine.evaluate.load_run."""
+    from engine.evaluate import load_run as load
+
+    if opts["batch_size"]:
+        overrides["data.batch_size"] = int(opts["batch_size"])
+    if opts["num_workers"] is not None:
+        overrides["data.num_workers"] = int(opts["num_workers"])
+    run = load(str(opts["ckpt"]), overrides, data=opts["data"] or None)
+    return run.cfg, run.task, run.val_ds, run.model, run.state
+
+
+class Recorder:
+    """Forward hooks on every DY-ReLU: pooled statistics of the coefficients, and scatter samples."""
+
+    def __init__(self, model, scatter_names, points_per_image, max_points, seed):
+        import torch
+
+        from dyrelu import DyReLU
+
+        self.torch = torch
+        self.mods = [(n, m) for n, m in model.named_modules() if isinstance(m, DyReLU)]
+        if not self.mods:
+            raise ValueError("this model has no DY-ReLU (a static-activation run?): nothing to inspect")
+        self.scatter_names = set(scatter_names)
+        self.ppi, self.max_points = int(points_per_image), int(max_points)
+        self.gen = torch.Generator().manual_seed(int(seed))
+        self.stats = {n: {"units": 0, "slope": 0, "int_pos": 0, "int_abs": 0, "diff_sum": 0.0, "diff_sq": 0.0,
+                          "diff_sample": [], "k": int(m.k), "variant": m.variant, "channels": int(m.channels)}
+                      for n, m in self.mods}
+        self.points = {n: ([], []) for n in self.scatter_names}
+        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in self.mods]
+
+    def _hook(self, name):
+        torch = self.torch
+
+        def hook(mod, inputs, output):
+            x = inputs[0]
+            c = mod.coefficients(x)
+            a, b = c.a.float(), c.b.float()  # (N, K, W)
+            s = self.stats[name]
+            s["units"] += a.shape[0] * a.shape[2]
+            s["slope"] += int(((a < 0) | (a > 1)).any(dim=1).sum())
+            s["int_pos"] += int((b > 0.05).any(dim=1).sum())
+            s["int_abs"] += int((b.abs() > 0.05).any(dim=1).sum())
+            diff = (a.max(dim=1).values - a.min(dim=1).values).flatten().double()
+            s["diff_sum"] += float(diff.sum())
+            s["diff_sq"] += float((diff * diff).sum())
+            if len(s["diff_sample"]) < 20000:
+                take = torch.randperm(diff.numel(), generator=self.gen)[: min(diff.numel(), 512)]
+                s["diff_sample"] += diff[take].tolist()
+            if name in self.points and len(self.points[name][0]) < self.max_points:
+                xs, ys = x.detach().float().flatten(1).cpu(), output.detach().float().flatten(1).cpu()
+                n_el = xs.shape[1]
+                for i in range(xs.shape[0]):
+                    idx = torch.randint(n_el, (min(self.ppi, n_el),), generator=self.gen)
+                    self.points[name][0].extend(xs[i, idx].tolist())
+                    self.points[name][1].extend(ys[i, idx].tolist())
+
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _share(num, den):
+    return num / den if den else None
+
+
+def summarize(rec: Recorder, a2_blocks: dict) -> dict:
+    per = []
+    for name, s in rec.stats.items():
+        n = s["units"]
+        mean = s["diff_sum"] / n if n else None
+        std = math.sqrt(max(s["diff_sq"] / n - mean * mean, 0.0)) if n else None
+        per.append({"name": name, "k": s["k"], "variant": s["variant"], "channels": s["channels"], "units": n,
+                    "share_slope_neg_or_gt1": _share(s["slope"], n), "share_intercept_gt_0.05": _share(s["int_pos"], n),
+                    "share_abs_intercept_gt_0.05": _share(s["int_abs"], n), "slope_diff_mean": mean, "slope_diff_std": std,
+                    "block": a2_blocks.get(name)})
+    pooled = {}
+    for scope, keep in (("all", lambda s: True), ("k2plus", lambda s: s["k"] >= 2)):
+        ss = [s for s in rec.stats.values() if keep(s)]
+        n = sum(s["units"] for s in ss)
+        pooled[scope] = {"layers": len(ss), "units": n,
+                         "share_slope_neg_or_gt1": _share(sum(s["slope"] for s in ss), n),
+                         "share_intercept_gt_0.05": _share(sum(s["int_pos"] for s in ss), n),
+                         "share_abs_intercept_gt_0.05": _share(sum(s["int_abs"] for s in ss), n)}
+    return {"pooled": pooled, "per_layer": per}
+
+
+def _percentile(values, q):
+    if not values:
+        return None
+    v = sorted(values)
+    i = min(len(v) - 1, max(0, int(round(q / 100 * (len(v) - 1)))))
+    return v[i]
+
+
+def plot(rec: Recorder, scatter: list, a2_blocks: dict, out: Path, title: str) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = {}
+
+    def panel(ax, name, label):
+        xs, ys = rec.points[name]
+        ax.scatter(xs, ys, s=0.3, c="tab:blue", alpha=0.25, linewidths=0, rasterized=True)
+        if xs:
+            lo, hi = _percentile(xs, 0.5), _percentile(xs, 99.5)
+            r = max(abs(lo), abs(hi), 1e-3) * 1.05
+            ax.set_xlim(-r, r)
+            ylo, yhi = _percentile(ys, 0.5), _percentile(ys, 99.5)
+            ax.set_ylim(min(-r * 0.25, ylo * 1.05), max(r, yhi * 1.05))
+        lim = ax.get_xlim()
+        ax.plot(lim, lim, "r-", lw=0.8)
+        ax.plot(lim, (-lim[0], -lim[1]), "r-", lw=0.8)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("input x", fontsize=7)
+        ax.set_ylabel("output y", fontsize=7)
+        ax.tick_params(labelsize=6)
+
+    labels = [(n, f"Block {a2_blocks[n]}" if n in a2_blocks else n) for n in scatter]
+    if labels:
+        fig, axes = plt.subplots(1, len(labels), figsize=(2.2 * len(labels), 2.4), squeeze=False)
+        for ax, (n, lab) in zip(axes[0], labels):
+            panel(ax, n, lab)
+        fig.suptitle(f"DY-ReLU input vs output ({title})", fontsize=9)
+        fig.tight_layout()
+        files["fig3_top_scatter"] = out / "fig3_top_scatter.png"
+        fig.savefig(files["fig3_top_scatter"], dpi=130)
+        plt.close(fig)
+
+        cols = min(3, len(labels))
+        rows = math.ceil(len(labels) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+        for ax in axes.flat[len(labels):]:
+            ax.axis("off")
+        for ax, (n, lab) in zip(axes.flat, labels):
+            panel(ax, n, lab)
+        fig.suptitle(f"DY-ReLU input vs output, red: y = x and y = -x ({title})", fontsize=9)
+        fig.tight_layout()
+        files["supp_fig1_scatter"] = out / "supp_fig1_scatter.png"
+        fig.savefig(files["supp_fig1_scatter"], dpi=130)
+        plt.close(fig)
+
+    diff_names = sorted(a2_blocks, key=a2_blocks.get) if a2_blocks else [n for n, _ in rec.mods if rec.stats[n]["k"] >= 2]
+    if diff_names:
+        xs = list(range(1, len(diff_names) + 1))
+        means, lo, hi = [], [], []
+        for n in diff_names:
+            s = rec.stats[n]
+            means.append(s["diff_sum"] / s["units"] if s["units"] else float("nan"))
+            lo.append(_percentile(s["diff_sample"], 10))
+            hi.append(_percentile(s["diff_sample"], 90))
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ticks = [a2_blocks.get(n, i) for i, n in zip(xs, diff_names)]
+        ax.fill_between(ticks, lo, hi, color="tab:blue", alpha=0.2, label="10-90 %")
+        ax.plot(ticks, means, "o-", color="tab:blue", label="mean")
+        ax.set_xlabel("block" if a2_blocks else "DY-ReLU layer (K >= 2)")
+        ax.set_ylabel("|a1 - a2|")
+        ax.set_title(f"slope difference between the two segments ({title})", fontsize=9)
+        ax.set_xticks(ticks)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        files["fig3_bottom_slope_diff"] = out / "fig3_bottom_slope_diff.png"
+        fig.savefig(files["fig3_bottom_slope_diff"], dpi=130)
+        plt.close(fig)
+    return files
+
+
+def _wandb_on(opt, run_cfg) -> bool:
+    if isinstance(opt, bool):
+        return opt
+    if str(opt).lower() in ("true", "1", "yes", "on"):
+        return True
+    if str(opt).lower() in ("false", "0", "no", "off"):
+        return False
+    lg = run_cfg.get("logger") or {}
+    return "wandb" in list(lg.get("backends") or []) and (lg.get("wandb") or {}).get("mode") != "disabled"
+
+
+def log_wandb(run_cfg, files, summary, out: Path, run_dir: Path) -> None:
+    import os
+
+    import wandb
+
+    w = (run_cfg.get("logger") or {}).get("wandb") or {}
+    mode = os.environ.get("WANDB_MODE") or (w.get("mode") if w.get("mode") not in (None, "auto") else None)
+    if mode is None:
+        try:
+            mode = "online" if (os.environ.get("WANDB_API_KEY") or wandb.api.api_key) else "offline"
+        except Exception:
+            mode = "offline"
+    run = wandb.init(project=w.get("project") or "dyrelu", entity=w.get("entity"), group=w.get("group") or run_cfg.get("table"),
+                     job_type="inspect_dynamic", name=f"{run_dir.name}-inspect", dir=str(out), mode=mode,
+                     tags=list(w.get("tags") or []) + ["inspect_dynamic"])
+    run.log({k: wandb.Image(str(p)) for k, p in files.items()})
+    run.summary.update({f"{scope}/{k}": v for scope, d in summary["pooled"].items() for k, v in d.items()})
+    run.finish()
+
+
+def main(argv=None) -> int:
+    opts, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    import logging
+
+    import torch
+
+    from engine.errors import exit_on_known_error
+    from engine.loop import make_loader, resolve_device
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    log = logging.getLogger("dyrelu.inspect")
+    with exit_on_known_error():
+        run_cfg, task, val_ds, model, state = load_run(opts, overrides)
+        device = resolve_device(str(opts["device"]))
+        model.to(device).eval()
+        ckpt = Path(str(opts["ckpt"])).resolve()
+        run_dir = ckpt.parent.parent
+        out = Path(str(opts["out"])) if opts["out"] else run_dir / "inspect_dynamic"
+        out.mkdir(parents=True, exist_ok=True)
+
+        names = [n for n, m in model.named_modules() if type(m).__name__ == "DyReLU"]
+        a2_blocks = find_a2_blocks(names)
+        if a2_blocks:
+            scatter = sorted(a2_blocks, key=a2_blocks.get)
+            if opts["blocks"] == "every_other":
+                scatter = [n for n in scatter if a2_blocks[n] % 2 == 1]
+        else:  # no DY-ReLU after a depthwise conv (e.g. ResNet, or Table 7 without A2): every (other) DY-ReLU
+            log.warning("no DY-ReLU after a depthwise conv (blocks.<i>.conv_dw.act); plotting %s DY-ReLU layer instead",
+                        "every other" if opts["blocks"] == "every_other" else "every")
+            scatter = names[::2] if opts["blocks"] == "every_other" else names
+        rec = Recorder(model, scatter, opts["points_per_image"], opts["max_points"], opts["seed"])
+
+        n_images = len(val_ds) if opts["max_images"] is None else min(len(val_ds), int(opts["max_images"]))
+        batch = int(run_cfg.data.batch_size)
+        loader = make_loader(val_ds, list(range(n_images)), batch, int(run_cfg.data.num_workers), int(opts["seed"]),
+                             task.collate_fn())
+        seen = 0
+        with torch.no_grad():
+            for b in loader:
+                images = task.to_device(b, device, False)[0]
+                model(images)
+                seen += images.shape[0]
+        rec.remove()
+        log.info("inspected %d validation images, %d DY-ReLU layers", seen, len(rec.mods))
+
+        summary = summarize(rec, a2_blocks)
+        model_name = run_cfg.model.name
+        title = f"{model_name}, {run_cfg.act.name}, {seen} val images"
+        files = plot(rec, scatter, a2_blocks, out, title)
+        stats = {
+            "ckpt": str(ckpt), "task": run_cfg.task.name, "model": model_name, "act": run_cfg.act.name,
+            "table": run_cfg.get("table"), "row": run_cfg.get("row"), "epoch": state.get("epoch"),
+            "data": run_cfg.data.name, "images": seen, "scatter_layers": scatter,
+            "slope_diff_per_block": {str(a2_blocks[n]): rec.stats[n]["diff_sum"] / max(rec.stats[n]["units"], 1)
+                                     for n in sorted(a2_blocks, key=a2_blocks.get)},
+            "paper": {"share_slope_neg_or_gt1": 0.51, "share_intercept_gt_0.05": 0.37,
+                      "note": "MobileNetV2 x0.35 DY-ReLU-B on 50,000 ImageNet val images (Sec. 5.2)"},
+            "definitions": {
+                "unit": "one (DY-ReLU layer, image, channel) function; (layer, image) for DY-ReLU-A",
+                "share_slope_neg_or_gt1": "units with some a^k < 0 or a^k > 1",
+                "share_intercept_gt_0.05": "units with some b^k > 0.05",
+                "share_abs_intercept_gt_0.05": "units with some |b^k| > 0.05",
+                "slope_diff": "max_k a^k - min_k a^k (= |a^1 - a^2| for K = 2)",
+                "pooled.all": "every DY-ReLU layer, including the K=1 ones after projection convs",
+                "pooled.k2plus": "DY-ReLU layers with K >= 2 only",
+            },
+            **summary,
+            "files": {k: str(v) for k, v in files.items()},
+        }
+        (out / "stats.json").write_text(json.dumps(stats, indent=2))
+        files["stats"] = out / "stats.json"
+        if _wandb_on(opts["wandb"], run_cfg):
+            log_wandb(run_cfg, {k: v for k, v in files.items() if k != "stats"}, summary, out, run_dir)
+        line = {"ckpt": str(ckpt), "images": seen, "layers": len(rec.mods), **{
+            f"{scope}.{k}": v for scope, d in summary["pooled"].items() for k, v in d.items() if k.startswith("share")},
+            "slope_diff_per_block": stats["slope_diff_per_block"], "stats": str(out / "stats.json"),
+            "files": {k: str(v) for k, v in files.items()}}
+        print(json.dumps(line))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
