@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -39,13 +40,15 @@ class CsvLogger:
 
 
 def _wandb_mode(mode: str) -> str:
+    """auto: online only when an API key is configured (env or ~/.netrc), so a run never waits on a login."""
     if mode != "auto":
         return mode
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     try:
-        import wandb
-
-        return "online" if (os.environ.get("WANDB_API_KEY") or wandb.api.api_key) else "offline"
-    except Exception:
+        return "online" if "api.wandb.ai" in netrc.read_text() else "offline"
+    except OSError:
         return "offline"
 
 
@@ -68,8 +71,9 @@ class RunLogger:
             mode = _wandb_mode(wcfg.mode)
             os.environ.setdefault("WANDB_SILENT", "true")
             # A fixed id per run folder: a resumed or requeued run continues the same W&B run.
-            run_id = (run_dir / ".wandb_id").read_text().strip() if (run_dir / ".wandb_id").exists() else wandb.util.generate_id()
-            (run_dir / ".wandb_id").write_text(run_id)
+            id_file = run_dir / ".wandb_id"
+            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+            id_file.write_text(run_id)
             self.wandb = wandb.init(
                 project=wcfg.project, entity=wcfg.entity, group=wcfg.group or cfg.get("table"), tags=list(wcfg.tags),
                 config=config_dict, dir=str(run_dir), mode=mode, id=run_id, resume="allow",

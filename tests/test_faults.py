@@ -132,15 +132,17 @@ def _torchrun(nproc, run_dir, *overrides, timeout=600):
 @pytest.mark.slow
 def test_ddp_two_processes_match_one_process(tmp_path):
     # No randomness that depends on the process count: no augmentation, no dropout.
-    args = [*TINY, "trainer.max_epochs=2", "trainer.limit_train_batches=3", "data.train_augment=false",
-            "model.dropout=0.0", "act=dyrelu_b"]
+    args = [*TINY, "trainer.max_epochs=1", "trainer.limit_train_batches=2", "data.train_augment=false",
+            "model.dropout=0.0", "act=dyrelu_b", "optim.lr=0.01"]
     run_train(tmp_path / "one", *args)
     _torchrun(2, tmp_path / "two", *args)
     one, two = results(tmp_path / "one"), results(tmp_path / "two")
     assert two["world_size"] == 2 and one["world_size"] == 1
-    # Float tolerance: one process uses the native float32 batch norm, whose gradients are
-    # themselves ~1e-3 (relative) from the float64 result on this DY-ReLU network; the ranks'
-    # global batch norm accumulates in float64 (tests/test_sync_bn.py checks it exactly).
+    # Float tolerance: BN behind a freshly initialised depthwise conv divides by a tiny std, so
+    # float32 gradients there are ~1e-3 (relative) away from float64 even in one process (the
+    # native kernel), and these tiny 32 px nets amplify such differences within a few steps; so
+    # two steps are compared. The ranks' global batch norm works in float64 and
+    # tests/test_sync_bn.py checks it exactly against one process.
     one_sample = 100.0 / 40  # one of the 40 validation images
     assert abs(one["top1"] - two["top1"]) <= one_sample + 1e-9 and abs(one["top5"] - two["top5"]) <= one_sample + 1e-9
 
@@ -149,9 +151,9 @@ def test_ddp_two_processes_match_one_process(tmp_path):
             return list(csv.DictReader(f))
 
     for r1, r2 in zip(rows(tmp_path / "one"), rows(tmp_path / "two")):
-        assert abs(float(r1["train_loss"]) - float(r2["train_loss"])) < 2e-3
-        assert abs(float(r1["val_loss"]) - float(r2["val_loss"])) < 2e-3
+        assert abs(float(r1["train_loss"]) - float(r2["train_loss"])) < 1e-4
+        assert abs(float(r1["val_loss"]) - float(r2["val_loss"])) < 1e-4
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
-    for k in a:
-        if a[k].is_floating_point():
-            assert torch.allclose(a[k], b[k], atol=2e-3, rtol=2e-3), k
+    keys = [k for k in a if a[k].is_floating_point() and "running_" not in k]  # parameters
+    diff = sum(((a[k].double() - b[k].double()) ** 2).sum() for k in keys) ** 0.5
+    assert diff / sum((a[k].double() ** 2).sum() for k in keys) ** 0.5 < 1e-4
