@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
