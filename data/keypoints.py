@@ -423,7 +423,7 @@ def evaluate_coco(predictions: list[dict], ann_file, out_json=None, image_ids=No
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    log.info("COCOeval(keypoints) on %s:\n%s", ann_file, buf.getvalue().rstrip())
+    log.debug("COCOeval(keypoints) on %s:\n%s", ann_file, buf.getvalue().rstrip())
     stats = [max(float(s), 0.0) * 100.0 for s in ev.stats[:10]]  # -1 (no GT in a range) -> 0
     return dict(zip(METRIC_NAMES, stats))
 

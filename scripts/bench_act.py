@@ -1,0 +1,318 @@
+#!/usr/bin/env python
+"""Wall-clock cost of DY-ReLU against ReLU: full training steps (forward, backward, SGD step).
+
+    python scripts/bench_act.py --device cpu --model mbv2_035 --res 96 --batch 64 --steps 10 --warmup 3
+    python scripts/bench_act.py --device cuda --model mbv2_100 --res 224 --batch 256 --dtype bf16 \
+        --channels-last --compile --inference
+
+Variants (same network from ``models.build_model``, same seed):
+  relu                   the baseline network
+  dyrelu_b_reference     DY-ReLU-B, impl="reference" (core.py's readable ops)
+  dyrelu_b_fused         DY-ReLU-B, impl="fused" (dyrelu.fused: custom autograd Function)
+  dyrelu_c_fused         DY-ReLU-C, impl="fused"
+  dyrelu_b_public_style  DY-ReLU-B applied as the public unofficial code writes it: permute x,
+                         broadcast to (N, C, H, W, K), max over K (same hyper function weights)
+
+Every variant runs in its own subprocess (clean allocator, clean RSS high-water mark, clean
+compile caches); with ``--repeats R`` the variants run R times round-robin and the median is
+reported with the spread (min, max) -- useful on a shared, noisy machine.
+
+img_s: batch / median wall-clock step time (CUDA synchronised). cpu_img_s: batch / median process
+CPU time per step (all threads): on a shared machine, run with --threads 1 and compare cpu_img_s,
+which other processes' load disturbs far less than wall clock.
+
+peak_mem_mb: CUDA: torch.cuda.max_memory_allocated() over the timed steps (reset after warm-up).
+CPU: growth of the process's RSS high-water mark (resource.getrusage ru_maxrss) from just before
+the first step to the end: it counts what the steps allocate on top of the model and the batch
+(activations kept for backward, gradients, optimizer state, allocator caching), not the model.
+
+The LAST stdout line is one JSON object:
+  {"variants": {name: {"img_s", "img_s_min", "img_s_max", "cpu_img_s", "cpu_img_s_min",
+               "cpu_img_s_max", "step_ms", "peak_mem_mb", "runs"}},
+   "ratios_to_relu": {name: {"img_s", "cpu_img_s", "peak_mem"}}, "inference": {...} (with --inference),
+   "device": "...", "settings": {...}}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+VARIANTS = ("relu", "dyrelu_b_reference", "dyrelu_b_fused", "dyrelu_c_fused", "dyrelu_b_public_style")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------------------------------------
+# the outside baseline: DY-ReLU-B as the public unofficial code applies it
+# ---------------------------------------------------------------------------------------------
+def public_style_module(dy):
+    """Wrap a DyReLU: same pooling and hyper function (same weights), apply by broadcast-then-max."""
+    import torch
+    from torch import nn
+
+    class PublicStyleDyReLU(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            a, b = self.inner.hyper(self.inner.pool(x))  # (N, K, C|1)
+            coefs_a = a.transpose(1, 2).to(x.dtype)  # (N, C, K)
+            coefs_b = b.transpose(1, 2).to(x.dtype)
+            if x.dim() == 2:
+                out = x.unsqueeze(-1) * coefs_a + coefs_b
+                return torch.max(out, dim=-1)[0]
+            # N x C x H x W -> H x W x N x C x 1, broadcast to K, max over K, permute back
+            perm = tuple(range(2, x.dim())) + (0, 1)
+            x_perm = x.permute(*perm).unsqueeze(-1)
+            out = x_perm * coefs_a + coefs_b
+            back = (x.dim() - 2, x.dim() - 1) + tuple(range(x.dim() - 2))
+            return torch.max(out, dim=-1)[0].permute(*back)
+
+    return PublicStyleDyReLU(dy)
+
+
+def _swap_public_style(model):
+    import dyrelu
+
+    for name, mod in list(model.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            if isinstance(child, dyrelu.DyReLU):
+                setattr(mod, child_name, public_style_module(child))
+    return model
+
+
+def build(variant: str, args):
+    import torch
+    import models
+
+    torch.manual_seed(0)
+    spec = {
+        "relu": "relu",
+        "dyrelu_b_reference": {"name": "dyrelu_b", "impl": "reference"},
+        "dyrelu_b_fused": {"name": "dyrelu_b", "impl": "fused"},
+        "dyrelu_c_fused": {"name": "dyrelu_c", "impl": "fused"},
+        "dyrelu_b_public_style": {"name": "dyrelu_b", "impl": "reference"},
+    }[variant]
+    model = models.build_model(args.model, act=spec, num_classes=args.num_classes)
+    if variant == "dyrelu_b_public_style":
+        model = _swap_public_style(model)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# one variant, in its own process
+# ---------------------------------------------------------------------------------------------
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_peak_mb() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return r / 1024.0 if sys.platform != "darwin" else r / 2**20
+
+
+def run_worker(variant: str, args) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model = build(variant, args).to(device)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch, 3, args.res, args.res, generator=g).to(device).contiguous(memory_format=fmt)
+    y = torch.randint(0, args.num_classes, (args.batch,), generator=g).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    model.train()
+
+    def step(m):
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            loss = F.cross_entropy(m(x), y)
+        loss.backward()
+        opt.step()
+
+    fn = model
+    if args.compile:
+        fn = torch.compile(model, backend=args.compile_backend)
+    result = {"variant": variant}
+    rss0 = _rss_peak_mb()
+    for _ in range(args.warmup):
+        step(fn)
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, cpu_times = [], []
+    for _ in range(args.steps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        step(fn)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
+    med = statistics.median(times)
+    result["step_ms"] = med * 1e3
+    result["img_s"] = args.batch / med
+    result["img_s_mean"] = args.batch * len(times) / sum(times)
+    # process CPU time per step (all threads): with --threads 1 a proxy for wall clock that a
+    # busy shared machine disturbs much less (other processes' time is not counted)
+    result["cpu_img_s"] = args.batch / statistics.median(cpu_times)
+    if device.type == "cuda":
+        result["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        result["peak_mem_mb"] = _rss_peak_mb() - rss0
+
+    if args.inference:
+        model.eval()
+        fn_eval = torch.compile(model, backend=args.compile_backend) if args.compile else model
+        result["inference"] = {}
+        for bs in args.inference_batches:
+            xb = torch.randn(bs, 3, args.res, args.res, generator=g).to(device).contiguous(memory_format=fmt)
+            with torch.inference_mode(), autocast:
+                for _ in range(max(1, args.warmup)):
+                    fn_eval(xb)
+                _sync(device)
+                ts = []
+                for _ in range(args.inference_steps):
+                    t0 = time.perf_counter()
+                    fn_eval(xb)
+                    _sync(device)
+                    ts.append(time.perf_counter() - t0)
+            result["inference"][f"batch_{bs}"] = bs / statistics.median(ts)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# the driver
+# ---------------------------------------------------------------------------------------------
+def device_name(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    name = platform.processor() or platform.machine()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                name = line.split(":", 1)[1].strip()
+    except Exception:
+        pass
+    return f"{name} ({os.cpu_count()} logical CPUs)"
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--model", default="mbv2_100")
+    p.add_argument("--res", type=int, default=224)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile-backend", default="inductor")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast bf16")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--inference", action="store_true", help="also time eval-mode forward at --inference-batches")
+    p.add_argument("--inference-batches", type=lambda s: [int(v) for v in s.split(",")], default=[1, 64])
+    p.add_argument("--inference-steps", type=int, default=10)
+    p.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
+    p.add_argument("--repeats", type=int, default=1, help="round-robin repeats of all variants")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    bad = [v for v in args.variants if v not in VARIANTS]
+    if bad:
+        p.error(f"unknown variants {bad}; valid: {', '.join(VARIANTS)}")
+    return args
+
+
+def _spawn(variant: str, argv) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", variant]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        return {"variant": variant, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse(argv)
+    if args.worker:
+        sys.path.insert(0, ROOT)
+        print(json.dumps(run_worker(args.worker, args)))
+        return None
+    runs = {v: [] for v in args.variants}
+    for rep in range(args.repeats):
+        for v in args.variants:
+            r = _spawn(v, argv)
+            runs[v].append(r)
+            msg = f"{r['img_s']:.1f} img/s, peak {r['peak_mem_mb']:.0f} MB" if "img_s" in r else r["error"]
+            print(f"[{rep + 1}/{args.repeats}] {v}: {msg}", flush=True)
+    variants, inference = {}, {}
+    for v, rs in runs.items():
+        ok = [r for r in rs if "img_s" in r]
+        if not ok:
+            variants[v] = {"error": rs[-1].get("error", "failed")}
+            continue
+        speeds = [r["img_s"] for r in ok]
+        variants[v] = {
+            "img_s": statistics.median(speeds),
+            "img_s_min": min(speeds),
+            "img_s_max": max(speeds),
+            "cpu_img_s": statistics.median(r["cpu_img_s"] for r in ok),
+            "cpu_img_s_min": min(r["cpu_img_s"] for r in ok),
+            "cpu_img_s_max": max(r["cpu_img_s"] for r in ok),
+            "step_ms": statistics.median(r["step_ms"] for r in ok),
+            "peak_mem_mb": statistics.median(r["peak_mem_mb"] for r in ok),
+            "runs": len(ok),
+        }
+        if args.inference:
+            for key in ok[0]["inference"]:
+                inference.setdefault(key, {})[v] = {"img_s": statistics.median(r["inference"][key] for r in ok)}
+    ratios = {}
+    base = variants.get("relu", {})
+    for v, r in variants.items():
+        if "img_s" in r and "img_s" in base:
+            ratios[v] = {
+                "img_s": r["img_s"] / base["img_s"],
+                "cpu_img_s": r["cpu_img_s"] / base["cpu_img_s"],
+                "peak_mem": r["peak_mem_mb"] / base["peak_mem_mb"] if base["peak_mem_mb"] > 0 else None,
+            }
+    if inference and "relu" in args.variants:
+        for key, per in inference.items():
+            b = per.get("relu", {}).get("img_s")
+            for v, r in per.items():
+                if b:
+                    r["ratio_to_relu"] = r["img_s"] / b
+    import torch
+
+    settings = {k: v for k, v in vars(args).items() if k != "worker"}
+    settings.update(torch=torch.__version__, threads=args.threads or torch.get_num_threads(),
+                    peak_mem="cuda max_memory_allocated" if args.device == "cuda" else "cpu ru_maxrss growth over the steps")
+    out = {"variants": variants, "ratios_to_relu": ratios, "device": device_name(args.device), "settings": settings}
+    if args.inference:
+        out["inference"] = inference
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
