@@ -381,5 +381,6 @@ def run(cfg, run_dir: str | Path) -> dict:
         tmp.write_text(json.dumps(results, indent=2))
         tmp.replace(run_dir / "results.json")
         log.info("results: %s", json.dumps(results))
+        log.info("run folder: %s", run_dir)
     cleanup()
     return results

@@ -3,7 +3,7 @@
     from models import build_model, list_models, build_pose_model
     net = build_model("mbv2_035", act={"name": "dyrelu_b", "k": 2, "reduction": 8})
 
-Names (see docs/models.md for the exact activation placement of each family):
+Names (see README.md (Model zoo) for the exact activation placement of each family):
 mbv2_035, mbv2_050, mbv2_075, mbv2_100, mbv3_large, mbv3_small, resnet10, resnet18, resnet34,
 resnet50. Models take plain arguments (no Hydra), use random init only and never download.
 
@@ -62,7 +62,7 @@ def build_model(name: str, act: Any = "relu", num_classes: int = 1000, **kwargs)
 # ---- activation placement helper, shared by the model files ---------------------------------
 
 #: How the hidden width of DY-ReLU's (and SE+ReLU's) first FC is chosen (``hyper_sizing`` model kwarg).
-#: "conv_in" (default, fits the paper's parameter counts best; docs/models.md §Parameters):
+#: "conv_in" (default, fits the paper's parameter counts best; README.md (Model zoo) §Parameters):
 #:     hidden = max(hyper_min, C_in // R), C_in = input channels of the conv that feeds the activation.
 #: "act": hidden = max(hyper_min, C // R), C = the activation's own channels (public unofficial code).
 #: "registry": pass nothing; whatever ``dyrelu.make_act`` does by default (C // R).

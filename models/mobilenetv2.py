@@ -28,7 +28,7 @@ default all three; ``dynamic_stem_last`` default True):
 * stem and last conv: the paper replaces "the ReLU activations" of MobileNetV2, and the stem conv
   and the last 1x1 conv (-> 1280) carry ReLUs in the original network, so with a dynamic act they
   get it too (spec as is, K=2), independent of ``positions``; ``dynamic_stem_last=False`` keeps
-  ReLU there (x1.0: 0.26 M fewer params, 1.2 M fewer MAdds; docs/models.md).
+  ReLU there (x1.0: 0.26 M fewer params, 1.2 M fewer MAdds; README.md (Model zoo)).
 * static act (relu, relu6, leaky_relu, prelu, prelu_shared, rrelu, hswish, se_relu): stem, A1, A2
   and last use it; A3 stays linear (``positions`` is ignored).
 * Maxout (K = dyrelu.act_expansion(spec)) at the sites ``maxout_sites`` (default stem, a1, a3, last;
@@ -37,7 +37,7 @@ default all three; ``dynamic_stem_last`` default True):
   baseline (ReLU; linear at A3). The default is what Table 5 implies: its Maxout rows add 278-283 M
   MAdds per extra K on x1.0 and 2.15-2.2 M params -- exactly the stem + expand + projection + last
   1x1 convs (278.8 M, 2.15 M); adding the depthwise convs would give 299.5 M, and dropping the last
-  conv instead 1.8 M params (docs/models.md). So Maxout, like DY-ReLU (K=1 there), sits after the
+  conv instead 1.8 M params (README.md (Model zoo)). So Maxout, like DY-ReLU (K=1 there), sits after the
   projection too, and the depthwise conv keeps ReLU. With "a2" listed, the depthwise conv becomes
   groups = C with K filters per input channel (C -> K*C); its outputs come out as c*K + k, so a
   fixed channel permutation (_GroupsToBlocks) reorders them to the k*C + c block layout dyrelu's

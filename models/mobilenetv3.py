@@ -29,7 +29,7 @@ Activation placement by ``act``:
 
 DY-ReLU hyper-function sizing (models.ActBuilder): MobileNetV3 defaults to ``hyper_sizing="act"``,
 hidden = max(8, C // R) with C the activation's own channels -- that reproduces Table 4's 9.8 M /
-4.0 M within 3 %, while MobileNetV2's "conv_in" rule would give 7.5 M / 3.3 M (docs/models.md).
+4.0 M within 3 %, while MobileNetV2's "conv_in" rule would give 7.5 M / 3.3 M (README.md (Model zoo)).
 """
 from __future__ import annotations
 

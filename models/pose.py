@@ -15,7 +15,7 @@ Channels halve as the resolution doubles, and the first block has t=1 (MobileNet
 because expanding 1280 channels six-fold would dwarf everything else. With ReLU everywhere this gives
 972 / 772 / 877 / 706 M MAdds for MobileNetV2 x1.0 / x0.5 / V3-Large / V3-Small at 256 x 192, 2-3 %
 under Table 10's 993.7 / 794.8 / 896.4 / 726.9 M; parameters are 0.2-0.6 M under the paper's (the
-head's share is unknown; docs/models.md has the table). ``head_channels`` / ``head_expansion``
+head's share is unknown; README.md (Model zoo) has the table). ``head_channels`` / ``head_expansion``
 change the head.
 
 Activations of the head (``head_act``, a dyrelu spec) follow MobileNetV2's placement: A1 (after the

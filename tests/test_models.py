@@ -243,7 +243,7 @@ def test_resnet_params_without_fc(name, paper):
 def test_mbv2_params(name, relu, dy):
     assert n_params(build_model(name)) / 1e6 == pytest.approx(relu, rel=0.03)
     got = n_params(build_model(name, act="dyrelu_b")) / 1e6
-    if name == "mbv2_035":  # the documented gap (docs/models.md): 2.30 M vs 2.7 M
+    if name == "mbv2_035":  # the documented gap (README.md (Model zoo)): 2.30 M vs 2.7 M
         assert got == pytest.approx(2.30, rel=0.02)
     else:
         assert got == pytest.approx(dy, rel=0.03)

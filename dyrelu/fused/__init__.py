@@ -4,7 +4,7 @@
 pooled = mean over the spatial dims, (a, b) = module.hyper(pooled), pi = module.attention(x)
 for variant C, then the fused apply (``piecewise_apply``, a custom autograd Function with a
 hand-written one-pass backward). See function.py for the backends (Triton on CUDA, ATen
-batch-norm loops on the CPU, plain torch ops under torch.compile) and docs/performance.md.
+batch-norm loops on the CPU, plain torch ops under torch.compile) and README.md (Performance).
 """
 from __future__ import annotations
 
