@@ -29,31 +29,23 @@ atomically renamed into place under a lock file, so concurrent callers are safe.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-import shutil
-import tempfile
-import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from data.cache import MANIFEST, cache_dir, ensure_generated, read_manifest
 from data.keypoints import JOINT_NAMES, NUM_JOINTS, SKELETON
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None
 
 log = logging.getLogger(__name__)
 
 VERSION = 1
 DEFAULT_DIRNAME = f"coco_demo_v{VERSION}"
-MANIFEST = "manifest.json"
 DET_FILE = "person_detections_val2017.json"
 DEFAULTS = dict(num_train=300, num_val=60, image_size=256, seed=0)
 SPLITS = ("train", "val")
@@ -69,12 +61,6 @@ _JOINT_COLOURS = {
 def _joint_colour(j: int):
     name = JOINT_NAMES[j].split("_")[-1]
     return _JOINT_COLOURS[name]
-
-
-def cache_dir() -> Path:
-    """``$DYRELU_CACHE`` or ``~/.cache/dyrelu``."""
-    env = os.environ.get("DYRELU_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "dyrelu"
 
 
 def default_root(**params) -> Path:
@@ -378,13 +364,6 @@ def generate_coco_demo(out, num_train: int = 300, num_val: int = 60, image_size:
     return out
 
 
-def read_manifest(root) -> dict | None:
-    try:
-        return json.loads((Path(root) / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _is_complete(root: Path, params: dict) -> bool:
     m = read_manifest(root)
     if not m or m.get("version") != VERSION or m.get("params") != params:
@@ -396,27 +375,6 @@ def _is_complete(root: Path, params: dict) -> bool:
         if len(os.listdir(d)) != m["counts"][split]["images"]:
             return False
     return (root / DET_FILE).is_file()
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path, timeout: float = 600.0):
-    if fcntl is None:  # pragma: no cover
-        yield
-        return
-    with open(path, "a+") as f:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for lock {path}")
-                time.sleep(0.1)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def ensure_coco_demo(root=None, num_train: int = 300, num_val: int = 60, image_size: int = 256,
@@ -433,36 +391,8 @@ def ensure_coco_demo(root=None, num_train: int = 300, num_val: int = 60, image_s
     if params["image_size"] < 64:
         raise ValueError(f"coco_demo image_size must be >= 64, got {image_size}")
     root = Path(root).expanduser() if root is not None else default_root(**params)
-    if _is_complete(root, params):
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(root.parent / f".{root.name}.lock"):
-        if _is_complete(root, params):
-            return root
-        if root.exists() and (not root.is_dir() or (any(root.iterdir()) and read_manifest(root) is None)):
-            raise FileExistsError(f"{root} exists and is not a coco_demo dataset (no {MANIFEST}); refusing to "
-                                  f"overwrite it. Pick another data.root or delete the folder.")
-        t0 = time.perf_counter()
-        log.info("generating coco_demo %s into %s", params, root)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-        try:
-            generate_coco_demo(tmp, **params)
-            old = None
-            if root.exists():
-                old = root.parent / f".{root.name}.old-{os.getpid()}-{time.time_ns()}"
-                os.rename(root, old)
-            try:
-                os.rename(tmp, root)
-            except OSError:
-                if not _is_complete(root, params):
-                    raise
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        log.info("coco_demo ready in %.1fs: %s", time.perf_counter() - t0, root)
-    return root
+    return ensure_generated(root, lambda r: _is_complete(r, params),
+                            lambda tmp: generate_coco_demo(tmp, **params), f"coco_demo {params}")
 
 
 def build_coco_demo_datasets(root=None, num_train: int = 300, num_val: int = 60, image_size: int = 256,

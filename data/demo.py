@@ -19,31 +19,24 @@ complete dataset with a matching manifest just uses it.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-import shutil
-import tempfile
-import time
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-try:  # POSIX; elsewhere the rename race alone keeps concurrent callers safe
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None
+from data.cache import MANIFEST, cache_dir, ensure_generated, read_manifest
+
 
 log = logging.getLogger(__name__)
 
 VERSION = 1                      # the cache folder name: demo_imagenet_v1
 REVISION = 2                     # the drawing recipe; a cached dataset of another revision is regenerated
 DEFAULT_DIRNAME = f"demo_imagenet_v{VERSION}"
-MANIFEST = "manifest.json"
 SYNSET_FILE = "LOC_synset_mapping.txt"
 SPLITS = ("train", "val")
 
@@ -61,12 +54,6 @@ MAX_CLASSES = len(SHAPES) * len(PATTERNS)
 DEFAULTS = dict(num_classes=10, train_per_class=160, val_per_class=40, image_size=72, seed=0)  # = configs/data/demo.yaml
 
 _SUPERSAMPLE = 2  # draw at 2x, box-downsample: anti-aliased edges
-
-
-def cache_dir() -> Path:
-    """``$DYRELU_CACHE`` or ``~/.cache/dyrelu``."""
-    env = os.environ.get("DYRELU_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "dyrelu"
 
 
 def default_root(**params) -> Path:
@@ -284,13 +271,6 @@ def generate_demo_dataset(out: Union[str, Path], num_classes: int = 10, train_pe
     return out
 
 
-def read_manifest(root: Union[str, Path]) -> Optional[dict]:
-    try:
-        return json.loads((Path(root) / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _is_complete(root: Path, params: dict) -> bool:
     m = read_manifest(root)
     if not m or m.get("version") != VERSION or m.get("revision") != REVISION or m.get("params") != params:
@@ -303,28 +283,6 @@ def _is_complete(root: Path, params: dict) -> bool:
         if n != m.get("counts", {}).get(split):
             return False
     return True
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path, timeout: float = 600.0) -> Iterator[None]:
-    if fcntl is None:  # pragma: no cover
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for lock {path}")
-                time.sleep(0.1)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def ensure_demo_dataset(root: Union[str, Path, None] = None, num_classes: int = 10, train_per_class: int = 160,
@@ -342,42 +300,8 @@ def ensure_demo_dataset(root: Union[str, Path, None] = None, num_classes: int = 
     if params["image_size"] < 16:
         raise ValueError(f"demo image_size must be >= 16, got {image_size}")
     root = Path(root).expanduser() if root is not None else default_root(**params)
-    if _is_complete(root, params):
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(root.parent / f".{root.name}.lock"):
-        if _is_complete(root, params):  # somebody else finished while we waited
-            return root
-        if root.exists() and (not root.is_dir() or (any(root.iterdir()) and read_manifest(root) is None)):
-            raise FileExistsError(
-                f"{root} exists and is not a demo dataset (no {MANIFEST}); refusing to overwrite it. "
-                f"Pick another data.root or delete the folder.")
-        t0 = time.perf_counter()
-        log.info("generating demo dataset %s into %s", params, root)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-        try:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a cache may be shared
-            generate_demo_dataset(tmp, **params)
-            old = None
-            if root.exists():  # stale (other parameters or incomplete): move aside, then replace
-                old = root.parent / f".{root.name}.old-{os.getpid()}-{time.time_ns()}"
-                os.rename(root, old)
-            try:
-                os.rename(tmp, root)
-            except OSError:
-                # lost a rename race against a process that does not share our lock (e.g. no fcntl
-                # or a filesystem without flock): use the winner's folder if it is complete
-                if not _is_complete(root, params):
-                    raise
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        log.info("demo dataset ready in %.1fs: %s", time.perf_counter() - t0, root)
-    return root
+    return ensure_generated(root, lambda r: _is_complete(r, params),
+                            lambda tmp: generate_demo_dataset(tmp, **params), f"demo dataset {params}")
 
 
 def preview_grid(root: Union[str, Path], split: str = "val", per_class: int = 8) -> Image.Image:

@@ -25,7 +25,7 @@ import fnmatch
 import logging
 from collections import Counter
 from collections.abc import Mapping
-from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, NamedTuple, Sequence, Union
 
 import torch
 from torch import nn

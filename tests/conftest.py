@@ -12,6 +12,17 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """In-process tests run on one intra-op thread: 2-core CI machines thrash with two per test."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _dyrelu_cache(tmp_path_factory):
     if not os.environ.get("DYRELU_CACHE"):

@@ -5,7 +5,6 @@ import copy
 import hashlib
 import json
 import multiprocessing as mp
-import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from data import keypoints as kp
-from data.coco import (CocoFormatError, CocoImageError, CocoKeypoints, build_coco_dataset, build_coco_datasets,
+from data.coco import (CocoFormatError, CocoImageError, CocoKeypoints, build_coco_datasets,
                        codec_check)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from torch import nn
 
 import dyrelu
@@ -15,15 +14,6 @@ from dyrelu.flops import count_complexity
 from models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Counting traces the model once; a single intra-op thread avoids thrashing on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _script():

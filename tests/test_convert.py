@@ -15,14 +15,6 @@ TARGETS = (nn.ReLU, nn.ReLU6, nn.Hardswish)
 SIZE = (1, 3, 64, 64)  # small dummy input keeps the tests fast
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _left(model, types=TARGETS):
     return [n for n, m in model.named_modules() if isinstance(m, types)]
 

@@ -123,7 +123,9 @@ def test_demo_lost_rename_race_uses_winner(tmp_path, monkeypatch):
         real(target, **params)  # the "other process" finishes first
         return real(out, **params)
 
-    monkeypatch.setattr(demo_mod, "fcntl", None)
+    import data.cache
+
+    monkeypatch.setattr(data.cache, "fcntl", None)
     monkeypatch.setattr(demo_mod, "generate_demo_dataset", generate_while_another_process_wins)
     assert demo_mod.ensure_demo_dataset(target, **SMALL) == target
     assert demo_mod.read_manifest(target)["params"] == SMALL

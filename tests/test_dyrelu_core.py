@@ -16,15 +16,6 @@ from dyrelu import Coefficients, DyReLU, set_tau
 IMPLS = pytest.mark.parametrize("impl", ["reference", "auto"])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests run thousands of tiny ops; on a shared 2-core machine extra threads only spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _zero_hyper(m: DyReLU) -> DyReLU:
     """fc1 = fc2 = 0, so the hyper function's residual 2*sigmoid(0) - 1 is exactly 0."""
     with torch.no_grad():

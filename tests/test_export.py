@@ -12,14 +12,6 @@ import dyrelu.fused
 from dyrelu import DyReLU
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Small(nn.Module):
     def __init__(self, variants=("B", "C"), impl="auto"):
         super().__init__()

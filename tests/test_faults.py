@@ -3,7 +3,6 @@ checkpoint write, a NaN loss, DDP vs one process. Nothing may be lost."""
 from __future__ import annotations
 
 import csv
-import os
 import signal
 import subprocess
 import sys

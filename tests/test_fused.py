@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import itertools
 import os
 import subprocess
 import sys
@@ -17,21 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import dyrelu
 import dyrelu.fused as fused
 from dyrelu import DyReLU
 from dyrelu.fused import piecewise_apply
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_BACKENDS = ["bn", "torch"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

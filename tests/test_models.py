@@ -15,15 +15,6 @@ MODELS = ["mbv2_035", "mbv2_050", "mbv2_075", "mbv2_100", "mbv3_large", "mbv3_sm
 ACTS = list(dyrelu.ACT_NAMES)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors only: one intra-op thread avoids thrashing on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def n_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 

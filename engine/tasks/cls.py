@@ -24,7 +24,6 @@ class ClassificationTask(Task):
         self.mixup = None
         aug = cfg.aug
         if aug.mixup_alpha > 0 or aug.cutmix_alpha > 0:
-            from timm.data import Mixup
             from timm.loss import SoftTargetCrossEntropy
 
             self._mixup_args = dict(mixup_alpha=aug.mixup_alpha, cutmix_alpha=aug.cutmix_alpha, label_smoothing=aug.label_smoothing)
