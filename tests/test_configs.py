@@ -66,3 +66,12 @@ def test_lr_scales_linearly_with_the_global_batch():
     c = compose(["model=mbv2_035", "data=imagenet", "data.root=/x"])
     assert effective_lr(c.optim, 256) == pytest.approx(0.05)
     assert effective_lr(c.optim, 1024) == pytest.approx(0.2)
+
+
+def test_tau_schedule_hook():
+    from engine.loop import tau_at
+
+    c = compose(["act=dyrelu_c", "data=imagenet", "data.root=/x"])
+    assert [tau_at(c, e, 300) for e in (0, 150, 299)] == [10.0, 10.0, 10.0]  # the paper's tau = 10
+    c = compose(["act=dyrelu_c", "data=imagenet", "data.root=/x", "trainer.tau_schedule.end=1.0"])
+    assert tau_at(c, 0, 100) == 10.0 and tau_at(c, 25, 100) == pytest.approx(5.5) and tau_at(c, 80, 100) == 1.0
