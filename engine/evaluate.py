@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint as ckpt_io
-from .loop import autocast_factory, make_loader, resolve_device
+from .loop import autocast_factory, make_loader, resolve_device, use_channels_last
 from .tasks import build_task
 from .tasks.base import Task
 
@@ -75,7 +75,7 @@ def evaluate_checkpoint(cfg) -> dict:
     run = load_run(cfg.ckpt, overrides)
     run_cfg = run.cfg
     device = resolve_device(run_cfg.trainer.device)
-    channels_last = device.type == "cuda" if run_cfg.trainer.channels_last == "auto" else bool(run_cfg.trainer.channels_last)
+    channels_last = use_channels_last(run_cfg.trainer, device)
     model = run.model.to(device).eval()
     if channels_last:
         model.to(memory_format=torch.channels_last)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 import dyrelu
@@ -42,6 +42,13 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
+
+
+def use_channels_last(trainer_cfg, device: torch.device) -> bool:
+    """trainer.channels_last: auto means on for CUDA (cuDNN's fast layout), off on CPUs."""
+    if trainer_cfg.channels_last == "auto":
+        return device.type == "cuda"
+    return bool(trainer_cfg.channels_last)
 
 
 def autocast_factory(amp: str, device: torch.device):
@@ -86,10 +93,9 @@ def tau_at(cfg, epoch: int, max_epochs: int) -> float:
 # one epoch of training, one evaluation
 # ---------------------------------------------------------------------------------------------
 def train_one_epoch(model, task, loader, optimizer, scheduler, *, device, autocast, scaler, cfg, epoch, start_step,
-                    global_step, ema, run_logger, preempt, on_stop, last_good, dist: DistInfo, num_steps):
+                    global_step, ema, run_logger, preempt, on_stop, last_good, dist: DistInfo, num_steps, channels_last):
     """Returns (mean loss, samples, seconds, global_step). Calls ``on_stop(step)`` when a stop signal arrives."""
     model.train()
-    channels_last = cfg._channels_last
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     seen, t0 = 0, time.perf_counter()
     it = enumerate(loader, start=start_step)
@@ -151,9 +157,9 @@ def train_one_epoch(model, task, loader, optimizer, scheduler, *, device, autoca
     return (totals[0] / totals[1].clamp(min=1)).item(), int(totals[1].item()), time.perf_counter() - t0, global_step
 
 
-def evaluate(model, task, loader, *, device, autocast, cfg):
+def evaluate(model, task, loader, *, device, autocast, channels_last):
     model.eval()
-    return task.evaluate(model, loader, device, autocast, cfg._channels_last)
+    return task.evaluate(model, loader, device, autocast, channels_last)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,13 +171,6 @@ def count_complexity(model, input_size) -> dict:
     c = count(model, input_size)
     # madds counts all of DY-ReLU's work; madds_paper is the paper's convention (its multiplies only).
     return {k: int(c[k]) for k in ("params", "params_no_classifier", "madds", "madds_paper")}
-
-
-def build_everything(cfg, dist: DistInfo, device: torch.device):
-    task = build_task(cfg)
-    train_ds, val_ds = task.build_datasets()
-    model = task.build_model()
-    return task, train_ds, val_ds, model
 
 
 def run(cfg, run_dir: str | Path) -> dict:
@@ -188,8 +187,7 @@ def run(cfg, run_dir: str | Path) -> dict:
     run_dir = Path(broadcast_object(str(Path(run_dir).resolve())))
     ckpt_dir = run_dir / "checkpoints"
     last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
-    with open_dict(cfg):
-        cfg._channels_last = device.type == "cuda" if cfg.trainer.channels_last == "auto" else bool(cfg.trainer.channels_last)
+    channels_last = use_channels_last(cfg.trainer, device)
     if device.type == "cpu":
         # Tiny gradients (heatmap MSE) make Adam's second moments denormal, which is 10-100x
         # slower on x86 CPUs; flushing them to zero changes nothing measurable.
@@ -206,9 +204,10 @@ def run(cfg, run_dir: str | Path) -> dict:
         raise ValueError(f"data.batch_size={data_cfg.batch_size} (global) is not divisible by the {dist.world_size} ranks")
     per_rank_batch = data_cfg.batch_size // dist.world_size
 
-    task, train_ds, val_ds, model = build_everything(cfg, dist, device)
+    task = build_task(cfg)
+    train_ds, val_ds = task.build_datasets()
+    model = task.build_model()
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    resolved.pop("_channels_last", None)
     complexity = count_complexity(model, task.input_size()) if dist.is_main else None
     complexity = broadcast_object(complexity)
     log.info("model %s act %s%s: %.3f M params, %.2f M MAdds at %s", cfg.model.name, cfg.act.name,
@@ -216,7 +215,7 @@ def run(cfg, run_dir: str | Path) -> dict:
              complexity["madds"] / 1e6, "x".join(map(str, task.input_size()[1:])))
 
     model.to(device)
-    if cfg._channels_last:
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     if dist.enabled and cfg.trainer.sync_bn:
         if device.type == "cuda":
@@ -280,18 +279,14 @@ def run(cfg, run_dir: str | Path) -> dict:
         val_indices = val_indices[: cfg.trainer.limit_val_batches * per_rank_batch]
     val_loader = make_loader(val_ds, val_indices, per_rank_batch, data_cfg.num_workers, cfg.seed, task.collate_fn())
 
-    def state_dict(epoch, step_in_epoch, gstep, metrics):
+    def state_dict(epoch, step_in_epoch, gstep, metrics, rngs):
+        """The checkpoint; ``rngs`` is every rank's RNG state (all_gather_objects of rng_state())."""
         return {
             "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None, "ema": ema.state_dict() if ema is not None else None,
             "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": gstep, "best_metric": best, "metrics": metrics,
             "rng": rngs, "config": resolved, "complexity": complexity, "primary_metric": task.primary_metric,
         }
-
-    rngs = None  # every rank's RNG state, gathered just before a checkpoint is written
-
-    def gather_rngs():
-        return all_gather_objects(ckpt_io.rng_state())
 
     last_good = str(last_path) if last_path.exists() else None
     exit_code = 0
@@ -300,24 +295,24 @@ def run(cfg, run_dir: str | Path) -> dict:
         with PreemptionHandler() as preempt:
             for epoch in range(start_epoch, max_epochs):
                 mid_epoch = epoch == start_epoch and start_step > 0
+                # Each epoch's randomness depends only on (seed, epoch, rank): a resumed run
+                # repeats exactly what an uninterrupted one would have done.
+                epoch_seed = int(cfg.seed) * 1000 + epoch * 17 + dist.rank
                 if mid_epoch and resumed_rng is not None:
-                    ckpt_io.set_rng_state(resumed_rng)
+                    ckpt_io.set_rng_state(resumed_rng)  # stopped mid-epoch: continue its random stream
                 else:
-                    # Each epoch's randomness depends only on (seed, epoch, rank): a resumed run
-                    # repeats exactly what an uninterrupted one would have done.
-                    ckpt_io.seed_everything(int(cfg.seed) * 1000 + epoch * 17 + dist.rank)
+                    ckpt_io.seed_everything(epoch_seed)
                 tau = tau_at(cfg, epoch, max_epochs)
                 n_c = dyrelu.set_tau(unwrap(model), tau)
                 first = start_step if mid_epoch else 0
                 indices = epoch_indices(len(train_ds), int(cfg.seed), epoch, global_batch, dist)
                 loader = make_loader(train_ds, indices[first * per_rank_batch:], per_rank_batch, data_cfg.num_workers,
-                                     int(cfg.seed) * 1000 + epoch * 17 + dist.rank, task.collate_fn(), drop_last=True)
+                                     epoch_seed, task.collate_fn(), drop_last=True)
 
                 def on_stop(step_done, gstep):
-                    nonlocal rngs
-                    rngs = gather_rngs()
+                    rngs = all_gather_objects(ckpt_io.rng_state())
                     if dist.is_main:
-                        ckpt_io.atomic_save(state_dict(epoch, step_done, gstep, metrics), last_path)
+                        ckpt_io.atomic_save(state_dict(epoch, step_done, gstep, metrics, rngs), last_path)
                         log.warning("saved %s at epoch %d step %d; stopping (run the same command to resume)", last_path, epoch + 1, step_done)
                         request_requeue()
                     barrier()
@@ -327,6 +322,7 @@ def run(cfg, run_dir: str | Path) -> dict:
                     train_model, task, loader, optimizer, scheduler, device=device, autocast=autocast, scaler=scaler,
                     cfg=cfg, epoch=epoch, start_step=first, global_step=global_step, ema=ema, run_logger=run_logger,
                     preempt=preempt, on_stop=on_stop, last_good=last_good, dist=dist, num_steps=num_steps,
+                    channels_last=channels_last,
                 )
                 row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
                        "train_img_s": seen / max(secs, 1e-9), "epoch_time_s": secs}
@@ -334,9 +330,9 @@ def run(cfg, run_dir: str | Path) -> dict:
                     row["tau"] = tau
                 is_last = epoch + 1 == max_epochs
                 if (epoch + 1) % cfg.trainer.val_every == 0 or is_last:
-                    metrics = evaluate(train_model, task, val_loader, device=device, autocast=autocast, cfg=cfg)
+                    metrics = evaluate(train_model, task, val_loader, device=device, autocast=autocast, channels_last=channels_last)
                     if ema is not None:
-                        ema_metrics = evaluate(ema.module, task, val_loader, device=device, autocast=autocast, cfg=cfg)
+                        ema_metrics = evaluate(ema.module, task, val_loader, device=device, autocast=autocast, channels_last=channels_last)
                         metrics.update({f"{k}_ema": v for k, v in ema_metrics.items()})
                     row.update(metrics)
                     improved = metrics[task.primary_metric] > best
@@ -345,9 +341,9 @@ def run(cfg, run_dir: str | Path) -> dict:
                     row[f"best_{task.primary_metric}"] = best
                 else:
                     improved = False
-                rngs = gather_rngs()
+                rngs = all_gather_objects(ckpt_io.rng_state())
                 if dist.is_main:
-                    state = state_dict(epoch + 1, 0, global_step, metrics)
+                    state = state_dict(epoch + 1, 0, global_step, metrics, rngs)
                     ckpt_io.atomic_save(state, last_path)
                     last_good = str(last_path)
                     if improved:
