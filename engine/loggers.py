@@ -39,9 +39,12 @@ class CsvLogger:
         os.replace(tmp, self.path)
 
 
-def _wandb_mode(mode: str) -> str:
-    """auto: online only when an API key is configured (env or ~/.netrc), so a run never waits on a login."""
-    if mode != "auto":
+def wandb_mode(mode: str | None = "auto") -> str:
+    """$WANDB_MODE wins; else ``mode``; auto (or None): online only when an API key is configured (env or
+    ~/.netrc), so a run never waits on a login. Shared by training, make_tables.py and inspect_dynamic.py."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if mode not in (None, "auto"):
         return mode
     if os.environ.get("WANDB_API_KEY"):
         return "online"
@@ -68,14 +71,17 @@ class RunLogger:
             import wandb
 
             wcfg = cfg.logger.wandb
-            mode = _wandb_mode(wcfg.mode)
+            mode = wandb_mode(wcfg.mode)
             os.environ.setdefault("WANDB_SILENT", "true")
             # A fixed id per run folder: a resumed or requeued run continues the same W&B run.
+            # One table's runs share a group (the table id) and their job_type is the row, so the
+            # W&B project groups a table's runs and colours them by row.
             id_file = run_dir / ".wandb_id"
             run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
             self.wandb = wandb.init(
-                project=wcfg.project, entity=wcfg.entity, group=wcfg.group or cfg.get("table"), tags=list(wcfg.tags),
+                project=wcfg.project, entity=wcfg.entity, group=wcfg.group or cfg.get("table"),
+                job_type=cfg.get("row") or "train", tags=list(wcfg.tags),
                 config=config_dict, dir=str(run_dir), mode=mode, id=run_id, resume="allow",
                 name=run_dir.name, settings=wandb.Settings(init_timeout=60),
             )

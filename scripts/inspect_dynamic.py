@@ -1,11 +1,15 @@
 #!/usr/bin/env python
 """Is DY-ReLU dynamic? Fig. 3 and supplementary Fig. 1 of the paper, plus the two statistics of Sec. 5.2.
 
-    python scripts/inspect_dynamic.py ckpt=<run>/checkpoints/best.pt [max_images=50000] [out=<dir>] \
-        [data=imagenet] [data.root=/path/to/imagenet] [batch_size=256] [device=auto] [wandb=auto]
+    python scripts/inspect_dynamic.py <run>/checkpoints/best.pt [--max-images 50000] [--out <dir>] \
+        [--wandb auto|true|false] [data=imagenet] [data.root=/path/to/imagenet] [data.batch_size=256] \
+        [trainer.device=cuda]
 
 The model is rebuilt from the config stored in the checkpoint (as eval.py does) and run over the
-validation set (the first ``max_images`` images; default all). Forward hooks capture the input
+validation set (the first ``--max-images`` images; default all). The other arguments are
+``train.py``'s overrides, applied to the stored config (engine.config.apply_overrides): a group
+(``data=imagenet``) is replaced by its config, a key (``data.root=...``) is set, and an unknown key
+fails with ``train.py``'s message. Forward hooks capture the input
 and output of every DY-ReLU; ``DyReLU.coefficients(x)`` gives its per-image coefficients a, b.
 
 Writes into ``out`` (default <run>/inspect_dynamic/):
@@ -29,11 +33,12 @@ Statistics (Sec. 5.2), with the exact definitions used here:
   pooled over every DY-ReLU of the network ("all", including the K=1 ones after projection convs)
   and over those with K >= 2 only ("k2plus"); per-layer shares are in stats.json.
   slope difference: max_k a_c^k - min_k a_c^k, which is |a_c^1 - a_c^2| for K = 2.
-Scatter points are a seeded random sample of ``points_per_image`` elements per image and layer
-(at most ``max_points`` per layer); the statistics use every unit, not the sample.
+Scatter points are a seeded random sample of ``--points-per-image`` elements per image and layer
+(at most ``--max-points`` per layer); the statistics use every unit, not the sample.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
@@ -41,15 +46,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
+if str(ROOT) not in sys.path:  # the framework runs from the checkout; it is not installed
     sys.path.insert(0, str(ROOT))
 
-DEFAULTS = {
-    "ckpt": None, "out": None, "max_images": None, "batch_size": None, "num_workers": None, "device": "auto",
-    "data": None, "points_per_image": 64, "max_points": 100000, "blocks": "every_other", "seed": 0, "wandb": "auto",
-}
 A2_NAME = re.compile(r"^(.*?)blocks\.(\d+)\.conv_dw\.act$")
-USAGE = __doc__.split("\n\n")[1]
 
 
 def find_a2_blocks(names) -> dict:
@@ -64,42 +64,41 @@ def find_a2_blocks(names) -> dict:
     return max(by_prefix.values(), key=len) if by_prefix else {}
 
 
-def parse_args(argv) -> tuple[dict, dict]:
-    """key=value arguments -> (options, dotted overrides of the stored config (data.*, task.*, ...))."""
-    import yaml
-
-    opts, overrides = dict(DEFAULTS), {}
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(__doc__)
-            sys.exit(0)
-        if "=" not in arg:
-            raise SystemExit(f"error: argument {arg!r} is not key=value\n{USAGE}")
-        key, value = arg.split("=", 1)
-        value = yaml.safe_load(value) if value != "" else None
-        if key in opts:
-            opts[key] = value
-        elif "." in key and key.split(".")[0] in ("data", "task", "trainer", "model", "act", "head_act"):
-            overrides[key] = value
-        else:
-            raise SystemExit(f"error: unknown key {key!r}; valid: {', '.join(DEFAULTS)} or data.*/task.* overrides\n{USAGE}")
-    if not opts["ckpt"]:
-        raise SystemExit(f"error: ckpt=<run>/checkpoints/best.pt is required\n{USAGE}")
-    if opts["blocks"] not in ("every_other", "all"):
-        raise SystemExit(f"error: blocks={opts['blocks']!r}; valid: every_other, all")
-    return opts, overrides
+def parse_args(argv) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="inspect_dynamic.py", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("ckpt", help="<run>/checkpoints/best.pt (or last.pt)")
+    ap.add_argument("overrides", nargs="*", help="train.py's overrides of the stored config (data.root=...)")
+    ap.add_argument("--out", default=None, help="default <run>/inspect_dynamic")
+    ap.add_argument("--max-images", type=int, default=None, help="default: the whole validation set")
+    ap.add_argument("--points-per-image", type=int, default=64)
+    ap.add_argument("--max-points", type=int, default=100000)
+    ap.add_argument("--blocks", choices=["every_other", "all"], default="every_other")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--wandb", choices=["auto", "true", "false"], default="auto",
+                    help="auto: when the run logged to W&B (logger=wandb)")
+    return ap.parse_intermixed_args(argv)
 
 
-def load_run(opts, overrides):
-    """(run_cfg, task, val_ds, model, state) of the checkpoint, through engine.evaluate.load_run."""
-    from engine.evaluate import load_run as load
+def load_run(ckpt: str, overrides):
+    """(run_cfg, task, val_ds, model, state): the checkpoint's model and validation set, the stored
+    config changed by ``overrides`` as ``train.py`` would change it."""
+    from omegaconf import OmegaConf
 
-    if opts["batch_size"]:
-        overrides["data.batch_size"] = int(opts["batch_size"])
-    if opts["num_workers"] is not None:
-        overrides["data.num_workers"] = int(opts["num_workers"])
-    run = load(str(opts["ckpt"]), overrides, data=opts["data"] or None)
-    return run.cfg, run.task, run.val_ds, run.model, run.state
+    from engine import checkpoint as ckpt_io
+    from engine.config import apply_overrides
+    from engine.tasks import build_task
+
+    path = Path(ckpt)
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist (expected <run>/checkpoints/best.pt or last.pt)")
+    state = ckpt_io.load(path)
+    cfg = apply_overrides(OmegaConf.create(state["config"]), overrides)
+    task = build_task(cfg)
+    _, val_ds = task.build_datasets()
+    model = task.build_model()
+    model.load_state_dict(state["model"])
+    return cfg, task, val_ds, model, state
 
 
 class Recorder:
@@ -263,39 +262,30 @@ def plot(rec: Recorder, scatter: list, a2_blocks: dict, out: Path, title: str) -
     return files
 
 
-def _wandb_on(opt, run_cfg) -> bool:
-    if isinstance(opt, bool):
-        return opt
-    if str(opt).lower() in ("true", "1", "yes", "on"):
-        return True
-    if str(opt).lower() in ("false", "0", "no", "off"):
-        return False
+def _wandb_on(opt: str, run_cfg) -> bool:
+    if opt in ("true", "false"):
+        return opt == "true"
     lg = run_cfg.get("logger") or {}
     return "wandb" in list(lg.get("backends") or []) and (lg.get("wandb") or {}).get("mode") != "disabled"
 
 
 def log_wandb(run_cfg, files, summary, out: Path, run_dir: Path) -> None:
-    import os
-
+    """The plots as W&B images in the run's group (the table), beside its training runs."""
     import wandb
 
+    from engine.loggers import wandb_mode
+
     w = (run_cfg.get("logger") or {}).get("wandb") or {}
-    mode = os.environ.get("WANDB_MODE") or (w.get("mode") if w.get("mode") not in (None, "auto") else None)
-    if mode is None:
-        try:
-            mode = "online" if (os.environ.get("WANDB_API_KEY") or wandb.api.api_key) else "offline"
-        except Exception:
-            mode = "offline"
     run = wandb.init(project=w.get("project") or "dyrelu", entity=w.get("entity"), group=w.get("group") or run_cfg.get("table"),
-                     job_type="inspect_dynamic", name=f"{run_dir.name}-inspect", dir=str(out), mode=mode,
-                     tags=list(w.get("tags") or []) + ["inspect_dynamic"])
+                     job_type="inspect_dynamic", name=f"{run_dir.name}-inspect", dir=str(out), mode=wandb_mode(w.get("mode")),
+                     tags=list(w.get("tags") or []) + ["inspect_dynamic"], reinit="finish_previous")
     run.log({k: wandb.Image(str(p)) for k, p in files.items()})
     run.summary.update({f"{scope}/{k}": v for scope, d in summary["pooled"].items() for k, v in d.items()})
     run.finish()
 
 
 def main(argv=None) -> int:
-    opts, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     import logging
 
     import torch
@@ -306,29 +296,29 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     log = logging.getLogger("dyrelu.inspect")
     with exit_on_known_error():
-        run_cfg, task, val_ds, model, state = load_run(opts, overrides)
-        device = resolve_device(str(opts["device"]))
+        run_cfg, task, val_ds, model, state = load_run(args.ckpt, args.overrides)
+        device = resolve_device(str(run_cfg.trainer.device))
         model.to(device).eval()
-        ckpt = Path(str(opts["ckpt"])).resolve()
+        ckpt = Path(args.ckpt).resolve()
         run_dir = ckpt.parent.parent
-        out = Path(str(opts["out"])) if opts["out"] else run_dir / "inspect_dynamic"
+        out = Path(args.out) if args.out else run_dir / "inspect_dynamic"
         out.mkdir(parents=True, exist_ok=True)
 
         names = [n for n, m in model.named_modules() if type(m).__name__ == "DyReLU"]
         a2_blocks = find_a2_blocks(names)
         if a2_blocks:
             scatter = sorted(a2_blocks, key=a2_blocks.get)
-            if opts["blocks"] == "every_other":
+            if args.blocks == "every_other":
                 scatter = [n for n in scatter if a2_blocks[n] % 2 == 1]
         else:  # no DY-ReLU after a depthwise conv (e.g. ResNet, or Table 7 without A2): every (other) DY-ReLU
             log.warning("no DY-ReLU after a depthwise conv (blocks.<i>.conv_dw.act); plotting %s DY-ReLU layer instead",
-                        "every other" if opts["blocks"] == "every_other" else "every")
-            scatter = names[::2] if opts["blocks"] == "every_other" else names
-        rec = Recorder(model, scatter, opts["points_per_image"], opts["max_points"], opts["seed"])
+                        "every other" if args.blocks == "every_other" else "every")
+            scatter = names[::2] if args.blocks == "every_other" else names
+        rec = Recorder(model, scatter, args.points_per_image, args.max_points, args.seed)
 
-        n_images = len(val_ds) if opts["max_images"] is None else min(len(val_ds), int(opts["max_images"]))
+        n_images = len(val_ds) if args.max_images is None else min(len(val_ds), args.max_images)
         batch = int(run_cfg.data.batch_size)
-        loader = make_loader(val_ds, list(range(n_images)), batch, int(run_cfg.data.num_workers), int(opts["seed"]),
+        loader = make_loader(val_ds, list(range(n_images)), batch, int(run_cfg.data.num_workers), args.seed,
                              task.collate_fn())
         seen = 0
         with torch.no_grad():
@@ -365,7 +355,7 @@ def main(argv=None) -> int:
         }
         (out / "stats.json").write_text(json.dumps(stats, indent=2))
         files["stats"] = out / "stats.json"
-        if _wandb_on(opts["wandb"], run_cfg):
+        if _wandb_on(args.wandb, run_cfg):
             log_wandb(run_cfg, {k: v for k, v in files.items() if k != "stats"}, summary, out, run_dir)
         line = {"ckpt": str(ckpt), "images": seen, "layers": len(rec.mods), **{
             f"{scope}.{k}": v for scope, d in summary["pooled"].items() for k, v in d.items() if k.startswith("share")},

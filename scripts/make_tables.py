@@ -594,17 +594,16 @@ def _logged_to_wandb(cfg) -> bool:
 
 
 def log_wandb(tables, texts, data, runs, out_dir: Path, project=None, entity=None, mode=None) -> None:
-    """One W&B run per table (job_type make_tables) in the table's group: tables.md as an artifact
-    plus a W&B Table. Mode: --wandb-mode, else $WANDB_MODE, else online with an API key, offline without."""
+    """One W&B run per table (job_type make_tables) in the table's group, beside that table's training
+    runs: the markdown as an artifact and a W&B Table with our number beside the paper's per row and
+    metric. Mode: --wandb-mode, else $WANDB_MODE, else online with an API key, offline without."""
     import wandb
 
-    if mode is None:
-        mode = os.environ.get("WANDB_MODE")
-    if mode is None:
-        try:
-            mode = "online" if (os.environ.get("WANDB_API_KEY") or wandb.api.api_key) else "offline"
-        except Exception:
-            mode = "offline"
+    if str(ROOT) not in sys.path:  # the framework runs from the checkout; it is not installed
+        sys.path.insert(0, str(ROOT))
+    from engine.loggers import wandb_mode
+
+    mode = mode or wandb_mode("auto")
     for table in tables:
         cfgs = [r.config for r in runs if r.table == table.id and r.config]
         wcfg = ((cfgs[0].get("logger") or {}).get("wandb") or {}) if cfgs else {}
@@ -617,10 +616,13 @@ def log_wandb(tables, texts, data, runs, out_dir: Path, project=None, entity=Non
         art = wandb.Artifact(f"{table.id}-tables", type="tables")
         art.add_file(str(path), name="tables.md")
         run.log_artifact(art)
-        wt = wandb.Table(columns=["row", "status", "metric", "ours_mean", "ours_std", "paper"])
+        wt = wandb.Table(columns=["row", "metric", "ours", "ours_std", "paper", "delta", "status", "seeds"])
         for r in data[table.id]["rows"]:
             for m, o in r["ours"].items():
-                wt.add_data(r["row"], r["status"], m, o["mean"], o["std"], r["paper"].get(m))
+                paper = r["paper"].get(m)
+                delta = o["mean"] - paper if o["mean"] is not None and isinstance(paper, (int, float)) else None
+                wt.add_data(r["row"], m, o["mean"], o["std"], paper, delta, r["status"],
+                            ",".join(map(str, r["seeds"])))
         run.log({f"{table.id}/table": wt})
         run.finish()
 

@@ -53,3 +53,42 @@ def compose(overrides=(), config_name="train"):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+def wandb_offline_runs(folder) -> list[dict]:
+    """What the offline W&B runs under ``folder`` recorded: group, job_type and the history keys.
+
+    Reads ``run-*.wandb`` (W&B's record log: 32 KiB blocks of length-prefixed protobuf chunks),
+    so a test can check what a dashboard would show without a server."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    out = []
+    for path in sorted(Path(folder).rglob("offline-run-*/run-*.wandb")):
+        data = path.read_bytes()
+        assert data[:4] == b":W&B", path
+        run = {"dir": path.parent, "group": None, "job_type": None, "history": {}}
+        pos, block, buf = 7, 32768, b""
+        while pos + 7 <= len(data):
+            left = block - pos % block
+            if left < 7:  # a block's tail too short for a header is padding
+                pos += left
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            if kind == 0 and length == 0:
+                pos += left
+                continue
+            buf += data[pos + 7:pos + 7 + length]
+            pos += 7 + length
+            if kind in (1, 4):  # a full record, or the last chunk of one
+                rec = pb.Record()
+                rec.ParseFromString(buf)
+                buf = b""
+                if rec.WhichOneof("record_type") == "run":
+                    run["group"], run["job_type"] = rec.run.run_group, rec.run.job_type
+                elif rec.WhichOneof("record_type") == "history":
+                    for item in rec.history.item:
+                        run["history"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        out.append(run)
+    return out

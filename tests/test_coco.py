@@ -393,7 +393,7 @@ def _run_codec_check(*args):
 
 
 def test_codec_check_script_gt_boxes_ap_at_least_95():
-    out, _ = _run_codec_check("data=coco_sample")
+    out, _ = _run_codec_check("--sample")
     assert out["AP"] >= 95.0 and out["boxes"] == "gt" and out["flip"] is True and out["num_samples"] == 12
     for k in ("AP50", "AP75", "APm", "APl", "AR"):
         assert 0.0 <= out[k] <= 100.0
@@ -401,7 +401,7 @@ def test_codec_check_script_gt_boxes_ap_at_least_95():
 
 def test_codec_check_script_detector_boxes(tmp_path, capsys):
     mod = _script_module()  # in-process (the subprocess path is covered above)
-    assert mod.main(["data=coco_sample", "boxes=det", f"out_json={tmp_path / 'res.json'}"]) == 0
+    assert mod.main(["--sample", "--boxes", "det", "--out-json", str(tmp_path / "res.json")]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["boxes"] == "det" and out["num_samples"] == 118 and out["num_matched"] == 52
     assert out["AP"] >= 90.0  # every labelled person has a well-overlapping detector box (measured: 100)
@@ -417,23 +417,31 @@ def _script_module():
     return mod
 
 
-def test_codec_check_argument_parsing(capsys):
+def test_codec_check_takes_train_overrides(capsys):
     mod = _script_module()
-    a = mod.parse_args([f"data.val_ann={ANN}", f"data.val_images={IMAGES}", f"data.det_file={DET}", "flip=false",
-                        "task.input_size=[128,96]", "task.heatmap_size=[32,24]"])
-    assert a["name"] == "coco_sample" and a["opts"]["boxes"] == "det" and a["opts"]["flip"] is False
-    assert a["task"]["input_size"] == [128, 96] and a["data"]["det_file"] == str(DET)
-    a = mod.parse_args(["data=coco_sample", "boxes=det"])
-    assert a["data"]["det_file"] == "person_detections_sample.json"
-    a = mod.parse_args(["data=coco", "data.root=/x"])
-    assert a["data"]["root"] == "/x" and a["opts"]["boxes"] == "gt"
-    for bad in (["data.bogus=1"], ["data=imagenet"], ["boxes=maybe"], ["positional"]):
-        with pytest.raises(mod.UsageError):
-            mod.parse_args(bad)
-    assert mod.main(["data.bogus=1"]) == 2
-    assert "unknown data key" in capsys.readouterr().err
+    a = mod.parse_args([f"data.val_ann={ANN}", f"data.val_images={IMAGES}", f"data.det_file={DET}", "--no-flip",
+                        "data.input_size=[128,96]", "data.heatmap_size=[32,24]"])
+    d = mod.data_config(a)
+    assert a.boxes == "det" and a.flip is False and d.name == "coco_demo"  # task=kpt's default data
+    assert list(d.input_size) == [128, 96] and d.det_file == str(DET)
+    a = mod.parse_args(["--sample", "--boxes", "det"])
+    assert mod.data_config(a).det_file == "person_detections_sample.json"
+    a = mod.parse_args(["data=coco", "data.root=/x", "data.train_ann=a.json"])  # any key train.py takes
+    d = mod.data_config(a)
+    assert d.root == "/x" and d.train_ann == "a.json" and a.boxes == "gt"
+    from engine.config import OverrideError
+
+    for bad in (["data.bogus=1"], ["data=nope"]):
+        with pytest.raises(OverrideError):
+            mod.data_config(mod.parse_args(bad))
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--boxes", "maybe"])
+    with pytest.raises(SystemExit) as e:
+        mod.main(["data.bogus=1"])
+    assert e.value.code == 1 and "Key 'bogus' is not in struct" in capsys.readouterr().err
     # in-process run with explicit paths, no flip, no image reads: the last stdout line is the JSON
-    assert mod.main([f"data.val_ann={ANN}", f"data.val_images={IMAGES}", "flip=false", "images=false"]) == 0
+    assert mod.main([f"data.val_ann={ANN}", f"data.val_images={IMAGES}", "data.input_size=[256,192]",
+                     "data.heatmap_size=[64,48]", "--no-flip", "--no-images"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["AP"] >= 95.0 and out["flip"] is False and out["boxes"] == "gt"
 

@@ -113,28 +113,36 @@ def test_pose_madds_near_table10():
 
 
 # ---- the script ------------------------------------------------------------------------------------
-def test_override_parsing():
+def test_script_composes_train_overrides():
     s = _script()
-    cfg = s.parse_overrides(["model=mbv2_035", "act=dyrelu_b", "act.k=3", "model.positions=[a1,a2]", "+input_size=[96,64]"])
-    assert cfg == {"model": "mbv2_035", "act": "dyrelu_b", "act.k": 3, "model.positions": ["a1", "a2"], "input_size": [96, 64]}
-    spec = s.act_spec("dyrelu_b", cfg, "act")
-    assert spec["name"] == "dyrelu_b" and spec["k"] == 3
-    assert dyrelu.is_dynamic(spec)
+    net, desc = s.build(["model=mbv2_035", "act=dyrelu_b", "act.k=3", "model.positions=[a1,a2]"], (96, 64), 10)
+    assert desc["model"] == "mbv2_035" and desc["act"] == "dyrelu_b" and desc["input_size"] == [96, 64]
+    ks = {m.k for m in net.modules() if isinstance(m, DyReLU)}
+    assert 3 in ks and net.classifier.out_features == 10
+    from engine.config import OverrideError
+
+    with pytest.raises(OverrideError, match="Key 'bogus' is not in struct"):  # train.py's message
+        s.build(["model=mbv2_035", "act.bogus=3"])
+    with pytest.raises(OverrideError, match="Available options in 'model'"):
+        s.build(["model=nope"])
 
 
 def test_script_last_line_is_json(capsys):
     s = _script()
-    assert s.main(["model=mbv2_035", "act=dyrelu_b", "act.k=1", "model.positions=[a2]", "input_size=64"]) == 0
+    assert s.main(["model=mbv2_035", "act=dyrelu_b", "act.k=1", "model.positions=[a2]", "--input-size", "64", "64"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     d = json.loads(last)
     assert d["model"] == "mbv2_035" and d["act"] == "dyrelu_b" and d["task"] == "cls"
     assert isinstance(d["params"], int) and isinstance(d["madds"], int) and d["madds"] > d["madds_paper"]
     assert d["input_size"] == [64, 64]
+    with pytest.raises(SystemExit) as e:
+        s.main(["data.bogus=1"])
+    assert e.value.code == 1 and "Could not override 'data.bogus'" in capsys.readouterr().err
 
 
 def test_script_keypoint_task(capsys):
     s = _script()
-    s.main(["model=mbv3_small", "act=relu", "task=kpt", "head_act=dyrelu_c", "input_size=[64,48]"])
+    s.main(["task=kpt", "model=mbv3_small", "act=relu", "act@head_act=dyrelu_c", "--input-size", "64", "48"])
     d = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert d["task"] == "kpt" and d["head_act"] == "dyrelu_c" and d["madds"] > 0
 
@@ -148,7 +156,7 @@ def test_paper_rows_cover_the_tables(tmp_path):
     tables = [r[0] for r in rows]
     assert tables.count("Table 4") == 20 and tables.count("Table 5") == 18 and tables.count("Table 8") == 6
     assert tables.count("Table 10") == 8 and tables.count("Supp. Table 1") == 10
-    models = {r[2]["model"] for r in rows}
+    models = {o.split("=", 1)[1] for r in rows for o in r[2] if o.startswith("model=")}
     from models import list_models
 
     assert models <= set(list_models())

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from runs import ROOT, TINY, env, run_train
+from runs import ROOT, TINY, env, run_train, wandb_offline_runs
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import inspect_dynamic as ind  # noqa: E402
@@ -24,9 +24,10 @@ def smoke_ckpt(tmp_path_factory):
 
 def test_inspect_writes_plots_and_statistics(smoke_ckpt, tmp_path):
     out = tmp_path / "insp"
-    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "inspect_dynamic.py"), f"ckpt={smoke_ckpt}", "max_images=20",
-                        f"out={out}", "points_per_image=16", "batch_size=8"], cwd=ROOT, env=env(), capture_output=True,
-                       text=True, timeout=300)
+    e = {**env(), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "inspect_dynamic.py"), str(smoke_ckpt), "--max-images", "20",
+                        "--out", str(out), "--points-per-image", "16", "data.batch_size=8", "--wandb", "true"],
+                       cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     line = json.loads(p.stdout.strip().splitlines()[-1])
     assert line["images"] == 20
@@ -45,6 +46,12 @@ def test_inspect_writes_plots_and_statistics(smoke_ckpt, tmp_path):
     assert per["blocks.0.conv_dw.act"]["units"] == 20 * per["blocks.0.conv_dw.act"]["channels"]
     assert stats["pooled"]["all"]["units"] == sum(r["units"] for r in stats["per_layer"])
     assert stats["pooled"]["all"]["layers"] > stats["pooled"]["k2plus"]["layers"]  # the K=1 ones at A3
+    # W&B (offline): the three plots as images, in the table's group
+    (run,) = wandb_offline_runs(out)
+    assert run["group"] == "table2" and run["job_type"] == "inspect_dynamic"
+    for name in ("fig3_top_scatter", "supp_fig1_scatter", "fig3_bottom_slope_diff"):
+        assert run["history"][f"{name}/_type"] == "image-file", name
+        assert (run["dir"] / "files" / run["history"][f"{name}/path"]).is_file()
 
 
 def test_statistics_follow_the_documented_definitions():
@@ -85,10 +92,20 @@ def test_a_model_without_dyrelu_is_a_clear_error():
 
     with pytest.raises(ValueError, match="no DY-ReLU"):
         ind.Recorder(build_model("mbv2_035", act="relu", num_classes=10), [], 4, 10, 0)
-    with pytest.raises(SystemExit, match="ckpt="):
-        ind.parse_args(["max_images=3"])
-    with pytest.raises(SystemExit, match="unknown key"):
-        ind.parse_args(["ckpt=x", "nope=1"])
+    with pytest.raises(SystemExit):  # the checkpoint is required
+        ind.parse_args(["--max-images", "3"])
+
+
+def test_overrides_are_train_overrides_of_the_stored_config(smoke_ckpt, capsys):
+    from engine.config import OverrideError
+
+    cfg, *_ = ind.load_run(str(smoke_ckpt), ["data.val_per_class=2", "trainer.device=cpu"])
+    assert cfg.data.val_per_class == 2 and cfg.trainer.device == "cpu"
+    with pytest.raises(OverrideError, match="Key 'nope' is not in struct"):
+        ind.load_run(str(smoke_ckpt), ["data.nope=1"])
+    with pytest.raises(SystemExit) as e:
+        ind.main([str(smoke_ckpt), "data.nope=1"])
+    assert e.value.code == 1 and "Could not override 'data.nope'" in capsys.readouterr().err
 
 
 def test_a2_blocks_are_the_backbones_even_in_a_pose_model():
