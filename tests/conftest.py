@@ -2,14 +2,11 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# The repository root is on sys.path through pyproject's `pythonpath = ["."]`: the framework
+# (models, data, engine) runs from the checkout and is not installed.
 
 
 @pytest.fixture(autouse=True, scope="module")

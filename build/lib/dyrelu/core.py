@@ -1,0 +1,255 @@
+"""DY-ReLU, the paper's math (Chen et al., ECCV 2020, Eq. 1-4), as readable PyTorch.
+
+y_c = max_k { a_c^k(x) x_c + b_c^k(x) }                                   (Eq. 1)
+theta(x) = FC2(ReLU(FC1(GAP(x)))), normalised by 2*sigmoid - 1             (Eq. 2)
+a_c^k = alpha^k + lambda_a * da_c^k,  b_c^k = beta^k + lambda_b * db_c^k   (Eq. 3)
+DY-ReLU-C: the coefficients are multiplied by pi_hw = min(gamma * softmax(z / tau)_hw, 1),
+z = conv1x1(x) with one output channel, gamma = H*W/3                      (Eq. 4)
+
+Because pi_hw >= 0, max_k(pi a_k x + pi b_k) = pi * max_k(a_k x + b_k): variant C is
+variant B's output scaled per position. The fused paths rely on this identity.
+
+Layout of FC2's output (Eq. 2): [da^1_1..da^1_W, ..., da^m_1..da^m_W, db^1_1.., ..., db^m_W] with
+W = C (B, C) or 1 (A) and m = dynamic_segments (= K by default).
+
+Robustness notes (REFERENCE.md section 2): every constant (alpha, beta, lambda_a, lambda_b, tau) is a
+buffer, so it follows .to(device) / .half() and is saved in the state_dict; no tensor is created on a
+fixed device; no reshape hard-codes the batch size (N = 1 and dynamic-batch ONNX work); the hyper
+function's normalisation runs in at least float32 (bf16/fp16 autocast safe) and the output has the
+input's dtype and memory format (channels_last in -> channels_last out).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+VARIANTS = ("A", "B", "C")
+IMPLS = ("auto", "reference", "fused")
+
+
+@dataclass
+class Coefficients:
+    """What the hyper function produced for one input.
+
+    a, b: (N, K, C) for B and C, (N, K, 1) for A (b holds the static init_b when use_bias=False).
+          dtype: float32 (float64 if the module is float64), whatever the input dtype.
+    pi:   (N, 1, *spatial) spatial attention for C, None otherwise.
+    Output of the module: y = max_k(a[:, k] * x + b[:, k]) (* pi for C), a and b broadcast over space.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    pi: Optional[torch.Tensor] = None
+
+
+def _pair_tuple(name: str, value: Union[float, Sequence[float]], k: int) -> tuple:
+    if isinstance(value, (int, float)):
+        value = (value,)
+    value = tuple(float(v) for v in value)
+    if not value:
+        raise ValueError(f"{name} is empty: give one value per segment, e.g. {name}=(1.0, 0.0)")
+    # extra values are dropped (k=1 with the K=2 defaults), missing ones are 0 (the paper's
+    # default: alpha^1 = 1, alpha^k = beta^k = 0 otherwise)
+    return (value + (0.0,) * k)[:k]
+
+
+def _in_export_context() -> bool:
+    """True while tracing/scripting/exporting (ONNX, torch.export, torch.jit.trace): use the reference path."""
+    return bool(
+        torch.jit.is_scripting()
+        or torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+        or torch.compiler.is_exporting()
+    )
+
+
+def _per_sample(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """(N, W) -> (N, W, 1, ..., 1) to broadcast against an ndim-dimensional (N, C, ...) input."""
+    return t[(Ellipsis,) + (None,) * (ndim - 2)]
+
+
+def piecewise_max(x: torch.Tensor, a: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    """max_k(a_k x + b_k) with a, b shaped (N, K, C|1); a running max keeps no K-sized temporary."""
+    y = None
+    for k in range(a.shape[1]):
+        seg = x * _per_sample(a[:, k], x.dim())
+        if b is not None:
+            seg = seg + _per_sample(b[:, k], x.dim())
+        y = seg if y is None else torch.maximum(y, seg)
+    return y
+
+
+def spatial_attention(z: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """pi = min(gamma * softmax(z / tau), 1) over all positions, gamma = positions / 3 (Eq. 4).
+
+    z: (N, 1, *spatial). Computed in (at least) float32, returned in z's dtype.
+    """
+    zf = z.flatten(1)
+    dt = torch.promote_types(zf.dtype, torch.float32)
+    attn = torch.softmax(zf.to(dt) / tau.to(dt), dim=1) * (zf.shape[1] / 3.0)
+    return attn.clamp(max=1.0).reshape(z.shape).to(z.dtype)
+
+
+class DyReLU(nn.Module):
+    """Dynamic ReLU, variants A (shared), B (per channel) and C (per channel and position).
+
+    Works on (N, C), (N, C, L), (N, C, H, W) (and (N, C, D, H, W)) inputs. ``impl`` picks the
+    reference path (this file) or the fused path (``dyrelu.fused``); both compute the same function.
+    ``impl="auto"`` uses the fused path where ``dyrelu.fused.supports`` says so; while tracing,
+    scripting or exporting (ONNX, torch.export) the reference path is always used, whatever ``impl``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        variant: str = "B",
+        k: int = 2,
+        reduction: int = 8,
+        lambda_a: float = 1.0,
+        lambda_b: float = 0.5,
+        init_a: Sequence[float] = (1.0, 0.0),
+        init_b: Sequence[float] = (0.0, 0.0),
+        use_bias: bool = True,
+        dynamic_segments: Optional[int] = None,
+        tau: float = 10.0,
+        impl: str = "auto",
+        hidden: Optional[int] = None,
+    ):
+        super().__init__()
+        variant = str(variant).upper()
+        if variant not in VARIANTS:
+            raise ValueError(f"variant={variant!r} is not one of {VARIANTS}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
+        k = int(k)
+        if k < 1:
+            raise ValueError(f"k={k} must be >= 1")
+        if channels < 1 or reduction < 1:
+            raise ValueError(f"channels={channels} and reduction={reduction} must be >= 1")
+        if hidden is not None and int(hidden) < 1:
+            raise ValueError(f"hidden={hidden} must be >= 1")
+        if float(tau) <= 0:
+            raise ValueError(f"tau={tau} must be > 0")
+        m = k if dynamic_segments is None else int(dynamic_segments)
+        if not 1 <= m <= k:
+            raise ValueError(f"dynamic_segments={dynamic_segments} must be between 1 and k={k}")
+        self.channels, self.variant, self.k, self.reduction = int(channels), variant, k, int(reduction)
+        self.use_bias, self.dynamic_segments, self.impl = bool(use_bias), m, impl
+        self.hidden = int(hidden) if hidden is not None else max(1, self.channels // self.reduction)
+        init_b = _pair_tuple("init_b", init_b, k)
+        # Decided once here (not per call) so torch.compile sees no data-dependent branch;
+        # refreshed after load_state_dict.
+        self.has_intercept = bool(self.use_bias or any(v != 0.0 for v in init_b))
+
+        # Constants are buffers so .to(device) / .half() / state_dict carry them.
+        self.register_buffer("init_a", torch.tensor(_pair_tuple("init_a", init_a, k)))
+        self.register_buffer("init_b", torch.tensor(init_b))
+        self.register_buffer("lambda_a", torch.tensor(float(lambda_a)))
+        self.register_buffer("lambda_b", torch.tensor(float(lambda_b)))
+        self.register_buffer("tau", torch.tensor(float(tau)))
+
+        width = 1 if variant == "A" else self.channels
+        self.coef_width = width
+        self.fc1 = nn.Linear(self.channels, self.hidden)
+        self.fc2 = nn.Linear(self.hidden, (2 if self.use_bias else 1) * m * width)
+        self.spatial = nn.Conv2d(self.channels, 1, kernel_size=1, bias=False) if variant == "C" else None
+        self.register_load_state_dict_post_hook(DyReLU._after_load)
+
+    @staticmethod
+    def _after_load(module: "DyReLU", incompatible_keys) -> None:
+        if not module.use_bias and not module.init_b.is_meta:
+            module.has_intercept = bool((module.init_b != 0).any())
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.channels}, variant={self.variant}, k={self.k}, reduction={self.reduction}, "
+            f"hidden={self.hidden}, use_bias={self.use_bias}, dynamic_segments={self.dynamic_segments}, impl={self.impl}"
+        )
+
+    @torch.no_grad()
+    def set_tau(self, tau: float) -> None:
+        if float(tau) <= 0:
+            raise ValueError(f"tau={tau} must be > 0")
+        self.tau.fill_(float(tau))
+
+    # ---- hyper function -------------------------------------------------------------
+    def _check(self, x: torch.Tensor) -> None:
+        if torch.jit.is_tracing():  # shapes are fixed by the trace; a check would only warn (TracerWarning)
+            return
+        if x.dim() < 2 or x.shape[1] != self.channels:
+            raise ValueError(f"DyReLU({self.channels}) expects (N, {self.channels}, ...) input, got {tuple(x.shape)}")
+
+    @staticmethod
+    def pool(x: torch.Tensor) -> torch.Tensor:
+        """Global average pool over every dim after the channel dim: (N, C, ...) -> (N, C)."""
+        return x.mean(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x
+
+    def hyper(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, C) pooled context -> a, b of shape (N, K, width), in float32 (float64 for float64 modules).
+
+        Without intercepts (use_bias=False) b is init_b broadcast to (N, K, width).
+        """
+        k, m, w = self.k, self.dynamic_segments, self.coef_width
+        logits = self.fc2(F.relu(self.fc1(pooled)))
+        dt = torch.promote_types(logits.dtype, torch.float32)  # normalise in >= fp32 (autocast-safe)
+        theta = 2.0 * torch.sigmoid(logits.to(dt)) - 1.0
+        theta = theta.unflatten(1, (2 if self.use_bias else 1, m, w))  # (N, 2|1, m, w)
+        init_a = self.init_a.to(dt).reshape(1, k, 1)
+        init_b = self.init_b.to(dt).reshape(1, k, 1)
+        da = theta[:, 0]
+        db = theta[:, 1] if self.use_bias else None
+        if m < k:  # the last k-m segments stay at their init values (Table 6)
+            da = F.pad(da, (0, 0, 0, k - m))
+            db = F.pad(db, (0, 0, 0, k - m)) if db is not None else None
+        a = init_a + self.lambda_a.to(dt) * da
+        b = init_b + self.lambda_b.to(dt) * db if db is not None else init_b.expand_as(a)
+        return a, b
+
+    def attention(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Spatial attention pi (N, 1, *spatial) of variant C (Eq. 4); None for A and B."""
+        if self.spatial is None:
+            return None
+        xs = x if x.dim() == 4 else x.reshape(x.shape[0], x.shape[1], -1, 1)
+        z = self.spatial(xs)  # (N, 1, *, *)
+        pi = spatial_attention(z, self.tau)
+        return pi if x.dim() == 4 else pi.reshape((x.shape[0], 1) + tuple(x.shape[2:]))
+
+    @torch.no_grad()
+    def coefficients(self, x: torch.Tensor) -> Coefficients:
+        """a, b (and pi for C) that this module would use on ``x``, for analysis tools."""
+        self._check(x)
+        a, b = self.hyper(self.pool(x))
+        return Coefficients(a=a, b=b, pi=self.attention(x))
+
+    # ---- forward ----------------------------------------------------------------------
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        a, b = self.hyper(self.pool(x))
+        a, b = a.to(x.dtype), b.to(x.dtype)
+        y = piecewise_max(x, a, b if self.has_intercept else None)
+        pi = self.attention(x)
+        return y if pi is None else y * pi.to(y.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.impl != "reference" and not _in_export_context():
+            from . import fused
+
+            if fused.supports(self, x):
+                return fused.forward(self, x)
+            if self.impl == "fused":
+                raise ValueError(f"impl='fused' does not support input {tuple(x.shape)} {x.dtype} on {x.device}")
+        return self.forward_reference(x)
+
+
+def set_tau(model: nn.Module, tau: float) -> int:
+    """Set the softmax temperature of every DY-ReLU-C in ``model``; returns how many were set."""
+    count = 0
+    for mod in model.modules():
+        if isinstance(mod, DyReLU) and mod.variant == "C":
+            mod.set_tau(tau)
+            count += 1
+    return count
