@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runs import ROOT, TINY, env
+from runs import ROOT, TINY, env, wandb_offline_runs
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import make_tables as mt  # noqa: E402
@@ -256,3 +256,38 @@ def test_make_tables_reuse_borrows_identical_experiments_only(tmp_path):
     assert "| 66.00 |" in all3 and "from table2/dyrelu_b" in all3  # only table 7's seed 0
     assert "| 60.00 |" in none and "from table2/relu" in none
     assert "not run" in row(reused, "| – | ✓ | – |")  # a2 alone exists nowhere
+
+
+# ---------------------------------------------------------------------------------------------
+# W&B dashboards (offline runs, read back from their folders)
+# ---------------------------------------------------------------------------------------------
+def test_training_runs_of_a_table_share_a_group_and_their_job_type_is_the_row(tmp_path, monkeypatch):
+    from engine.config import compose
+    from engine.loggers import RunLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = compose(["experiment=table2/dyrelu_b", "data=demo", "logger=wandb"])
+    lg = RunLogger(cfg, tmp_path, 0, True, {"seed": 0})
+    lg.log_epoch({"epoch": 1, "top1": 12.5}, step=1)
+    lg.finish()
+    (run,) = wandb_offline_runs(tmp_path)
+    assert run["group"] == "table2" and run["job_type"] == "dyrelu_b"
+    assert run["history"]["epoch/top1"] == 12.5
+
+
+def test_make_tables_logs_ours_beside_the_papers_as_a_wandb_table(tmp_path):
+    sw = tmp_path / "sweep"
+    for seed, top1 in enumerate([60.0, 61.0]):
+        _fake_run(sw, "table2", "relu", seed, top1=top1, top5=80.0, params=1_700_000, madds=59_200_000)
+    p = _make_tables(sw, "--tables", "table2", "--out", tmp_path / "out" / "t.md", "--wandb", "--wandb-mode", "offline")
+    assert p.returncode == 0, p.stderr
+    (run,) = wandb_offline_runs(tmp_path / "out")
+    assert run["group"] == "table2" and run["job_type"] == "make_tables"
+    assert run["history"]["table2/table/_type"] == "table-file"
+    table = json.loads((run["dir"] / "files" / run["history"]["table2/table/path"]).read_text())
+    rows = [dict(zip(table["columns"], r)) for r in table["data"]]
+    relu = next(r for r in rows if r["row"] == "relu" and r["metric"] == "top1")
+    assert relu["ours"] == pytest.approx(60.5) and relu["paper"] == pytest.approx(60.32)
+    assert relu["delta"] == pytest.approx(60.5 - 60.32) and relu["status"] == "done" and relu["seeds"] == "0,1"
+    assert {r["row"] for r in rows} >= {"relu", "dyrelu_a", "dyrelu_b", "dyrelu_c"}  # every row, run or not
