@@ -47,12 +47,10 @@ def results(run_dir) -> dict:
 
 
 def compose(overrides=(), config_name="train"):
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    """The config ``train.py <overrides>`` runs with: the scripts' helper, so tests compose as they do."""
+    from engine.config import compose as compose_config
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides))
+    return compose_config(overrides, config_name)
 
 
 def wandb_offline_runs(folder) -> list[dict]:

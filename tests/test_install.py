@@ -22,8 +22,10 @@ def _env_without_checkout() -> dict:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
     out = tmp_path_factory.mktemp("wheel")
-    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-                        "-w", str(out), str(ROOT)], capture_output=True, text=True, timeout=300)
+    # Build isolation, as `pip install -e .` does: the build backend comes from pyproject's
+    # build-system (setuptools>=77), not from whatever setuptools the venv happens to hold.
+    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)],
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     (whl,) = out.glob("dyrelu-*.whl")
     return whl
