@@ -29,6 +29,7 @@ from torch import nn
 
 VARIANTS = ("A", "B", "C")
 IMPLS = ("auto", "reference", "fused")
+HYPER_INITS = ("zero", "random")
 
 
 @dataclass
@@ -118,6 +119,7 @@ class DyReLU(nn.Module):
         tau: float = 10.0,
         impl: str = "auto",
         hidden: Optional[int] = None,
+        hyper_init: str = "zero",
     ):
         super().__init__()
         variant = str(variant).upper()
@@ -125,6 +127,8 @@ class DyReLU(nn.Module):
             raise ValueError(f"variant={variant!r} is not one of {VARIANTS}")
         if impl not in IMPLS:
             raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
+        if hyper_init not in HYPER_INITS:
+            raise ValueError(f"hyper_init={hyper_init!r} is not one of {HYPER_INITS}")
         k = int(k)
         if k < 1:
             raise ValueError(f"k={k} must be >= 1")
@@ -138,7 +142,7 @@ class DyReLU(nn.Module):
         if not 1 <= m <= k:
             raise ValueError(f"dynamic_segments={dynamic_segments} must be between 1 and k={k}")
         self.channels, self.variant, self.k, self.reduction = int(channels), variant, k, int(reduction)
-        self.use_bias, self.dynamic_segments, self.impl = bool(use_bias), m, impl
+        self.use_bias, self.dynamic_segments, self.impl, self.hyper_init = bool(use_bias), m, impl, hyper_init
         self.hidden = int(hidden) if hidden is not None else max(1, self.channels // self.reduction)
         init_b = _pair_tuple("init_b", init_b, k)
         # Decided once here (not per call) so torch.compile sees no data-dependent branch;
@@ -157,6 +161,14 @@ class DyReLU(nn.Module):
         self.fc1 = nn.Linear(self.channels, self.hidden)
         self.fc2 = nn.Linear(self.hidden, (2 if self.use_bias else 1) * m * width)
         self.spatial = nn.Conv2d(self.channels, 1, kernel_size=1, bias=False) if variant == "C" else None
+        if hyper_init == "zero":
+            # The paper calls alpha^k, beta^k the "initialization values" of a^k, b^k and says the
+            # defaults correspond to static ReLU (Sec. 3.2): the residuals are zero at step 0, so a
+            # fresh module is exactly max_k(alpha^k x + beta^k) (times pi for C). PyTorch's default
+            # Linear init instead starts every channel at a different random piecewise function,
+            # which on the demo left DY-ReLU-B near chance with eval losses of 1e2-1e6.
+            nn.init.zeros_(self.fc2.weight)
+            nn.init.zeros_(self.fc2.bias)
         self.register_load_state_dict_post_hook(DyReLU._after_load)
 
     @staticmethod
@@ -167,7 +179,8 @@ class DyReLU(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.channels}, variant={self.variant}, k={self.k}, reduction={self.reduction}, "
-            f"hidden={self.hidden}, use_bias={self.use_bias}, dynamic_segments={self.dynamic_segments}, impl={self.impl}"
+            f"hidden={self.hidden}, use_bias={self.use_bias}, dynamic_segments={self.dynamic_segments}, impl={self.impl}, "
+            f"hyper_init={self.hyper_init}"
         )
 
     @torch.no_grad()
