@@ -22,6 +22,7 @@ from . import checkpoint as ckpt_io
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed
 from .loggers import RunLogger
 from .optim import build_optimizer, build_scheduler
+from .precise_bn import recalibrate_bn
 from .signals import PreemptionHandler, StopRequested, request_requeue
 from .tasks import build_task
 from .validate import validate
@@ -330,6 +331,14 @@ def run(cfg, run_dir: str | Path) -> dict:
                     row["tau"] = tau
                 is_last = epoch + 1 == max_epochs
                 if (epoch + 1) % cfg.trainer.val_every == 0 or is_last:
+                    if cfg.trainer.get("precise_bn_batches", 0):
+                        n_bn = min(int(cfg.trainer.precise_bn_batches), steps_per_epoch)
+                        bn_loader = make_loader(train_ds, indices[: n_bn * per_rank_batch], per_rank_batch, data_cfg.num_workers,
+                                                epoch_seed, task.collate_fn(), drop_last=True)
+                        for target in [unwrap(model)] + ([ema.module] if ema is not None else []):
+                            with autocast():
+                                recalibrate_bn(target, (task.to_device(b, device, channels_last)[0] for b in bn_loader),
+                                               n_bn, dist.world_size)
                     metrics = evaluate(train_model, task, val_loader, device=device, autocast=autocast, channels_last=channels_last)
                     if ema is not None:
                         ema_metrics = evaluate(ema.module, task, val_loader, device=device, autocast=autocast, channels_last=channels_last)
