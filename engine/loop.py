@@ -427,6 +427,7 @@ def run(cfg, run_dir: str | Path) -> dict:
     device, dist = setup_process(cfg)
     # Every rank works in rank 0's folder, whatever each rank's Hydra resolved.
     run_dir = Path(broadcast_object(str(Path(run_dir).resolve())))
+    run_dir.mkdir(parents=True, exist_ok=True)  # Hydra makes it; a caller of run() may not have
     last_path, best_path = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
     channels_last = use_channels_last(cfg.trainer, device)
     trainer, data_cfg = cfg.trainer, cfg.data
