@@ -148,8 +148,8 @@ def train_one_epoch(state: TrainState, loader, num_steps: int, *, preempt, on_st
                     max_epochs: int = 0) -> tuple[float, int, float]:
     """Train ``state.epoch`` from ``state.step_in_epoch`` to ``num_steps``.
 
-    Returns (mean loss over the epoch, samples over all ranks, seconds). Calls ``on_stop()``
-    (which saves and raises) when a stop signal was seen at a sync point.
+    Returns (mean loss over the whole epoch, samples trained by this call over all ranks, its
+    seconds). Calls ``on_stop()`` (which saves and raises) when a sync point sees a stop signal.
     """
     model, opt, dist = state.train_model, state.optimizer, state.dist
     model.train()
@@ -214,7 +214,7 @@ def train_one_epoch(state: TrainState, loader, num_steps: int, *, preempt, on_st
             on_stop()
     if bar is not None:
         bar.close()
-    return state.epoch_loss_sum / max(state.epoch_seen, 1), state.epoch_seen, time.perf_counter() - t0
+    return state.epoch_loss_sum / max(state.epoch_seen, 1), seen * dist.world_size, time.perf_counter() - t0
 
 
 def evaluate(model, task: Task, loader, *, device, autocast, channels_last) -> dict:
@@ -224,10 +224,13 @@ def evaluate(model, task: Task, loader, *, device, autocast, channels_last) -> d
 
 class _StoppableBatches:
     """Yields a loader's batches; every ``every`` batches, all ranks agree on the stop flag and
-    ``on_stop()`` runs when it is set (validation honours preemption too)."""
+    ``on_stop()`` runs when it is set (validation honours preemption too). Ranks may hold
+    different numbers of validation batches, so they agree only within the first ``common``
+    batches, which every rank has."""
 
-    def __init__(self, loader, preempt, every: int, on_stop):
+    def __init__(self, loader, preempt, every: int, on_stop, common: int, device: torch.device):
         self.loader, self.preempt, self.every, self.on_stop = loader, preempt, every, on_stop
+        self.common, self.device = common, device
 
     def __len__(self):
         return len(self.loader)
@@ -235,17 +238,27 @@ class _StoppableBatches:
     def __iter__(self):
         for i, batch in enumerate(self.loader, start=1):
             yield batch
-            if i % self.every == 0 and _agree(self.preempt.requested):
+            if i % self.every == 0 and i <= self.common and _agree(self.preempt.requested, self.device):
                 self.on_stop()
 
 
-def _agree(flag: bool) -> bool:
-    """True when any rank has ``flag`` set (a no-op without DDP)."""
+def _agree(flag: bool, device: torch.device) -> bool:
+    """True when any rank has ``flag`` set (no collective without DDP)."""
     import torch.distributed as tdist
 
     if not (tdist.is_available() and tdist.is_initialized()):
         return bool(flag)
-    return all_reduce_sum(torch.tensor([float(flag)])).item() > 0
+    return all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0
+
+
+def val_indices(n: int, dist: DistInfo, limit_batches: Optional[int], per_rank_batch: int) -> tuple[list[int], int]:
+    """This rank's validation samples (strided over ranks) and the number of batches every rank has."""
+    def share(rank):
+        idx = list(range(rank, n, dist.world_size))
+        return idx[: limit_batches * per_rank_batch] if limit_batches else idx
+
+    common = min(math.ceil(len(share(r)) / per_rank_batch) for r in range(dist.world_size))
+    return share(dist.rank), common
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,6 +421,100 @@ def seed_epoch(cfg, state: TrainState, resumed_rng) -> None:
         ckpt_io.seed_everything(int(cfg.seed) * 1000 + state.epoch * 17 + state.dist.rank)
 
 
+@dataclass
+class Data:
+    """The loaders of one run and the numbers the loop needs from them."""
+    train_loader: torch.utils.data.DataLoader
+    sampler: EpochBatchSampler          # tells the training loader each epoch's batches
+    val_loader: torch.utils.data.DataLoader
+    val_common: int                     # validation batches that every rank has
+    steps_per_epoch: int                # full global batches in the training set
+    num_steps: int                      # steps trained per epoch (trainer.limit_train_batches)
+
+
+def build_data(cfg, task: Task, dist: DistInfo) -> Data:
+    """The task's datasets and persistent loaders: training batches strided over ranks from one
+    seeded order per epoch, validation samples strided over ranks."""
+    d, trainer = cfg.data, cfg.trainer
+    if d.batch_size % dist.world_size:
+        raise ValueError(f"data.batch_size={d.batch_size} (global) is not divisible by the {dist.world_size} ranks")
+    per_rank_batch = d.batch_size // dist.world_size
+    train_ds, val_ds = task.build_datasets()
+    steps_per_epoch = len(train_ds) // d.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training set has {len(train_ds)} samples, fewer than one global batch (data.batch_size={d.batch_size})")
+    sampler = EpochBatchSampler(len(train_ds), int(cfg.seed), per_rank_batch, dist)
+    val_share, val_common = val_indices(len(val_ds), dist, trainer.limit_val_batches, per_rank_batch)
+    return Data(
+        train_loader=make_train_loader(train_ds, sampler, int(d.num_workers), task.collate_fn()), sampler=sampler,
+        val_loader=make_loader(val_ds, val_share, per_rank_batch, int(d.num_workers), int(cfg.seed), task.collate_fn()),
+        val_common=val_common, steps_per_epoch=steps_per_epoch,
+        num_steps=min(steps_per_epoch, trainer.limit_train_batches or steps_per_epoch),
+    )
+
+
+def build_state(cfg, task: Task, model, data: Data, device: torch.device, dist: DistInfo, channels_last: bool) -> TrainState:
+    """Optimizer, per-step schedule, mixed precision and the EMA around ``model``."""
+    trainer = cfg.trainer
+    optimizer = build_optimizer(model, cfg.optim, cfg.data.batch_size)
+    scheduler = build_scheduler(optimizer, cfg.sched, int(trainer.max_epochs), data.num_steps)
+    autocast, scaler = autocast_factory(trainer.amp, device)
+    ema = None
+    if trainer.ema_decay:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=float(trainer.ema_decay))  # before compile: a plain copy
+    return TrainState(model=model, train_model=model, task=task, optimizer=optimizer, scheduler=scheduler,
+                      autocast=autocast, device=device, channels_last=channels_last, dist=dist, scaler=scaler, ema=ema,
+                      grad_clip=trainer.grad_clip, log_every=int(trainer.log_every))
+
+
+def begin_epoch(cfg, state: TrainState, epoch: int, data: Data, resumed_rng) -> dict:
+    """Seeds, DY-ReLU-C's temperature and the sampler for ``epoch``; returns the row's extras."""
+    if epoch != state.epoch:  # a new epoch, not the one resumed into
+        state.epoch, state.step_in_epoch, state.epoch_loss_sum, state.epoch_seen = epoch, 0, 0.0, 0
+    seed_epoch(cfg, state, resumed_rng)
+    tau = tau_at(cfg, epoch, int(cfg.trainer.max_epochs))
+    uses_tau = dyrelu.set_tau(state.model, tau)
+    if state.ema is not None:
+        dyrelu.set_tau(state.ema.module, tau)
+    data.sampler.set_epoch(epoch, state.step_in_epoch, data.num_steps - state.step_in_epoch)
+    return {"tau": tau} if uses_tau else {}
+
+
+def evaluate_epoch(cfg, state: TrainState, data: Data, val_batches) -> bool:
+    """Precise BN if asked, then the metrics of the model (and of its EMA); True if best improved."""
+    if cfg.trainer.precise_bn_batches:
+        recalibrate_bn_stats(state, data.train_loader, data.sampler, min(int(cfg.trainer.precise_bn_batches), data.steps_per_epoch))
+    kw = dict(device=state.device, autocast=state.autocast, channels_last=state.channels_last)
+    state.metrics = evaluate(state.model, state.task, val_batches, **kw)
+    if state.ema is not None:
+        ema_metrics = evaluate(state.ema.module, state.task, val_batches, **kw)
+        state.metrics.update({f"{k}_ema": v for k, v in ema_metrics.items()})
+    value = state.metrics[state.task.primary_metric]
+    improved = value > state.best
+    state.best = max(state.best, value)
+    return improved
+
+
+def end_epoch(state: TrainState, row: dict, improved: bool, paths: tuple[Path, Path], extra: dict, run_logger,
+              max_epochs: int) -> None:
+    """The epoch is done: last.pt (and best.pt) resume at the next one; log the row."""
+    last_path, best_path = paths
+    state.epoch, state.step_in_epoch, state.epoch_loss_sum, state.epoch_seen = row["epoch"], 0, 0.0, 0
+    rngs = all_gather_objects(ckpt_io.rng_state())
+    if state.dist.is_main:
+        saved = checkpoint(state, rngs, extra)
+        ckpt_io.atomic_save(saved, last_path)
+        state.last_good = str(last_path)
+        if improved:
+            ckpt_io.atomic_save(saved, best_path)
+        run_logger.log_epoch(row, state.global_step)
+        log.info("epoch %d/%d: %s", row["epoch"], max_epochs,
+                 ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if k != "epoch"))
+    barrier()
+
+
 def write_results(run_dir: Path, results: dict) -> None:
     tmp = run_dir / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2))
@@ -428,41 +535,15 @@ def run(cfg, run_dir: str | Path) -> dict:
     # Every rank works in rank 0's folder, whatever each rank's Hydra resolved.
     run_dir = Path(broadcast_object(str(Path(run_dir).resolve())))
     run_dir.mkdir(parents=True, exist_ok=True)  # Hydra makes it; a caller of run() may not have
-    last_path, best_path = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
+    paths = last_path, _ = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
     channels_last = use_channels_last(cfg.trainer, device)
-    trainer, data_cfg = cfg.trainer, cfg.data
-    if data_cfg.batch_size % dist.world_size:
-        raise ValueError(f"data.batch_size={data_cfg.batch_size} (global) is not divisible by the {dist.world_size} ranks")
-    per_rank_batch = data_cfg.batch_size // dist.world_size
+    max_epochs = int(cfg.trainer.max_epochs)
 
-    # ---- data ------------------------------------------------------------------------------
+    # ---- data, model, optimizer ------------------------------------------------------------
     task = build_task(cfg)
-    train_ds, val_ds = task.build_datasets()
-    steps_per_epoch = len(train_ds) // data_cfg.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"the training set has {len(train_ds)} samples, fewer than one global batch (data.batch_size={data_cfg.batch_size})")
-    num_steps = min(steps_per_epoch, trainer.limit_train_batches or steps_per_epoch)
-    max_epochs = int(trainer.max_epochs)
-    sampler = EpochBatchSampler(len(train_ds), int(cfg.seed), per_rank_batch, dist)
-    train_loader = make_train_loader(train_ds, sampler, int(data_cfg.num_workers), task.collate_fn())
-    val_indices = list(range(dist.rank, len(val_ds), dist.world_size))
-    if trainer.limit_val_batches:
-        val_indices = val_indices[: trainer.limit_val_batches * per_rank_batch]
-    val_loader = make_loader(val_ds, val_indices, per_rank_batch, int(data_cfg.num_workers), int(cfg.seed), task.collate_fn())
-
-    # ---- model and optimizer ---------------------------------------------------------------
+    data = build_data(cfg, task, dist)
     model, complexity = build_model(cfg, task, device, dist, channels_last)
-    optimizer = build_optimizer(model, cfg.optim, data_cfg.batch_size)
-    scheduler = build_scheduler(optimizer, cfg.sched, max_epochs, num_steps)
-    autocast, scaler = autocast_factory(trainer.amp, device)
-    ema = None
-    if trainer.ema_decay:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(model, decay=float(trainer.ema_decay))  # before compile: a plain copy
-    state = TrainState(model=model, train_model=model, task=task, optimizer=optimizer, scheduler=scheduler,
-                       autocast=autocast, device=device, channels_last=channels_last, dist=dist, scaler=scaler, ema=ema,
-                       grad_clip=trainer.grad_clip, log_every=int(trainer.log_every))
+    state = build_state(cfg, task, model, data, device, dist, channels_last)
 
     # ---- resume ----------------------------------------------------------------------------
     resumed_rng = resume(state, last_path, cfg.ckpt)
@@ -475,63 +556,32 @@ def run(cfg, run_dir: str | Path) -> dict:
         run_logger.summary(complexity)
 
     # ---- epochs ----------------------------------------------------------------------------
-    exit_code = 0
     try:
         with PreemptionHandler() as preempt:
             stop = lambda: save_and_stop(state, preempt, last_path, extra)  # noqa: E731
-            val_batches = _StoppableBatches(val_loader, preempt, state.log_every, stop)
+            val_batches = _StoppableBatches(data.val_loader, preempt, state.log_every, stop, data.val_common, device)
             for epoch in range(state.epoch, max_epochs):
-                if epoch != state.epoch:  # a new epoch (not the one resumed into)
-                    state.epoch, state.step_in_epoch, state.epoch_loss_sum, state.epoch_seen = epoch, 0, 0.0, 0
-                seed_epoch(cfg, state, resumed_rng)
-                tau = tau_at(cfg, epoch, max_epochs)
-                uses_tau = dyrelu.set_tau(model, tau)
-                if ema is not None:
-                    dyrelu.set_tau(ema.module, tau)
-                sampler.set_epoch(epoch, state.step_in_epoch, num_steps - state.step_in_epoch)
-                train_loss, seen, secs = train_one_epoch(state, train_loader, num_steps, preempt=preempt, on_stop=stop,
-                                                         run_logger=run_logger, progress=trainer.progress, max_epochs=max_epochs)
-                row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
-                       "train_img_s": seen / max(secs, 1e-9), "epoch_time_s": secs}
-                if uses_tau:
-                    row["tau"] = tau
+                row = begin_epoch(cfg, state, epoch, data, resumed_rng)
+                train_loss, seen, secs = train_one_epoch(state, data.train_loader, data.num_steps, preempt=preempt, on_stop=stop,
+                                                         run_logger=run_logger, progress=cfg.trainer.progress, max_epochs=max_epochs)
+                row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": state.optimizer.param_groups[0]["lr"],
+                       "train_img_s": seen / max(secs, 1e-9), "epoch_time_s": secs, **row}
                 improved = False
-                if (epoch + 1) % trainer.val_every == 0 or epoch + 1 == max_epochs:
-                    if trainer.precise_bn_batches:
-                        recalibrate_bn_stats(state, train_loader, sampler, min(int(trainer.precise_bn_batches), steps_per_epoch))
-                    state.metrics = evaluate(model, task, val_batches, device=device, autocast=autocast, channels_last=channels_last)
-                    if ema is not None:
-                        ema_metrics = evaluate(ema.module, task, val_batches, device=device, autocast=autocast, channels_last=channels_last)
-                        state.metrics.update({f"{k}_ema": v for k, v in ema_metrics.items()})
+                if (epoch + 1) % cfg.trainer.val_every == 0 or epoch + 1 == max_epochs:
+                    improved = evaluate_epoch(cfg, state, data, val_batches)
                     row.update(state.metrics)
-                    improved = state.metrics[task.primary_metric] > state.best
-                    state.best = max(state.best, state.metrics[task.primary_metric])
                     row[f"best_{task.primary_metric}"] = state.best
-                # The epoch is done: last.pt resumes at the next one.
-                state.epoch, state.step_in_epoch, state.epoch_loss_sum, state.epoch_seen = epoch + 1, 0, 0.0, 0
-                rngs = all_gather_objects(ckpt_io.rng_state())
-                if dist.is_main:
-                    saved = checkpoint(state, rngs, extra)
-                    ckpt_io.atomic_save(saved, last_path)
-                    state.last_good = str(last_path)
-                    if improved:
-                        ckpt_io.atomic_save(saved, best_path)
-                    run_logger.log_epoch(row, state.global_step)
-                    log.info("epoch %d/%d: %s", epoch + 1, max_epochs,
-                             ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if k != "epoch"))
-                barrier()
+                end_epoch(state, row, improved, paths, extra, run_logger, max_epochs)
     except StopRequested as stopped:
-        exit_code = 124
         if dist.is_main:
-            run_logger.finish(exit_code)
+            run_logger.finish(124)
         cleanup()
         if stopped.chain is not None:
             stopped.chain()  # submitit's handler: pickles the job, requeues it and exits
         raise
     except BaseException:
-        exit_code = 1
         if dist.is_main:
-            run_logger.finish(exit_code)
+            run_logger.finish(1)
         cleanup()
         raise
     if dist.is_main:
