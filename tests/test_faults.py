@@ -183,19 +183,19 @@ def test_submitit_usr2_saves_mid_epoch_requeues_and_resumes_to_the_same_weights(
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", *args, "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    t0, task, logs = time.time(), None, []
+    t0, task, job = time.time(), None, None
     while task is None and time.time() - t0 < 300:
         time.sleep(0.5)
-        for job_dir in (sweep / ".submitit").glob("*"):
-            logs = list(job_dir.glob("*_log.*"))
-            if any("epoch 1 step 3/" in f.read_text() for f in logs):
+        for job_dir in (sweep / ".submitit").glob("[0-9]*"):
+            if any("epoch 1 step 3/" in f.read_text() for f in job_dir.glob("*_log.*")):
                 tasks = _children(int(job_dir.name))  # the job id of submitit_local is its controller's pid
-                task = tasks[0] if tasks else None
+                task, job = (tasks[0] if tasks else None), job_dir
+                break
     assert task is not None, proc.communicate(timeout=60)[0][-3000:]
     os.kill(task, signal.SIGUSR2)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
-    log = "\n".join(f.read_text() for f in logs)
+    log = "\n".join(f.read_text() for f in sorted(job.glob("*_log.*")))
     saved = re.search(r"saved \S+last\.pt at epoch 1 step (\d+)", log)
     assert saved, log[-3000:]
     step = int(saved.group(1))

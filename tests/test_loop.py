@@ -125,10 +125,15 @@ def _signal_at_step(monkeypatch, sig, at: int):
     monkeypatch.setattr(loop._Syncs, "add", add_and_signal)
 
 
-def test_stop_signal_is_read_at_the_next_sync_point_and_resume_matches(monkeypatch, tmp_path):
+@pytest.mark.parametrize("workers", [
+    [],
+    # random crops and flips drawn in 2 persistent workers, which the resumed run restarts
+    ["data.num_workers=2", "data.train_augment=true"],
+], ids=["main_process", "two_workers_augmenting"])
+def test_stop_signal_is_read_at_the_next_sync_point_and_resume_matches(monkeypatch, tmp_path, workers):
     from engine.signals import StopRequested
 
-    args = ["trainer.max_epochs=2", "trainer.log_every=3", "trainer.deterministic=true"]
+    args = ["trainer.max_epochs=2", "trainer.log_every=3", "trainer.deterministic=true", *workers]
     _, straight_rows, _ = _train(monkeypatch, tmp_path / "straight", *args)
     monkeypatch.undo()
     # Step 7 is epoch 2's second step; the next sync point is global step 9 (epoch 2 step 4).
