@@ -5,9 +5,11 @@ import logging
 
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
+from torch import nn
 
 log = logging.getLogger(__name__)
 
+# The one list of allowed names (engine/validate.py checks configs against these).
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step")
 
@@ -17,6 +19,44 @@ def effective_lr(optim_cfg, global_batch: int) -> float:
     if optim_cfg.scale_lr:
         lr *= global_batch / float(optim_cfg.base_batch_size)
     return lr
+
+
+def _hyper_lr_scale(optim_cfg) -> float:
+    return float(optim_cfg.get("hyper_lr_scale", 1.0))
+
+
+def _hyper_weight_decay(optim_cfg):
+    wd = optim_cfg.get("hyper_weight_decay", None)
+    return None if wd is None else float(wd)
+
+
+def param_groups(model: nn.Module, optim_cfg) -> list[dict]:
+    """Parameter groups with DY-ReLU's hyper functions (fc1, fc2, spatial of every dyrelu.DyReLU)
+    apart: their lr is scaled by ``optim.hyper_lr_scale`` (through timm's per-group ``lr_scale``,
+    which timm's schedulers multiply into every value they set) and their weight decay is
+    ``optim.hyper_weight_decay`` (null: the same as the rest). Biases and norm weights (1-d
+    parameters) get no decay when ``decay_norm_and_bias`` is false, in both groups, as timm does.
+    """
+    from dyrelu import DyReLU
+
+    hyper_ids = {id(p) for m in model.modules() if isinstance(m, DyReLU) for p in m.parameters()}
+    wd = float(optim_cfg.weight_decay)
+    hyper_wd = _hyper_weight_decay(optim_cfg)
+    hyper_wd = wd if hyper_wd is None else hyper_wd
+    scale = _hyper_lr_scale(optim_cfg)
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        hyper = id(p) in hyper_ids
+        no_decay = not optim_cfg.decay_norm_and_bias and (p.ndim <= 1 or name.endswith(".bias"))
+        key = (hyper, no_decay)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else (hyper_wd if hyper else wd),
+                           "lr_scale": scale if hyper else 1.0, "name": ("hyper" if hyper else "base") + ("_no_decay" if no_decay else "")}
+        groups[key]["params"].append(p)
+    # The rest first, so param_groups[0]["lr"] (what the logs show) is the base lr.
+    return [groups[k] for k in sorted(groups, key=lambda k: (k[0], k[1]))]
 
 
 def build_optimizer(model, optim_cfg, global_batch: int):
@@ -31,20 +71,34 @@ def build_optimizer(model, optim_cfg, global_batch: int):
         kwargs["momentum"] = float(optim_cfg.momentum)
     log.info("optimizer %s lr %.5g (base %.5g at batch %d, global batch %d) weight decay %.3g",
              name, lr, optim_cfg.lr, optim_cfg.base_batch_size, global_batch, optim_cfg.weight_decay)
-    return create_optimizer_v2(
-        model, opt=name, lr=lr, weight_decay=float(optim_cfg.weight_decay),
-        filter_bias_and_bn=not optim_cfg.decay_norm_and_bias, **kwargs,
-    )
+    hyper_scale, hyper_wd = _hyper_lr_scale(optim_cfg), _hyper_weight_decay(optim_cfg)
+    if hyper_scale == 1.0 and hyper_wd is None:
+        # Today's groups exactly (so checkpoints' optimizer states keep loading).
+        params, filter_bias_and_bn = model, not optim_cfg.decay_norm_and_bias
+    else:
+        log.info("DY-ReLU hyper functions: lr x %.4g, weight decay %s", hyper_scale,
+                 "as the rest" if hyper_wd is None else f"{hyper_wd:.3g}")
+        params, filter_bias_and_bn = param_groups(model, optim_cfg), False
+    # Every group starts at the base lr; build_scheduler applies each group's lr_scale from step 0.
+    return create_optimizer_v2(params, opt=name, lr=lr, weight_decay=float(optim_cfg.weight_decay),
+                               filter_bias_and_bn=filter_bias_and_bn, **kwargs)
 
 
 def build_scheduler(optimizer, sched_cfg, epochs: int, steps_per_epoch: int):
-    """Stepped with `scheduler.step_update(global_step)` after every optimizer step."""
+    """Stepped with `scheduler.step_update(global_step)` after every optimizer step.
+
+    timm's schedulers compute each group's value from its own initial lr and multiply it by
+    the group's ``lr_scale``; so groups start at the base lr and the first update applies the scale.
+    """
     name = str(sched_cfg.name)
     warmup = int(round(float(sched_cfg.warmup_epochs) * steps_per_epoch))
     common = dict(warmup_t=warmup, warmup_lr_init=float(sched_cfg.warmup_lr), t_in_epochs=False)
     if name == "cosine":
-        return CosineLRScheduler(optimizer, t_initial=max(1, epochs * steps_per_epoch), lr_min=float(sched_cfg.min_lr), **common)
-    if name == "step":
+        sched = CosineLRScheduler(optimizer, t_initial=max(1, epochs * steps_per_epoch), lr_min=float(sched_cfg.min_lr), **common)
+    elif name == "step":
         decay_t = [int(m) * steps_per_epoch for m in sched_cfg.milestones]
-        return MultiStepLRScheduler(optimizer, decay_t=decay_t, decay_rate=float(sched_cfg.gamma), **common)
-    raise ValueError(f"sched.name={name!r} is not one of {list(SCHEDULES)}")
+        sched = MultiStepLRScheduler(optimizer, decay_t=decay_t, decay_rate=float(sched_cfg.gamma), **common)
+    else:
+        raise ValueError(f"sched.name={name!r} is not one of {list(SCHEDULES)}")
+    sched.step_update(0)  # step 0's values: today's lr for unscaled groups, the scaled lr for the rest
+    return sched

@@ -1,8 +1,12 @@
-"""SLURM preemption and time limits: SIGTERM / SIGUSR1 ask the run to save and stop.
+"""Preemption and time limits: a signal asks the run to save last.pt and stop.
 
-The handler only sets a flag; the loop checks it between steps, writes last.pt and exits
-with code 124 (hydra-submitit requeues jobs on time-out, and on SLURM we request the
-requeue ourselves so preemption is covered too).
+Signals handled: SIGTERM, SIGUSR1 and the one submitit uses for preemption and time-outs
+(SIGUSR2 unless ``SUBMITIT_PREEMPT_SIGNAL`` names another; see submitit's
+``core/job_environment.py``). The handler only sets a flag. The loop reads it at its sync
+points (every ``trainer.log_every`` steps, and as often during validation), writes last.pt,
+then either hands the signal to the handler that was installed before ours (submitit's, which
+pickles the job and requeues it) or, when there is none, exits with code 124 (and, under a
+plain SLURM batch job, requeues it with scontrol).
 """
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import logging
 import os
 import signal
 import subprocess
+from typing import Callable, Optional
 
 log = logging.getLogger(__name__)
 
@@ -17,15 +22,32 @@ PREEMPTED_EXIT_CODE = 124
 
 
 class StopRequested(Exception):
-    """Raised after the checkpoint was written, to unwind the loop."""
+    """Raised after the checkpoint was written, to unwind the loop.
+
+    ``chain`` is the previously installed handler of the signal that stopped the run (bound
+    to that signal), to be called once the run has unwound; None when there was none.
+    """
+
+    def __init__(self, chain: Optional[Callable[[], None]] = None):
+        super().__init__("stopped by a preemption signal after saving last.pt")
+        self.chain = chain
+
+
+def submitit_signal() -> signal.Signals:
+    """The signal submitit sends before preempting or timing out a job."""
+    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2").upper()
+    name = name if name.startswith("SIG") else f"SIG{name}"
+    return getattr(signal.Signals, name, signal.SIGUSR2)
 
 
 class PreemptionHandler:
-    signals = (signal.SIGTERM, signal.SIGUSR1)
+    """Context manager: while active, the stop signals set ``requested``; on exit the previous
+    handlers come back."""
 
     def __init__(self):
+        self.signals = tuple(dict.fromkeys((signal.SIGTERM, signal.SIGUSR1, submitit_signal())))
         self.received: int | None = None
-        self._previous = {}
+        self._previous: dict = {}
 
     def __enter__(self):
         for sig in self.signals:
@@ -39,12 +61,21 @@ class PreemptionHandler:
 
     def _handle(self, signum, frame):
         if self.received is None:
-            log.warning("received %s: saving a checkpoint at the next step boundary", signal.Signals(signum).name)
-        self.received = signum
+            log.warning("received %s: saving a checkpoint at the next sync point", signal.Signals(signum).name)
+            self.received = signum
 
     @property
     def requested(self) -> bool:
         return self.received is not None
+
+    def chained_handler(self) -> Optional[Callable[[], None]]:
+        """The handler that was installed for the received signal before ours (e.g. submitit's
+        checkpoint-and-requeue), bound to the signal; None for the defaults."""
+        prev = self._previous.get(self.received)
+        if not callable(prev) or prev in (signal.SIG_DFL, signal.SIG_IGN, signal.default_int_handler):
+            return None
+        signum = self.received
+        return lambda: prev(signum, None)
 
 
 def request_requeue() -> None:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from .optim import OPTIMIZERS, SCHEDULES
+
 
 class ConfigError(ValueError):
     """A config value is wrong; the message names the key, the value and what is allowed."""
@@ -42,11 +44,14 @@ _RULES = [
     ("trainer.grad_clip", lambda v: v is None or (_is_num(v) and v > 0), "null or a positive number"),
     ("trainer.log_every", lambda v: _is_int(v) and v > 0, "a positive integer"),
     ("trainer.val_every", lambda v: _is_int(v) and v > 0, "a positive integer"),
-    ("optim.name", lambda v: v in ("sgd", "adam", "adamw"), "one of sgd, adam, adamw"),
+    ("trainer.precise_bn_batches", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: off)"),
+    ("optim.name", lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
     ("optim.lr", lambda v: _is_num(v) and v > 0, "a positive number"),
     ("optim.weight_decay", lambda v: _is_num(v) and v >= 0, "a number >= 0"),
     ("optim.momentum", lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
-    ("sched.name", lambda v: v in ("cosine", "step"), "one of cosine, step"),
+    ("optim.hyper_lr_scale", lambda v: _is_num(v) and v > 0, "a positive number"),
+    ("optim.hyper_weight_decay", lambda v: v is None or (_is_num(v) and v >= 0), "null or a number >= 0"),
+    ("sched.name", lambda v: v in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
     ("sched.warmup_epochs", lambda v: _is_num(v) and v >= 0, "a number >= 0"),
     ("aug.label_smoothing", lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
     ("aug.mixup_alpha", lambda v: _is_num(v) and v >= 0, "a number >= 0"),

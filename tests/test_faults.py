@@ -3,6 +3,8 @@ checkpoint write, a NaN loss, DDP vs one process. Nothing may be lost."""
 from __future__ import annotations
 
 import csv
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -156,3 +158,51 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     keys = [k for k in a if a[k].is_floating_point() and "running_" not in k]  # parameters
     diff = sum(((a[k].double() - b[k].double()) ** 2).sum() for k in keys) ** 0.5
     assert diff / sum((a[k].double() ** 2).sum() for k in keys) ** 0.5 < 1e-4
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.slow
+def test_submitit_usr2_saves_mid_epoch_requeues_and_resumes_to_the_same_weights(tmp_path):
+    """submitit signals preemption with SIGUSR2: the run saves last.pt mid-epoch, hands the signal
+    to submitit's handler (which requeues; submitit_local restarts the job), and the restarted
+    job resumes mid-epoch and ends where an uninterrupted run ends."""
+    args = [*MID, "trainer.max_epochs=2", "trainer.deterministic=true"]
+    run_train(tmp_path / "straight", *args)
+
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", *args, "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    t0, task, job = time.time(), None, None
+    while task is None and time.time() - t0 < 300:
+        time.sleep(0.5)
+        for job_dir in (sweep / ".submitit").glob("[0-9]*"):
+            if any("epoch 1 step 3/" in f.read_text() for f in job_dir.glob("*_log.*")):
+                tasks = _children(int(job_dir.name))  # the job id of submitit_local is its controller's pid
+                task, job = (tasks[0] if tasks else None), job_dir
+                break
+    assert task is not None, proc.communicate(timeout=60)[0][-3000:]
+    os.kill(task, signal.SIGUSR2)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    log = "\n".join(f.read_text() for f in sorted(job.glob("*_log.*")))
+    saved = re.search(r"saved \S+last\.pt at epoch 1 step (\d+)", log)
+    assert saved, log[-3000:]
+    step = int(saved.group(1))
+    assert 3 <= step < 20
+    assert "Requeued job" in log and re.search(rf"Resuming from \S+: epoch 1, step {step} ", log), log[-3000:]
+    (run_dir,) = [p.parent.parent for p in sweep.rglob("checkpoints/last.pt")]
+    a, b = _weights(tmp_path / "straight"), _weights(run_dir)
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5, rtol=0), k
+    assert abs(results(tmp_path / "straight")["top1"] - results(run_dir)["top1"]) < 1e-6

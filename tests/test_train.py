@@ -34,7 +34,10 @@ def test_smoke_run_writes_the_run_folder_and_eval_matches(tmp_path):
         state = torch.load(run_dir / "checkpoints" / name, weights_only=False)
         assert {"model", "optimizer", "scheduler", "epoch", "rng", "config"} <= set(state)
         assert state["epoch"] == 1
-    assert "params" in p.stdout + p.stderr or (run_dir / "train.log").read_text().count("MAdds")
+    # The complexity line, with the numbers of results.json, on the console and in train.log.
+    line = f"{res['params'] / 1e6:.3f} M params, {res['madds'] / 1e6:.2f} M MAdds"
+    assert line in p.stdout + p.stderr, (line, (p.stdout + p.stderr)[-2000:])
+    assert line in (run_dir / "train.log").read_text()
 
     ev = subprocess.run([sys.executable, str(ROOT / "eval.py"), f"ckpt={run_dir}/checkpoints/best.pt",
                          f"hydra.run.dir={tmp_path / 'eval'}"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)

@@ -1,9 +1,11 @@
 """The task interface the loop talks to."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
 
 
@@ -16,6 +18,8 @@ class Task:
 
     name: str = ""
     primary_metric: str = ""  # the metric that picks best.pt (higher is better)
+    #: what builds the network from the model group; None: the group's own ``_target_``
+    model_target: Optional[str] = None
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -24,7 +28,17 @@ class Task:
         raise NotImplementedError
 
     def build_model(self) -> nn.Module:
-        raise NotImplementedError
+        """The same for every task: instantiate the model group with the activation group
+        (and head_act when the task has one), the task's target and its ``model_kwargs()``."""
+        extra = {"_target_": self.model_target} if self.model_target else {}
+        if "head_act" in self.cfg and self.cfg.head_act is not None:
+            extra["head_act"] = OmegaConf.to_container(self.cfg.head_act, resolve=True)
+        return instantiate(self.cfg.model, act=OmegaConf.to_container(self.cfg.act, resolve=True), **extra,
+                           **self.model_kwargs(), _convert_="all")
+
+    def model_kwargs(self) -> dict:
+        """Arguments the task adds to the model group's (known once the datasets are built)."""
+        return {}
 
     def input_size(self) -> tuple[int, int, int]:
         h, w = self.cfg.data.input_size

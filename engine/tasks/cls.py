@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch import nn
 
 from data import build_cls_datasets
@@ -49,8 +47,8 @@ class ClassificationTask(Task):
             self.mixup = Mixup(num_classes=num_classes, **self._mixup_args)
         return train, val
 
-    def build_model(self) -> nn.Module:
-        return instantiate(self.cfg.model, act=OmegaConf.to_container(self.cfg.act, resolve=True), num_classes=self.num_classes, _convert_="all")
+    def model_kwargs(self) -> dict:
+        return {"num_classes": self.num_classes}
 
     def to_device(self, batch, device, channels_last):
         images, targets = batch

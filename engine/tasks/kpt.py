@@ -3,7 +3,6 @@ OKS-NMS and COCOeval for AP (the procedure of Simple Baselines / HRNet)."""
 from __future__ import annotations
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from ..distributed import all_gather_objects
@@ -11,6 +10,14 @@ from . import register_task
 from .base import Task
 
 KPT_DATASETS = ("coco", "coco_demo")
+
+
+def build_pose_net(name: str, dropout: float | None = None, **kwargs) -> nn.Module:
+    """models.build_pose_model for a model group: its ``name`` is the backbone; ``dropout`` is a
+    classifier setting, and the pose model has no classifier."""
+    from models import build_pose_model
+
+    return build_pose_model(name, **kwargs)
 
 
 class JointsMSELoss(nn.Module):
@@ -27,6 +34,7 @@ class JointsMSELoss(nn.Module):
 class KeypointTask(Task):
     name = "kpt"
     primary_metric = "ap"
+    model_target = "engine.tasks.kpt.build_pose_net"
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -52,17 +60,8 @@ class KeypointTask(Task):
         self.val_ann = val.ann_file
         return train, val
 
-    def build_model(self) -> nn.Module:
-        from models import build_pose_model
-
-        kwargs = OmegaConf.to_container(self.cfg.model, resolve=True)
-        kwargs.pop("_target_", None)
-        backbone = kwargs.pop("name")
-        kwargs.pop("dropout", None)  # a classifier setting; the pose model has no classifier
-        return build_pose_model(
-            backbone, act=OmegaConf.to_container(self.cfg.act, resolve=True),
-            head_act=OmegaConf.to_container(self.cfg.head_act, resolve=True), num_joints=17, **kwargs,
-        )
+    def model_kwargs(self) -> dict:
+        return {"num_joints": 17}
 
     def to_device(self, batch, device, channels_last):
         images, target, weight, meta = batch

@@ -1,0 +1,93 @@
+"""Data loaders that keep their workers: one training loader for the whole run, whose batch
+sampler is told each epoch's order, and validation loaders built once.
+
+Workers persist across epochs and validations (no respawn), memory is pinned for CUDA, and
+each worker prefetches. So that a run resumed mid-epoch (new workers) draws the same
+augmentations as an uninterrupted one (workers that lived on), a worker seeds the random
+generators for each sample from (run seed, epoch, sample index) before loading it.
+"""
+from __future__ import annotations
+
+import random
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, get_worker_info
+
+from .distributed import DistInfo
+
+PREFETCH_FACTOR = 2  # batches in flight per worker
+
+
+def epoch_indices(n: int, seed: int, epoch: int, global_batch: int, dist: DistInfo, shuffle: bool = True) -> list[int]:
+    """This rank's sample order for one epoch: a seeded permutation cut to full global batches,
+    then strided over ranks, so the union of the ranks' batches is the 1-process batch."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)) if shuffle else torch.arange(n)
+    order = order[: (n // global_batch) * global_batch]
+    return order[dist.rank :: dist.world_size].tolist()
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**63
+
+
+class EpochBatchSampler(Sampler):
+    """This rank's batches of (index, seed) pairs: ``set_epoch(epoch, first, count)`` picks
+    batches ``first .. first + count - 1`` of that epoch's order (epoch_indices)."""
+
+    def __init__(self, n: int, seed: int, per_rank_batch: int, dist: DistInfo):
+        self.n, self.seed, self.batch, self.dist = n, seed, per_rank_batch, dist
+        self.epoch, self.first, self.count = 0, 0, 0
+
+    def set_epoch(self, epoch: int, first: int = 0, count: Optional[int] = None) -> None:
+        total = self.n // (self.batch * self.dist.world_size)
+        self.epoch, self.first = epoch, first
+        self.count = max(0, min(total - first, total if count is None else count))
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        order = epoch_indices(self.n, self.seed, self.epoch, self.batch * self.dist.world_size, self.dist)
+        for b in range(self.first, self.first + self.count):
+            yield [(i, sample_seed(self.seed, self.epoch, i)) for i in order[b * self.batch: (b + 1) * self.batch]]
+
+
+class SeededSamples(Dataset):
+    """``dataset[(index, seed)]``: in a worker process, seed torch, numpy and random first."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key
+        # In the main process (num_workers=0) the loop's own seeding per epoch governs, as the
+        # model's randomness (dropout) shares those generators.
+        if get_worker_info() is not None:
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+        return self.dataset[index]
+
+
+def _loader_kwargs(num_workers: int) -> dict:
+    kwargs = dict(num_workers=num_workers, pin_memory=torch.cuda.is_available())
+    if num_workers > 0:
+        kwargs.update(persistent_workers=True, prefetch_factor=PREFETCH_FACTOR)
+    return kwargs
+
+
+def make_train_loader(dataset: Dataset, sampler: EpochBatchSampler, num_workers: int, collate_fn=None) -> DataLoader:
+    return DataLoader(SeededSamples(dataset), batch_sampler=sampler, collate_fn=collate_fn, **_loader_kwargs(num_workers))
+
+
+def make_loader(dataset, indices, batch_size, num_workers, seed, collate_fn=None, drop_last=False) -> DataLoader:
+    """A loader over ``dataset[indices]`` in that order (validation, evaluation), workers kept."""
+    return DataLoader(
+        Subset(dataset, indices), batch_size=batch_size, shuffle=False, drop_last=drop_last, collate_fn=collate_fn,
+        generator=torch.Generator().manual_seed(seed), **_loader_kwargs(num_workers),
+    )
