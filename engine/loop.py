@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 import dyrelu
+from dyrelu.errors import BadValueError, NonFiniteLossError  # user errors: one line, exit 2
 
 from . import checkpoint as ckpt_io
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed
@@ -29,16 +30,12 @@ from .validate import validate
 log = logging.getLogger("dyrelu.train")
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf; the message names the step and the last good checkpoint."""
-
-
 # ---------------------------------------------------------------------------------------------
 # small helpers
 # ---------------------------------------------------------------------------------------------
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("trainer.device=cuda but no CUDA device is available; use trainer.device=cpu or auto")
+        raise BadValueError("trainer.device=cuda but no CUDA device is available; use trainer.device=cpu or auto")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
@@ -201,7 +198,7 @@ def run(cfg, run_dir: str | Path) -> dict:
 
     data_cfg = cfg.data
     if data_cfg.batch_size % dist.world_size:
-        raise ValueError(f"data.batch_size={data_cfg.batch_size} (global) is not divisible by the {dist.world_size} ranks")
+        raise BadValueError(f"data.batch_size={data_cfg.batch_size} (global) is not divisible by the {dist.world_size} ranks")
     per_rank_batch = data_cfg.batch_size // dist.world_size
 
     task = build_task(cfg)
@@ -227,7 +224,7 @@ def run(cfg, run_dir: str | Path) -> dict:
     global_batch = per_rank_batch * dist.world_size
     steps_per_epoch = len(train_ds) // global_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"the training set has {len(train_ds)} samples, fewer than one global batch (data.batch_size={global_batch})")
+        raise BadValueError(f"the training set has {len(train_ds)} samples, fewer than one global batch (data.batch_size={global_batch})")
     num_steps = min(steps_per_epoch, cfg.trainer.limit_train_batches or steps_per_epoch)
     max_epochs = int(cfg.trainer.max_epochs)
     optimizer = build_optimizer(model, cfg.optim, global_batch)

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from dyrelu.errors import BadValueError
 
-class ConfigError(ValueError):
+
+class ConfigError(BadValueError):
     """A config value is wrong; the message names the key, the value and what is allowed."""
 
 
