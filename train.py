@@ -17,9 +17,13 @@ from omegaconf import DictConfig
 
 def _train(cfg: DictConfig, run_dir: Path) -> float | None:
     from engine.errors import check_mandatory
+    from engine.validate import validate
+
+    # Config mistakes fail here, before the loop's heavy imports (timm, torchvision: seconds).
+    check_mandatory(cfg, "python train.py")
+    validate(cfg)
     from engine.loop import run
 
-    check_mandatory(cfg, "python train.py")
     results = run(cfg, run_dir)
     return results.get(f"best_{'top1' if results['task'] == 'cls' else 'ap'}")  # for Hydra sweepers
 

@@ -15,7 +15,6 @@ from dyrelu.errors import BadNameError, BadValueError, MissingPathError
 
 from . import checkpoint as ckpt_io
 from .errors import one_line
-from .loop import autocast_factory, make_loader, resolve_device, use_channels_last
 from .tasks import build_task
 from .tasks.base import Task
 
@@ -162,6 +161,9 @@ def evaluate_checkpoint(argv: Sequence[str]) -> dict:
             # The demo builders generate a missing set, which an evaluation must not do quietly.
             raise MissingPathError(f"data.root={overrides['data.root'][0]} does not exist; eval.py does not generate the "
                                    f"{cfg.data.name} set (train.py does): leave data.root out to use the cached one")
+    # The loop's module pulls in timm and torchvision (seconds): only once the command is known good.
+    from .loop import autocast_factory, make_loader, resolve_device, use_channels_last
+
     run = build_run(cfg, state)
     device = resolve_device(cfg.trainer.device)
     channels_last = use_channels_last(cfg.trainer, device)
