@@ -118,8 +118,14 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+def _boom(tmp_path) -> str:
+    path = tmp_path / "boom.py"  # a file, so that the traceback shows its source lines
+    path.write_text(_BOOM)
+    return str(path)
+
+
 def test_a_value_error_inside_the_model_keeps_its_traceback(tmp_path):
-    p = _run(["-c", _BOOM, str(ROOT / "train.py"), "act=dyrelu_b", "trainer=smoke", *TINY,
+    p = _run([_boom(tmp_path), str(ROOT / "train.py"), "act=dyrelu_b", "trainer=smoke", *TINY,
               f"hydra.run.dir={tmp_path / 'run'}"], ROOT)
     assert p.returncode == 1, p.stderr[-3000:]
     assert "Traceback" in p.stderr and 'raise ValueError("boom inside DyReLU.forward")' in p.stderr
@@ -128,7 +134,7 @@ def test_a_value_error_inside_the_model_keeps_its_traceback(tmp_path):
 
 def test_a_bug_in_a_sweep_job_keeps_its_traceback_and_the_sweep_goes_on(tmp_path):
     sweep = tmp_path / "sweep"
-    p = _run(["-c", _BOOM, str(ROOT / "train.py"), "-m", "act=dyrelu_b,relu", "trainer=smoke", *TINY,
+    p = _run([_boom(tmp_path), str(ROOT / "train.py"), "-m", "act=dyrelu_b,relu", "trainer=smoke", *TINY,
               f"hydra.sweep.dir={sweep}"], ROOT)
     assert p.returncode == 1, p.stderr[-3000:]
     assert "Traceback" in p.stderr and 'raise ValueError("boom inside DyReLU.forward")' in p.stderr
