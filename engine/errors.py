@@ -136,6 +136,10 @@ def exit_on_user_error(run_dir: Optional[Path] = None):
         sys.exit(USER_ERROR_EXIT_CODE)
 
 
+# The earlier name, still imported by scripts/inspect_dynamic.py.
+exit_on_known_error = exit_on_user_error
+
+
 # ---------------------------------------------------------------------------------------------
 # sweeps
 # ---------------------------------------------------------------------------------------------
