@@ -61,7 +61,16 @@ def user_error(exc: BaseException) -> Optional[UserError]:
 
 
 def one_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    """The message of ``exc`` as one line. An error re-raised from a DataLoader worker carries the
+    worker's traceback in its message; its last line holds the original message."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    lines = text.splitlines()
+    if len(lines) > 1 and "Original Traceback" in text:
+        last = lines[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return lines[0]
 
 
 def check_mandatory(cfg: DictConfig, command: str) -> None:
@@ -132,7 +141,7 @@ def exit_on_user_error(run_dir: Optional[Path] = None):
         _to_log_files(f"{type(err).__name__}: {err}")
         if run_dir is not None:
             remove_if_untouched(run_dir)
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT_CODE)
 
 
@@ -160,7 +169,7 @@ def run_sweep_job(fn: Callable[[], Any], job_dir: Path, num: int, overrides: str
         if err is not None:
             kind, message = "user", one_line(err)
             _to_log_files(f"{type(err).__name__}: {err}")
-            print(f"error: job {num} ({overrides or 'no overrides'}): {err}", file=sys.stderr)
+            print(f"error: job {num} ({overrides or 'no overrides'}): {message}", file=sys.stderr)
         else:
             kind, message = "bug", f"{type(exc).__name__}: {one_line(exc)}"
             # The whole traceback, on the console (or the launcher's .err file) and in the job's log.

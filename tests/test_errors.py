@@ -72,6 +72,21 @@ def test_exit_on_user_error_exits_2_and_lets_bugs_through(tmp_path, capsys):
             raise ValueError("a bug")
 
 
+def test_an_error_from_a_dataloader_worker_is_still_one_line(capsys):
+    from torch._utils import ExceptionWrapper
+
+    from data.imagenet import BadImageError
+
+    try:
+        raise BadImageError("/data/val/n01/x.JPEG", "empty file (0 bytes)")
+    except BadImageError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(SystemExit):
+        with errors.exit_on_user_error():
+            wrapped.reraise()  # what a DataLoader does in the main process
+    assert capsys.readouterr().err == "error: bad image file /data/val/n01/x.JPEG: empty file (0 bytes)\n"
+
+
 def test_a_failed_start_removes_only_an_untouched_run_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     fresh = tmp_path / "outputs" / "cls" / "m-a" / "t1"
