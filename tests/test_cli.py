@@ -165,3 +165,20 @@ def test_eval_scores_the_whole_validation_set_once_and_writes_only_eval_json(tmp
     p = _run([str(ROOT / "eval.py"), ckpt, "trainer.limit_val_batches=1", "data.num_workers=0"], cwd)
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads(p.stdout)["val_images"] == 16
+
+
+# ---- COCO-format data from explicit paths ---------------------------------------------------------
+def test_explicit_coco_paths_train_without_a_root(tmp_path):
+    """Any COCO-format keypoint set (OCHuman, CrowdPose, ...): the four paths are enough."""
+    from data.coco_demo import ensure_coco_demo
+
+    src = ensure_coco_demo(tmp_path / "elsewhere", num_train=8, num_val=4, image_size=64)
+    ann = src / "annotations"
+    run_dir = tmp_path / "run"
+    run_train(run_dir, "task=kpt", "data=coco", f"data.train_ann={ann / 'person_keypoints_train2017.json'}",
+              f"data.train_images={src / 'train2017'}", f"data.val_ann={ann / 'person_keypoints_val2017.json'}",
+              f"data.val_images={src / 'val2017'}", "trainer=smoke", "data.batch_size=4", "data.input_size=[128,96]",
+              "data.heatmap_size=[32,24]", "data.num_workers=0", "trainer.progress=false")
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["task"] == "kpt" and "ap" in res
+    assert OmegaConf.load(run_dir / ".hydra" / "config.yaml").data.root is None
