@@ -99,22 +99,20 @@ def _to_log_files(message: str) -> None:
 def remove_if_untouched(run_dir: Path) -> bool:
     """Delete ``run_dir`` (and its parents up to the working directory, while empty) when it holds
     only what Hydra wrote before the job started: a failed start leaves no run folder behind."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
+    run_dir = Path(run_dir).resolve()
+    cwd = Path.cwd().resolve()
+    if not run_dir.is_dir() or run_dir == cwd or run_dir in cwd.parents:
         return False
-    logs = {f"{name}.log" for name in ("train", "eval")}
     for entry in run_dir.iterdir():
-        if entry.name in _HYDRA_OWN:
-            continue
-        if entry.name in logs and entry.is_file():
+        if entry.name in _HYDRA_OWN or (entry.name == "train.log" and entry.is_file()):
             continue
         return False
     for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == run_dir.resolve():
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == run_dir:
             handler.close()
             logging.getLogger().removeHandler(handler)
     shutil.rmtree(run_dir, ignore_errors=True)
-    cwd, parent = Path.cwd().resolve(), run_dir.resolve().parent
+    parent = run_dir.parent
     while parent != cwd and cwd in parent.parents:
         try:
             parent.rmdir()  # only if empty

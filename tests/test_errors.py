@@ -101,6 +101,11 @@ def test_a_failed_start_removes_only_an_untouched_run_folder(tmp_path, monkeypat
                 raise BadValueError("bad")
     assert not (tmp_path / "outputs" / "cls" / "m-a").exists()  # its empty parent went too
     assert (trained / "checkpoints").is_dir() and (trained / "train.log").is_file()
+    # hydra.run.dir=. : the working directory itself is never removed
+    here = tmp_path / "here"
+    (here / ".hydra").mkdir(parents=True)
+    monkeypatch.chdir(here)
+    assert not errors.remove_if_untouched(here) and (here / ".hydra").is_dir()
 
 
 def test_missing_mandatory_values_name_the_key_and_the_fix():
