@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from dyrelu.errors import BadNameError, BadValueError, MissingPathError
 
 from . import checkpoint as ckpt_io
-from .errors import one_line
+from .errors import check_mandatory, one_line
 from .tasks import build_task
 from .tasks.base import Task
 
@@ -155,6 +155,7 @@ def evaluate_checkpoint(argv: Sequence[str]) -> dict:
     if data:
         swap_data_group(cfg, data)
     apply_overrides(cfg, overrides)
+    check_mandatory(cfg, f"python eval.py ckpt={ckpt}")  # e.g. data=imagenet without data.root
     if cfg.data.name in DEMO_SETS and "data.root" in overrides and overrides["data.root"][0] is not None:
         root = Path(str(overrides["data.root"][0])).expanduser()
         if not root.is_dir():

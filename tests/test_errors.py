@@ -169,6 +169,16 @@ def test_eval_arguments():
         apply_overrides(cfg, {"model": ("resnet18", False)})
 
 
+def test_eval_switching_to_a_data_config_with_a_mandatory_root_asks_for_it(tmp_path):
+    from engine.evaluate import evaluate_checkpoint
+
+    ckpt = tmp_path / "best.pt"
+    torch.save({"config": OmegaConf.to_container(compose([]), resolve=True), "model": {}, "epoch": 1}, ckpt)
+    with pytest.raises(BadValueError) as e:
+        evaluate_checkpoint([f"ckpt={ckpt}", "data=imagenet"])
+    assert str(e.value) == f"data.root is not set (???): run python eval.py ckpt={ckpt} data.root=/path/to/dataset"
+
+
 def test_no_jit_script_future_warning_from_counting_complexity():
     """fvcore.nn runs torch.jit.script when imported; the import is the only place it is silenced."""
     code = ("import torch, dyrelu\nfrom dyrelu.flops import count_complexity\n"
