@@ -1,7 +1,13 @@
-"""Train one run: `python train.py model=mbv2_035 act=dyrelu_b` (see README). Thin Hydra entry point."""
+"""Train one run: `python train.py model=mbv2_035 act=dyrelu_b` (see README). Thin Hydra entry point.
+
+A mistake in the command (bad value, unknown name, missing path) ends in one line on stderr and
+exit code 2; a sweep (`-m`) runs every job, then names each failed one and exits non-zero
+(see docs/bad-input.md).
+"""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -9,18 +15,32 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 
-@hydra.main(config_path="configs", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> float | None:
-    from engine.errors import exit_on_known_error
+def _train(cfg: DictConfig, run_dir: Path) -> float | None:
+    from engine.errors import check_mandatory
+    from engine.validate import validate
+
+    # Config mistakes fail here, before the loop's heavy imports (timm, torchvision: seconds).
+    check_mandatory(cfg, "python train.py")
+    validate(cfg)
     from engine.loop import run
 
+    results = run(cfg, run_dir)
+    return results.get(f"best_{'top1' if results['task'] == 'cls' else 'ap'}")  # for Hydra sweepers
+
+
+@hydra.main(config_path="configs", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    from engine.errors import exit_on_user_error, run_sweep_job
+
     hydra_cfg = HydraConfig.get()
-    # In a sweep a bad job is reported and skipped; the other jobs still run.
-    with exit_on_known_error(keep_going=hydra_cfg.mode == RunMode.MULTIRUN):
-        results = run(cfg, hydra_cfg.runtime.output_dir)
-        return results.get(f"best_{'top1' if results['task'] == 'cls' else 'ap'}")  # for Hydra sweepers
-    return None
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return run_sweep_job(lambda: _train(cfg, run_dir), run_dir, hydra_cfg.job.num, hydra_cfg.job.override_dirname)
+    with exit_on_user_error(run_dir):
+        return _train(cfg, run_dir)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from engine.errors import cli
+
+    sys.exit(cli(main))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from dyrelu.errors import BadNameError
 
 from .demo import ensure_demo_dataset
 from .imagenet import (BadImageError, DatasetLayoutError, DatasetRootError, RobustImageFolder, check_imagenet_root,
@@ -58,7 +59,7 @@ def get_dataset(name: str, task: Optional[str] = None) -> DatasetEntry:
     entry = _REGISTRY.get(name)
     if entry is None or (task is not None and entry.task != task):
         what = f"{task} dataset" if task else "dataset"
-        raise ValueError(f"unknown {what} {name!r}; valid: {', '.join(list_datasets(task))}")
+        raise BadNameError(f"unknown {what} {name!r}; valid: {', '.join(list_datasets(task))}")
     return entry
 
 

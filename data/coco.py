@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from dyrelu.errors import CorruptDataError, MissingPathError
+
 from data.keypoints import (
     FLIP_PAIRS, IMAGENET_MEAN, IMAGENET_STD, NUM_JOINTS, PIXEL_STD, UPPER_BODY_IDS, KeypointEvaluator,
     affine_transform, box_to_center_scale, flip_average, fliplr_joints, generate_target, get_affine_transform,
@@ -53,11 +55,11 @@ __all__ = [
 _WORKER_CV2_THREADS_SET = False
 
 
-class CocoFormatError(ValueError):
+class CocoFormatError(CorruptDataError, ValueError):
     """An annotation or detection file lacks a field or has a malformed one (message names file and field)."""
 
 
-class CocoImageError(OSError):
+class CocoImageError(CorruptDataError, OSError):
     """An image file cannot be decoded (message names the path)."""
 
 
@@ -72,7 +74,7 @@ _DET_FIELDS = ("image_id", "category_id", "bbox", "score")
 def _read_json(path, what: str):
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} not found: {path}")
+        raise MissingPathError(f"{what} not found: {path}")
     try:
         with open(path) as f:
             return json.load(f)
@@ -225,7 +227,7 @@ class CocoKeypoints(Dataset):
             raise ValueError("CocoKeypoints: use_gt_boxes=False needs a det_file")
         self.use_gt_boxes = bool(use_gt_boxes)
         if not os.path.isdir(self.image_dir):
-            raise FileNotFoundError(f"COCO image directory not found: {self.image_dir}")
+            raise MissingPathError(f"COCO image directory not found: {self.image_dir}")
 
         data = load_keypoint_annotations(self.ann_file)
         self.person_id = person_category_id(data)
@@ -321,7 +323,7 @@ class CocoKeypoints(Dataset):
             return
         if not self.skip_bad_images:
             img_id, p = missing[0]
-            raise FileNotFoundError(f"image file missing or empty: {p} (image id {img_id} in {self.ann_file}; "
+            raise MissingPathError(f"image file missing or empty: {p} (image id {img_id} in {self.ann_file}; "
                                     f"{len(missing)} such image(s); pass skip_bad_images=True to skip them)")
         bad = {i for i, _ in missing}
         before = len(self.records)
@@ -334,7 +336,7 @@ class CocoKeypoints(Dataset):
         """RGB uint8 (H, W, 3); ``FileNotFoundError`` / ``CocoImageError`` naming the path."""
         p = self.image_path(image_id)
         if not os.path.isfile(p):
-            raise FileNotFoundError(f"image file not found: {p} (image id {image_id} in {self.ann_file})")
+            raise MissingPathError(f"image file not found: {p} (image id {image_id} in {self.ann_file})")
         img = cv2.imread(p, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
         if img is None:
             raise CocoImageError(f"cannot decode image {p} (corrupt or not an image; image id {image_id})")
@@ -474,7 +476,7 @@ _COMMON = {"scale_factor", "skip_bad_images"}
 def _resolve(path, root, default_rel: str, what: str, key: str, is_dir: bool) -> Path:
     if path is None:
         if root is None:
-            raise FileNotFoundError(f"COCO keypoints: no {what} given: set data.{key} or data.root ({LAYOUT})")
+            raise MissingPathError(f"COCO keypoints: no {what} given: set data.{key} or data.root ({LAYOUT})")
         p = Path(root) / default_rel
     else:
         p = Path(os.path.expanduser(os.fspath(path)))
@@ -483,7 +485,7 @@ def _resolve(path, root, default_rel: str, what: str, key: str, is_dir: bool) ->
     ok = p.is_dir() if is_dir else p.is_file()
     if not ok:
         src = f"data.{key}" if path is not None else f"data.root={root}"
-        raise FileNotFoundError(f"COCO keypoints: {what} not found: {p} (from {src}); {LAYOUT}")
+        raise MissingPathError(f"COCO keypoints: {what} not found: {p} (from {src}); {LAYOUT}")
     return p
 
 
@@ -515,7 +517,7 @@ def build_coco_dataset(split: str, root=None, ann=None, images=None, det_file=No
         if not det_p.is_absolute() and not det_p.exists() and root is not None and (Path(root) / det_p).exists():
             det_p = Path(root) / det_p
         if not det_p.is_file():
-            raise FileNotFoundError(f"COCO keypoints: detection file not found: {det_p} (from data.det_file)")
+            raise MissingPathError(f"COCO keypoints: detection file not found: {det_p} (from data.det_file)")
     return CocoKeypoints(ann_p, img_p, train=(split == "train"), input_size=tuple(input_size),
                          heatmap_size=tuple(heatmap_size), sigma=sigma, det_file=det_p, **kw)
 

@@ -35,6 +35,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from dyrelu.errors import CorruptDataError, MissingPathError
+
 log = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -43,7 +45,7 @@ SYNSET_FILES = ("LOC_synset_mapping.txt", "synset_words.txt")
 SCAN_AUTO_MAX_FILES = 20_000
 
 
-class DatasetRootError(FileNotFoundError, ValueError):
+class DatasetRootError(MissingPathError, ValueError):
     """The dataset folder is missing or not laid out as expected (catch as FileNotFoundError or
     ValueError)."""
 
@@ -51,7 +53,7 @@ class DatasetRootError(FileNotFoundError, ValueError):
 DatasetLayoutError = DatasetRootError  # alias
 
 
-class BadImageError(RuntimeError):
+class BadImageError(CorruptDataError, RuntimeError):
     """An image file that cannot be decoded. ``.path`` and ``.reason`` say which and why."""
 
     def __init__(self, path: Union[str, os.PathLike], reason: str = ""):

@@ -1,8 +1,8 @@
 """Swap the activations of an existing model (torchvision, timm, your own) for DY-ReLU or any registry act.
 
     model = timm.create_model("mobilenetv3_large_100", pretrained=False)
-    dyrelu.convert(model, "dyrelu_b", input_size=(1, 3, 224, 224))
-    model.dyrelu_converted   # [Replacement(path='conv_stem...', old_type='Hardswish', channels=16), ...]
+    report = dyrelu.convert(model, "dyrelu_b", input_size=(1, 3, 224, 224), verbose=True)  # prints the report
+    report.replaced          # [Replacement(path='bn1.act', old_type='Hardswish', channels=16), ...]
 
 How: one dummy forward (eval mode, no grad, training flags restored afterwards) with a forward
 pre-hook on every activation module of the target ``types`` records the channel count (dim 1) each
@@ -25,7 +25,8 @@ import fnmatch
 import logging
 from collections import Counter
 from collections.abc import Mapping
-from typing import Any, Callable, Iterable, NamedTuple, Sequence, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, List, NamedTuple, Sequence, Union
 
 import torch
 from torch import nn
@@ -39,7 +40,7 @@ DEFAULT_TYPES: tuple = (nn.ReLU, nn.ReLU6, nn.Hardswish)
 #: class names of squeeze-and-excitation blocks that ``remove_se=True`` replaces by nn.Identity
 SE_CLASS_NAMES: tuple = ("SqueezeExcite", "SEModule", "SqueezeExcitation", "EffectiveSEModule")
 
-__all__ = ["ByChannels", "DEFAULT_TYPES", "Replacement", "SE_CLASS_NAMES", "convert"]
+__all__ = ["ByChannels", "ConvertReport", "DEFAULT_TYPES", "Replacement", "SE_CLASS_NAMES", "convert"]
 
 
 class Replacement(NamedTuple):
@@ -48,6 +49,42 @@ class Replacement(NamedTuple):
     path: str
     old_type: str
     channels: int
+
+
+@dataclass
+class ConvertReport:
+    """What :func:`convert` did to ``model`` (converted in place). ``str(report)`` is the summary
+    and one line per replaced activation; iterating yields the ``Replacement`` entries."""
+
+    model: nn.Module
+    act: str
+    replaced: List[Replacement] = field(default_factory=list)
+    skipped: List[str] = field(default_factory=list)      # target modules the dummy forward never called
+    shared: List[str] = field(default_factory=list)       # modules called at several sites (one replacement each)
+    removed_se: List[str] = field(default_factory=list)   # SE blocks replaced by nn.Identity (remove_se=True)
+
+    def __iter__(self):
+        return iter(self.replaced)
+
+    def __len__(self) -> int:
+        return len(self.replaced)
+
+    def summary(self) -> str:
+        counts = Counter(r.old_type for r in self.replaced)
+        parts = [f"replaced {len(self.replaced)} activations ({', '.join(f'{k}: {v}' for k, v in sorted(counts.items())) or 'none'}) "
+                 f"by {self.act}"]
+        if self.removed_se:
+            parts.append(f"removed {len(self.removed_se)} squeeze-and-excitation blocks")
+        if self.shared:
+            parts.append(f"{len(self.shared)} modules called at several sites share their replacement")
+        if self.skipped:
+            parts.append(f"skipped {len(self.skipped)} never called ({', '.join(self.skipped)})")
+        return "; ".join(parts)
+
+    def __str__(self) -> str:
+        lines = [f"dyrelu.convert: {self.summary()}"]
+        lines += [f"  {r.path}: {r.old_type}({r.channels}) -> {self.act}" for r in self.replaced]
+        return "\n".join(lines)
 
 
 class ByChannels(nn.Module):
@@ -118,8 +155,9 @@ def convert(
     exclude: Any = None,
     remove_se: bool = False,
     shared: str = "channels",
+    verbose: bool = False,
     **overrides: Any,
-) -> nn.Module:
+) -> ConvertReport:
     """Replace every activation of ``types`` in ``model`` (in place) by ``act`` sized to its input width.
 
     act:           registry spec (name or mapping, see ``dyrelu.build_act``) or a callable channels -> module.
@@ -132,9 +170,12 @@ def convert(
     remove_se:     first replace squeeze-and-excitation blocks (timm/torchvision, ``SE_CLASS_NAMES``)
                    by nn.Identity, as the paper does for MobileNetV3.
     shared:        "channels" (default) or "error", see the module docstring.
+    verbose:       print the report (summary and one line per replaced activation).
 
-    Returns ``model``; the list of ``Replacement(path, old_type, channels)`` is attached as
-    ``model.dyrelu_converted`` and logged (INFO summary, DEBUG per site).
+    Converts ``model`` in place and returns a :class:`ConvertReport` (``.model``, ``.replaced``:
+    the ``Replacement(path, old_type, channels)`` list, ``.skipped``, ``.shared``, ``.removed_se``).
+    The lists are also attached to the model (``model.dyrelu_converted``, ``.dyrelu_skipped``,
+    ``.dyrelu_removed_se``), and the summary is logged at INFO level.
     """
     if shared not in ("channels", "error"):
         raise ValueError(f"shared={shared!r} must be 'channels' or 'error'")
@@ -221,14 +262,12 @@ def convert(
             "gets one %s shared by those sites, as the original module was",
             len(shared_sites), ", ".join(shared_sites[:3]) + (", ..." if len(shared_sites) > 3 else ""), act_label,
         )
-    summary = Counter(r.old_type for r in report)
-    log.info(
-        "convert: replaced %d activations (%s) by %s%s",
-        len(report), ", ".join(f"{k}: {v}" for k, v in sorted(summary.items())) or "none", act_label,
-        f"; skipped {len(skipped)} never called" if skipped else "",
-    )
+    result = ConvertReport(model, act_label, report, skipped, shared_sites, removed_se)
+    log.info("convert: %s", result.summary())
     model.dyrelu_converted = report
     model.dyrelu_skipped = skipped
     if remove_se:
         model.dyrelu_removed_se = removed_se
-    return model
+    if verbose:
+        print(result)
+    return result

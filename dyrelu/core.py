@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import BadValueError
+
 VARIANTS = ("A", "B", "C")
 IMPLS = ("auto", "reference", "fused")
 HYPER_INITS = ("zero", "random")
@@ -52,7 +54,7 @@ def _pair_tuple(name: str, value: Union[float, Sequence[float]], k: int) -> tupl
         value = (value,)
     value = tuple(float(v) for v in value)
     if not value:
-        raise ValueError(f"{name} is empty: give one value per segment, e.g. {name}=(1.0, 0.0)")
+        raise BadValueError(f"{name} is empty: give one value per segment, e.g. {name}=(1.0, 0.0)")
     # extra values are dropped (k=1 with the K=2 defaults), missing ones are 0 (the paper's
     # default: alpha^1 = 1, alpha^k = beta^k = 0 otherwise)
     return (value + (0.0,) * k)[:k]
@@ -124,23 +126,23 @@ class DyReLU(nn.Module):
         super().__init__()
         variant = str(variant).upper()
         if variant not in VARIANTS:
-            raise ValueError(f"variant={variant!r} is not one of {VARIANTS}")
+            raise BadValueError(f"variant={variant!r} is not one of {VARIANTS}")
         if impl not in IMPLS:
-            raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
+            raise BadValueError(f"impl={impl!r} is not one of {IMPLS}")
         if hyper_init not in HYPER_INITS:
-            raise ValueError(f"hyper_init={hyper_init!r} is not one of {HYPER_INITS}")
+            raise BadValueError(f"hyper_init={hyper_init!r} is not one of {HYPER_INITS}")
         k = int(k)
         if k < 1:
-            raise ValueError(f"k={k} must be >= 1")
+            raise BadValueError(f"k={k} must be >= 1")
         if channels < 1 or reduction < 1:
-            raise ValueError(f"channels={channels} and reduction={reduction} must be >= 1")
+            raise BadValueError(f"channels={channels} and reduction={reduction} must be >= 1")
         if hidden is not None and int(hidden) < 1:
-            raise ValueError(f"hidden={hidden} must be >= 1")
+            raise BadValueError(f"hidden={hidden} must be >= 1")
         if float(tau) <= 0:
-            raise ValueError(f"tau={tau} must be > 0")
+            raise BadValueError(f"tau={tau} must be > 0")
         m = k if dynamic_segments is None else int(dynamic_segments)
         if not 1 <= m <= k:
-            raise ValueError(f"dynamic_segments={dynamic_segments} must be between 1 and k={k}")
+            raise BadValueError(f"dynamic_segments={dynamic_segments} must be between 1 and k={k}")
         self.channels, self.variant, self.k, self.reduction = int(channels), variant, k, int(reduction)
         self.use_bias, self.dynamic_segments, self.impl, self.hyper_init = bool(use_bias), m, impl, hyper_init
         self.hidden = int(hidden) if hidden is not None else max(1, self.channels // self.reduction)
@@ -186,7 +188,7 @@ class DyReLU(nn.Module):
     @torch.no_grad()
     def set_tau(self, tau: float) -> None:
         if float(tau) <= 0:
-            raise ValueError(f"tau={tau} must be > 0")
+            raise BadValueError(f"tau={tau} must be > 0")
         self.tau.fill_(float(tau))
 
     # ---- hyper function -------------------------------------------------------------

@@ -148,8 +148,21 @@ def elementwise_handles() -> Dict[str, Callable]:
     return h
 
 
+def _import_fvcore_nn():
+    """fvcore.nn, imported lazily (dyrelu needs torch only). Importing it runs torch.jit.script on
+    fvcore's focal loss, which torch >= 2.10 answers with a FutureWarning on every run; the call is
+    fvcore's, not ours, so exactly that warning is silenced, once, around the import."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        import fvcore.nn
+    return fvcore.nn
+
+
 def _fvcore_defaults() -> Dict[str, Callable]:
-    from fvcore.nn.flop_count import _DEFAULT_SUPPORTED_OPS  # fvcore is imported lazily: dyrelu needs torch only
+    _import_fvcore_nn()
+    from fvcore.nn.flop_count import _DEFAULT_SUPPORTED_OPS
 
     return dict(_DEFAULT_SUPPORTED_OPS)
 
@@ -224,7 +237,7 @@ def count_complexity(
       by_module: {module name: madds} (same convention) for every module with nonzero count;
       by_operator: {op: madds} (same convention).
     """
-    from fvcore.nn import FlopCountAnalysis
+    FlopCountAnalysis = _import_fvcore_nn().FlopCountAnalysis
 
     if isinstance(input_size, int):
         input_size = (input_size, input_size)

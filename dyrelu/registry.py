@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .core import DyReLU
+from .errors import BadNameError, BadValueError
 
 ActSpec = Union[str, Mapping]
 
@@ -79,7 +80,7 @@ class Maxout(nn.Module):
     def __init__(self, k: int = 2, channels: Optional[int] = None):
         super().__init__()
         if int(k) < 1:
-            raise ValueError(f"Maxout k={k} must be >= 1")
+            raise BadValueError(f"Maxout k={k} must be >= 1")
         self.k = int(k)
         self.channels = int(channels) if channels is not None else None
 
@@ -109,7 +110,7 @@ class SEReLU(nn.Module):
     def __init__(self, channels: int, reduction: int = 8, hidden: Optional[int] = None):
         super().__init__()
         if channels < 1 or reduction < 1 or (hidden is not None and hidden < 1):
-            raise ValueError(f"SEReLU: channels={channels}, reduction={reduction}, hidden={hidden} must be >= 1")
+            raise BadValueError(f"SEReLU: channels={channels}, reduction={reduction}, hidden={hidden} must be >= 1")
         self.channels, self.reduction = int(channels), int(reduction)
         self.hidden = int(hidden) if hidden is not None else max(1, self.channels // self.reduction)
         self.fc1 = nn.Linear(self.channels, self.hidden)
@@ -216,7 +217,7 @@ def _canonical(name: Any) -> str:
         raise TypeError(f"activation name must be a str, got {type(name).__name__}: {name!r}")
     key = name.strip().lower().replace("-", "_")
     if key not in _REGISTRY:
-        raise ValueError(f"unknown activation {name!r}; valid names: {', '.join(ACT_NAMES)}")
+        raise BadNameError(f"unknown activation {name!r}; valid names: {', '.join(ACT_NAMES)}")
     return key
 
 
@@ -235,7 +236,7 @@ def parse_spec(spec: ActSpec) -> tuple:
         return _canonical(spec), {}
     if isinstance(spec, Mapping):
         if "name" not in spec:
-            raise ValueError(f"activation spec {dict(spec)!r} has no 'name' key; valid names: {', '.join(ACT_NAMES)}")
+            raise BadValueError(f"activation spec {dict(spec)!r} has no 'name' key; valid names: {', '.join(ACT_NAMES)}")
         overrides = {str(k): _plain(v) for k, v in spec.items() if k != "name"}
         return _canonical(spec["name"]), overrides
     raise TypeError(f"activation spec must be a name or a mapping with a 'name' key, got {type(spec).__name__}")
@@ -252,7 +253,7 @@ def _check_overrides(name: str, overrides: Mapping) -> None:
     if bad:
         hint = " (the DyReLU variant is chosen by the name: dyrelu_a, dyrelu_b, dyrelu_c)" if "variant" in bad else ""
         takes = ", ".join(params) if params else "no overrides"
-        raise ValueError(f"activation {name!r} does not take {', '.join(map(repr, bad))}; it takes: {takes}{hint}")
+        raise BadValueError(f"activation {name!r} does not take {', '.join(map(repr, bad))}; it takes: {takes}{hint}")
 
 
 def build_act(name: str, channels: int, **overrides: Any) -> nn.Module:
@@ -302,5 +303,5 @@ def act_expansion(spec: ActSpec) -> int:
     _check_overrides(key, overrides)
     k = int(overrides.get("k", inspect.signature(_maxout).parameters["k"].default))
     if k < 1:
-        raise ValueError(f"maxout k={k} must be >= 1")
+        raise BadValueError(f"maxout k={k} must be >= 1")
     return k

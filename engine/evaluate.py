@@ -1,22 +1,26 @@
 """Rebuild a run's model from its checkpoint and evaluate it on the validation set."""
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from dyrelu.errors import BadNameError, BadValueError, MissingPathError
+
 from . import checkpoint as ckpt_io
-from .loop import autocast_factory, make_loader, resolve_device, use_channels_last
+from .errors import check_mandatory, one_line
 from .tasks import build_task
 from .tasks.base import Task
 
 log = logging.getLogger("dyrelu.eval")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+DEMO_SETS = ("demo", "coco_demo")  # generated on first use when their root does not exist
 
 
 @dataclass
@@ -33,22 +37,13 @@ def swap_data_group(cfg: DictConfig, name: str) -> None:
     path = CONFIG_DIR / "data" / f"{name}.yaml"
     if not path.is_file():
         valid = sorted(p.stem for p in (CONFIG_DIR / "data").glob("*.yaml"))
-        raise ValueError(f"data={name!r} is not a data config; valid: {', '.join(valid)}")
+        raise BadNameError(f"data={name} is not a data config; valid: {', '.join(valid)}")
     loaded = OmegaConf.load(path)
     cfg.data = loaded.data if path.read_text().lstrip().startswith("# @package _global_") else loaded
 
 
-def load_run(ckpt: str | Path, overrides: Optional[Mapping[str, Any]] = None, data: Optional[str] = None) -> LoadedRun:
-    """The model of a checkpoint and its validation set. ``overrides``: dotted keys of the stored config."""
-    path = Path(ckpt)
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt={str(path)!r} does not exist (expected <run>/checkpoints/best.pt or last.pt)")
-    state = ckpt_io.load(path)
-    cfg = OmegaConf.create(state["config"])
-    if data:
-        swap_data_group(cfg, data)
-    for key, value in (overrides or {}).items():
-        OmegaConf.update(cfg, key, value, force_add=True)
+def build_run(cfg: DictConfig, state: dict) -> LoadedRun:
+    """The task, validation set and model (weights of ``state`` loaded, on the CPU) of a run config."""
     task = build_task(cfg)
     _, val_ds = task.build_datasets()
     model = task.build_model()
@@ -56,39 +51,136 @@ def load_run(ckpt: str | Path, overrides: Optional[Mapping[str, Any]] = None, da
     return LoadedRun(cfg, task, val_ds, model, state)
 
 
-def _flatten(d: Mapping, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}."))
+def load_run(ckpt: str | Path, overrides: Optional[Mapping[str, Any]] = None, data: Optional[str] = None) -> LoadedRun:
+    """The model of a checkpoint and its validation set. ``overrides``: dotted keys of the stored config."""
+    path = Path(ckpt)
+    if not path.is_file():
+        raise MissingPathError(f"ckpt={str(path)!r} does not exist (expected <run>/checkpoints/best.pt or last.pt)")
+    state = ckpt_io.load(path)
+    cfg = OmegaConf.create(state["config"])
+    if data:
+        swap_data_group(cfg, data)
+    for key, value in (overrides or {}).items():
+        OmegaConf.update(cfg, key, value, force_add=True)
+    return build_run(cfg, state)
+
+
+USAGE = """usage: python eval.py ckpt=<run>/checkpoints/best.pt [key=value ...]
+
+Rebuilds the model, activation and task from the config stored in the checkpoint and scores it on
+the whole validation set. Each key=value changes that stored config, with the keys and the syntax
+of train.py's command line:
+  data.root=/path/to/imagenet        where the validation data is
+  data=coco data.root=/path/to/coco  another data config (configs/data/), then its keys
+  trainer.device=cpu  data.batch_size=64  data.num_workers=4
+  trainer.limit_val_batches=10       score only the first 10 batches (default: all)
+  +key=value                         add a key the stored config does not have
+Prints the metrics as one JSON line and writes them to <run>/eval.json."""
+
+# Groups a checkpoint's config may switch: the model, act and task are what was trained.
+_SWAPPABLE_GROUPS = ("data",)
+
+
+def parse_command_line(argv: Sequence[str]) -> tuple[str, Optional[str], dict]:
+    """``(ckpt, data group or None, {dotted key: (value, add)})`` from eval.py's arguments."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    ckpt, parsed = None, []
+    for arg in argv:
+        if arg.startswith("ckpt="):
+            ckpt = arg[len("ckpt="):]  # a path, taken as typed: sweep folders have '=' and ',' in their names
+            continue
+        try:
+            parsed += parser.parse_overrides([arg])
+        except OverrideParseException as exc:
+            raise BadValueError(f"cannot parse {arg!r} ({one_line(exc)}); write key=value, quoting the value "
+                                f"if it has special characters: key='value'") from None
+    data, overrides = None, {}
+    for o in parsed:
+        key = o.key_or_group
+        if o.is_sweep_override():
+            raise BadValueError(f"{o.input_line}: eval.py evaluates one checkpoint; run it once per value")
+        if o.is_delete():
+            raise BadValueError(f"{o.input_line}: eval.py cannot delete keys (~); set them instead")
+        if key.startswith("overrides."):
+            bare = o.input_line.replace("overrides.", "", 1)
+            raise BadNameError(f"{o.input_line}: eval.py takes the stored config's keys directly: {bare}")
+        if key in _SWAPPABLE_GROUPS:
+            data = o.value()
+        elif key.startswith("hydra.") or key.startswith("hydra/"):
+            # eval.py has no Hydra run folder; accepted (and ignored) for older command lines.
+            log.warning("%s ignored: eval.py writes only <run>/eval.json", o.input_line)
         else:
-            out[f"{prefix}{k}"] = v
-    return out
+            overrides[key] = (o.value(), o.is_add())
+    if ckpt in (None, ""):
+        raise BadValueError("ckpt is not set (???): run python eval.py ckpt=<run>/checkpoints/best.pt")
+    return str(ckpt), data, overrides
 
 
-def evaluate_checkpoint(cfg) -> dict:
-    overrides = _flatten(OmegaConf.to_container(cfg.overrides, resolve=True))
-    for key, target in (("device", "trainer.device"), ("batch_size", "data.batch_size"),
-                        ("num_workers", "data.num_workers"), ("limit_val_batches", "trainer.limit_val_batches")):
-        if cfg[key] is not None:
-            overrides[target] = cfg[key]
-    run = load_run(cfg.ckpt, overrides)
-    run_cfg = run.cfg
-    device = resolve_device(run_cfg.trainer.device)
-    channels_last = use_channels_last(run_cfg.trainer, device)
+def apply_overrides(cfg: DictConfig, overrides: Mapping[str, tuple]) -> None:
+    """Set each dotted key of the stored config; a key it does not have is a typo unless added with +."""
+    missing = object()
+    for key, (value, add) in overrides.items():
+        current = OmegaConf.select(cfg, key, default=missing)
+        if current is missing and not add:
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            if isinstance(node, DictConfig):
+                close = difflib.get_close_matches(leaf, [str(k) for k in node.keys()], n=1)
+                hint = f"; did you mean {(parent + '.' if parent else '') + close[0]}?" if close else ""
+            else:
+                hint = ""
+            raise BadNameError(f"{key}={value} is not a key of the checkpoint's config{hint} "
+                               f"(add a new key with +{key}=...)")
+        if isinstance(current, DictConfig) and not isinstance(value, dict):
+            raise BadValueError(f"{key}={value}: eval.py evaluates the checkpoint's own {key}; "
+                                f"only data=<name> switches a config group")
+        OmegaConf.update(cfg, key, value, force_add=True)
+
+
+def evaluate_checkpoint(argv: Sequence[str]) -> dict:
+    """eval.py: score a checkpoint on the whole validation set (unless trainer.limit_val_batches is
+    given), print the metrics once as JSON on stdout and write them to <run>/eval.json."""
+    ckpt, data, overrides = parse_command_line(argv)
+    # The training run may have capped validation (trainer=smoke: 2 batches); an evaluation scores
+    # everything unless this command asks otherwise.
+    overrides.setdefault("trainer.limit_val_batches", (None, False))
+    path = Path(ckpt)
+    if not path.is_file():
+        raise MissingPathError(f"ckpt={ckpt} does not exist (expected <run>/checkpoints/best.pt or last.pt)")
+    state = ckpt_io.load(path)
+    cfg = OmegaConf.create(state["config"])
+    if data:
+        swap_data_group(cfg, data)
+    apply_overrides(cfg, overrides)
+    check_mandatory(cfg, f"python eval.py ckpt={ckpt}")  # e.g. data=imagenet without data.root
+    if cfg.data.name in DEMO_SETS and "data.root" in overrides and overrides["data.root"][0] is not None:
+        root = Path(str(overrides["data.root"][0])).expanduser()
+        if not root.is_dir():
+            # The demo builders generate a missing set, which an evaluation must not do quietly.
+            raise MissingPathError(f"data.root={overrides['data.root'][0]} does not exist; eval.py does not generate the "
+                                   f"{cfg.data.name} set (train.py does): leave data.root out to use the cached one")
+    # The loop's module pulls in timm and torchvision (seconds): only once the command is known good.
+    from .loop import autocast_factory, make_loader, resolve_device, use_channels_last
+
+    run = build_run(cfg, state)
+    device = resolve_device(cfg.trainer.device)
+    channels_last = use_channels_last(cfg.trainer, device)
     model = run.model.to(device).eval()
     if channels_last:
         model.to(memory_format=torch.channels_last)
     indices = list(range(len(run.val_ds)))
-    if run_cfg.trainer.limit_val_batches:
-        indices = indices[: run_cfg.trainer.limit_val_batches * run_cfg.data.batch_size]
-    loader = make_loader(run.val_ds, indices, int(run_cfg.data.batch_size), int(run_cfg.data.num_workers), 0, run.task.collate_fn())
-    autocast, _ = autocast_factory(run_cfg.trainer.amp, device)
+    if cfg.trainer.limit_val_batches:
+        indices = indices[: cfg.trainer.limit_val_batches * cfg.data.batch_size]
+    loader = make_loader(run.val_ds, indices, int(cfg.data.batch_size), int(cfg.data.num_workers), 0, run.task.collate_fn())
+    autocast, _ = autocast_factory(cfg.trainer.amp, device)
     metrics = run.task.evaluate(model, loader, device, autocast, channels_last)
-    out = {"ckpt": str(Path(cfg.ckpt).resolve()), "epoch": run.state["epoch"], "task": run.task.name,
-           "model": run_cfg.model.name, "act": run_cfg.act.name, **metrics}
-    run_dir = Path(cfg.ckpt).resolve().parent.parent
+    out = {"ckpt": str(path.resolve()), "epoch": state["epoch"], "task": run.task.name,
+           "model": cfg.model.name, "act": cfg.act.name, "val_images": len(indices), **metrics}
+    run_dir = path.resolve().parent.parent
     (run_dir / "eval.json").write_text(json.dumps(out, indent=2))
-    log.info("eval: %s", json.dumps(out))
     print(json.dumps(out))
+    log.info("wrote %s", run_dir / "eval.json")
     return out

@@ -15,7 +15,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +25,12 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 import dyrelu
+from dyrelu.errors import BadValueError, NonFiniteLossError  # user errors: one line, exit 2
 
 from . import checkpoint as ckpt_io
+from .determinism import use_deterministic_algorithms, use_deterministic_pooling
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed
-from .loaders import EpochBatchSampler, make_loader, make_train_loader
+from .loaders import EpochBatchSampler, make_loader, make_train_loader, val_indices
 from .loggers import RunLogger
 from .optim import build_optimizer, build_scheduler
 from .precise_bn import recalibrate_bn
@@ -44,16 +45,12 @@ __all__ = ["run", "train_one_epoch", "evaluate", "TrainState", "make_loader", "r
            "use_channels_last", "NonFiniteLossError", "tau_at"]
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf; the message names the steps and the last good checkpoint."""
-
-
 # ---------------------------------------------------------------------------------------------
 # settings shared with eval.py
 # ---------------------------------------------------------------------------------------------
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("trainer.device=cuda but no CUDA device is available; use trainer.device=cpu or auto")
+        raise BadValueError("trainer.device=cuda but no CUDA device is available; use trainer.device=cpu or auto")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
@@ -251,16 +248,6 @@ def _agree(flag: bool, device: torch.device) -> bool:
     return all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0
 
 
-def val_indices(n: int, dist: DistInfo, limit_batches: Optional[int], per_rank_batch: int) -> tuple[list[int], int]:
-    """This rank's validation samples (strided over ranks) and the number of batches every rank has."""
-    def share(rank):
-        idx = list(range(rank, n, dist.world_size))
-        return idx[: limit_batches * per_rank_batch] if limit_batches else idx
-
-    common = min(math.ceil(len(share(r)) / per_rank_batch) for r in range(dist.world_size))
-    return share(dist.rank), common
-
-
 # ---------------------------------------------------------------------------------------------
 # the recipe's steps
 # ---------------------------------------------------------------------------------------------
@@ -277,12 +264,7 @@ def setup_process(cfg) -> tuple[torch.device, DistInfo]:
         # slower on x86 CPUs; flushing them to zero changes nothing measurable.
         torch.set_flush_denormal(True)
     if cfg.trainer.deterministic:
-        # cuBLAS needs a fixed workspace to be deterministic (CUDA docs, "Reproducibility";
-        # torch.use_deterministic_algorithms raises without it). Set before the first cuBLAS call.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=False)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
+        use_deterministic_algorithms()
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     ckpt_io.seed_everything(int(cfg.seed) + dist.rank)
@@ -295,25 +277,6 @@ def count_complexity(model, input_size) -> dict:
     c = count(model, input_size)
     # madds counts all of DY-ReLU's work; madds_paper is the paper's convention (its multiplies only).
     return {k: int(c[k]) for k in ("params", "params_no_classifier", "madds", "madds_paper")}
-
-
-class GlobalAvgPool2d(torch.nn.Module):
-    """AdaptiveAvgPool2d(1) as a mean: the same numbers, and a backward that
-    torch.use_deterministic_algorithms accepts on CUDA (AdaptiveAvgPool2d's raises there)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean((2, 3), keepdim=True)
-
-
-def use_deterministic_pooling(module: torch.nn.Module) -> torch.nn.Module:
-    """Replace every global AdaptiveAvgPool2d by GlobalAvgPool2d (no parameters or buffers, so
-    checkpoints are unchanged)."""
-    for name, child in module.named_children():
-        if isinstance(child, torch.nn.AdaptiveAvgPool2d) and child.output_size in (1, (1, 1)):
-            setattr(module, name, GlobalAvgPool2d())
-        else:
-            use_deterministic_pooling(child)
-    return module
 
 
 def build_model(cfg, task: Task, device: torch.device, dist: DistInfo, channels_last: bool):
@@ -437,12 +400,12 @@ def build_data(cfg, task: Task, dist: DistInfo) -> Data:
     seeded order per epoch, validation samples strided over ranks."""
     d, trainer = cfg.data, cfg.trainer
     if d.batch_size % dist.world_size:
-        raise ValueError(f"data.batch_size={d.batch_size} (global) is not divisible by the {dist.world_size} ranks")
+        raise BadValueError(f"data.batch_size={d.batch_size} (global) is not divisible by the {dist.world_size} ranks")
     per_rank_batch = d.batch_size // dist.world_size
     train_ds, val_ds = task.build_datasets()
     steps_per_epoch = len(train_ds) // d.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"the training set has {len(train_ds)} samples, fewer than one global batch (data.batch_size={d.batch_size})")
+        raise BadValueError(f"the training set has {len(train_ds)} samples, fewer than one global batch (data.batch_size={d.batch_size})")
     sampler = EpochBatchSampler(len(train_ds), int(cfg.seed), per_rank_batch, dist)
     val_share, val_common = val_indices(len(val_ds), dist, trainer.limit_val_batches, per_rank_batch)
     return Data(

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from dyrelu.errors import BadValueError
+
 from .optim import OPTIMIZERS, SCHEDULES
 
 
-class ConfigError(ValueError):
+
+class ConfigError(BadValueError):
     """A config value is wrong; the message names the key, the value and what is allowed."""
 
 

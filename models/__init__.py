@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List, Optional
 from torch import nn
 
 import dyrelu
+from dyrelu.errors import BadNameError
 
 __all__ = [
     "register_model",
@@ -55,7 +56,7 @@ def list_models() -> List[str]:
 def build_model(name: str, act: Any = "relu", num_classes: int = 1000, **kwargs) -> nn.Module:
     """Build a registered network with activation spec ``act`` (random init, no downloads)."""
     if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(list_models())}")
+        raise BadNameError(f"unknown model {name!r}; valid names: {', '.join(list_models())}")
     return _MODELS[name](act=act, num_classes=num_classes, **kwargs)
 
 

@@ -57,6 +57,7 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 from torch import nn
 from timm.layers import make_divisible
+from dyrelu.errors import BadNameError
 
 from . import ActBuilder, register_model
 
@@ -161,7 +162,7 @@ def _check_positions(positions: Optional[Sequence[str]], valid: tuple = POSITION
     pos = tuple(str(p).lower() for p in positions)
     bad = [p for p in pos if p not in valid]
     if bad:
-        raise ValueError(f"unknown {what} {bad}; valid: {list(valid)}")
+        raise BadNameError(f"unknown {what} {bad}; valid: {list(valid)}")
     return pos
 
 

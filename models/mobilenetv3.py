@@ -38,6 +38,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 from timm.layers import SEModule, make_divisible
+from dyrelu.errors import BadNameError, BadValueError
 
 from . import ActBuilder, register_model
 from .mobilenetv2 import ConvBNAct, _init_weights
@@ -91,7 +92,7 @@ class _Acts:
         self.b = None if self.baseline else ActBuilder(act, hyper_sizing=hyper_sizing, hyper_min=hyper_min)
         self.dynamic = bool(self.b is not None and self.b.dynamic)
         if self.b is not None and self.b.expansion != 1:
-            raise ValueError(f"act {self.b.name!r} needs {self.b.expansion}x conv outputs (Maxout); "
+            raise BadValueError(f"act {self.b.name!r} needs {self.b.expansion}x conv outputs (Maxout); "
                              "MobileNetV3 supports it only in MobileNetV2-style models")
 
     def nl(self, kind: str, channels: int, conv_in: Optional[int]) -> nn.Module:
@@ -126,7 +127,7 @@ class MobileNetV3(nn.Module):
                  hyper_min: int = 8, in_chans: int = 3):
         super().__init__()
         if variant not in _ARCH:
-            raise ValueError(f"variant={variant!r} is not one of {sorted(_ARCH)}")
+            raise BadNameError(f"variant={variant!r} is not one of {sorted(_ARCH)}")
         arch = _ARCH[variant]
         acts = _Acts(act, hyper_sizing, hyper_min)
         use_se = (not acts.dynamic) if se is None else bool(se)

@@ -31,6 +31,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from dyrelu.errors import BadNameError, BadValueError
 
 from . import ActBuilder, build_model
 from .mobilenetv2 import InvertedResidual, _SiteActs, _init_weights
@@ -52,7 +53,7 @@ class PoseHead(nn.Module):
             raise ValueError(f"head channels must list 4 block widths, got {list(channels)}")
         builder = ActBuilder(act, hyper_sizing=hyper_sizing, hyper_min=hyper_min)
         if builder.expansion != 1:
-            raise ValueError(f"head act {builder.name!r} (Maxout) is not supported in the pose head")
+            raise BadValueError(f"head act {builder.name!r} (Maxout) is not supported in the pose head")
         acts = _SiteActs(builder, ("a1", "a2", "a3"), dynamic_stem_last=False)
         self.upsample_before = (True, True, True, False)
         blocks, cin = [], in_channels
@@ -101,7 +102,7 @@ def build_pose_model(backbone: str, act: Any = "relu", head_act: Any = "relu", n
     """Keypoint model: ``backbone`` in POSE_BACKBONES with activation ``act`` (its own placement rules,
     plus ``backbone_kwargs``, e.g. positions=..., dropout is unused), head with ``head_act``."""
     if backbone not in POSE_BACKBONES:
-        raise ValueError(f"unknown pose backbone {backbone!r}; valid: {', '.join(POSE_BACKBONES)}")
+        raise BadNameError(f"unknown pose backbone {backbone!r}; valid: {', '.join(POSE_BACKBONES)}")
     backbone_kwargs.pop("num_classes", None)
     net = _strip_classifier(build_model(backbone, act=act, num_classes=0, **backbone_kwargs))
     sizing = {k: backbone_kwargs[k] for k in ("hyper_min",) if k in backbone_kwargs}

@@ -30,6 +30,7 @@ from typing import Any, List, Optional, Type, Union
 
 import torch
 from torch import nn
+from dyrelu.errors import BadValueError
 
 from . import ActBuilder, register_model
 
@@ -93,8 +94,8 @@ class ResNet(nn.Module):
         super().__init__()
         acts = ActBuilder(act, hyper_sizing=hyper_sizing, hyper_min=hyper_min)
         if acts.expansion != 1:
-            raise ValueError(f"act {acts.name!r} needs {acts.expansion}x conv outputs (Maxout); "
-                             "ResNet does not support it (its post-sum activations have no single conv before them)")
+            raise BadValueError(f"act={acts.name} needs {acts.expansion}x conv outputs (Maxout), which ResNet cannot give (its "
+                                "post-sum activations have no single conv before them); use another act, e.g. act=relu")
         self.act_spec, self.dynamic = act, acts.dynamic
         self.stem = nn.Sequential()
         self.stem.add_module("conv", nn.Conv2d(in_chans, 64, 7, 2, 3, bias=False))

@@ -27,15 +27,17 @@ def _forward_backward(model, size=(2, 3, 64, 64)):
     return out
 
 
-def test_torchvision_resnet18(caplog):
+def test_torchvision_resnet18(caplog, capsys):
     tv = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     model = tv.models.resnet18(weights=None)
     with caplog.at_level(logging.INFO, logger="dyrelu.convert"):
-        assert convert(model, "dyrelu_b", input_size=SIZE) is model
+        report = convert(model, "dyrelu_b", input_size=SIZE)
+    assert report.model is model and capsys.readouterr().out == ""  # quiet unless verbose=True
     assert _left(model) == []
     # stem relu + one (shared) relu per BasicBlock, used twice at the block's width
     rep = model.dyrelu_converted
+    assert list(report) == report.replaced == rep and len(report) == 9
     assert all(isinstance(r, Replacement) for r in rep)
     expected = [("relu", "ReLU", 64)] + [
         (f"layer{i}.{j}.relu", "ReLU", 64 * 2 ** (i - 1)) for i in range(1, 5) for j in range(2)
@@ -168,3 +170,24 @@ def test_bad_arguments():
         convert(Toy(), "maxout", input_size=(1, 3, 8, 8))
     with pytest.raises(ValueError, match="shared"):
         convert(Toy(), "dyrelu_b", input_size=(1, 3, 8, 8), shared="split")
+
+
+def test_verbose_prints_the_report_it_returns(capsys):
+    """The report reaches the user without any logging configured."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.Hardswish())
+            self.unused = nn.ReLU6()
+
+        def forward(self, x):
+            return self.body(x)
+
+    report = convert(Net(), "dyrelu_c", input_size=(1, 3, 16, 16), verbose=True)
+    assert capsys.readouterr().out.splitlines() == [
+        "dyrelu.convert: replaced 2 activations (Hardswish: 1, ReLU: 1) by dyrelu_c; skipped 1 never called (unused)",
+        "  body.1: ReLU(8) -> dyrelu_c",
+        "  body.3: Hardswish(4) -> dyrelu_c",
+    ]
+    assert report.skipped == ["unused"] and [r.path for r in report] == ["body.1", "body.3"]

@@ -230,14 +230,19 @@ def test_resnet_params_without_fc(name, paper):
 
 
 # ---- parameter counts of Table 4 -----------------------------------------------------------------
+# Relative gaps to the paper that the docs state (model zoo, "DY-ReLU hyper-function size"): no
+# sizing rule reproduces x0.35's 2.7 M together with the other widths; ours is 15 % under. Every
+# other row must match the paper within the tolerance, so a change in the counts shows up here.
+DOCUMENTED_GAP = {"mbv2_035": -0.15}
+PARAM_TOL = 0.03
+
+
 @pytest.mark.parametrize("name,relu,dy", [("mbv2_035", 1.7, 2.7), ("mbv2_050", 2.0, 3.1), ("mbv2_075", 2.6, 5.0), ("mbv2_100", 3.5, 7.5)])
-def test_mbv2_params(name, relu, dy):
-    assert n_params(build_model(name)) / 1e6 == pytest.approx(relu, rel=0.03)
-    got = n_params(build_model(name, act="dyrelu_b")) / 1e6
-    if name == "mbv2_035":  # the documented gap (README.md (Model zoo)): 2.30 M vs 2.7 M
-        assert got == pytest.approx(2.30, rel=0.02)
-    else:
-        assert got == pytest.approx(dy, rel=0.03)
+def test_mbv2_params_against_the_paper(name, relu, dy):
+    """Table 4's ReLU and DY-ReLU-B parameter counts (millions)."""
+    assert n_params(build_model(name)) / 1e6 == pytest.approx(relu, rel=PARAM_TOL)
+    gap = n_params(build_model(name, act="dyrelu_b")) / 1e6 / dy - 1
+    assert gap == pytest.approx(DOCUMENTED_GAP.get(name, 0.0), abs=PARAM_TOL)
 
 
 # ---- pose ----------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from dyrelu.errors import BadNameError
 
 from ..distributed import all_gather_objects
 from . import register_task
@@ -46,7 +47,7 @@ class KeypointTask(Task):
 
         d = self.cfg.data
         if d.name not in KPT_DATASETS:
-            raise ValueError(f"task=kpt needs a keypoint dataset: data={d.name!r} is not one of {list(KPT_DATASETS)}")
+            raise BadNameError(f"task=kpt needs a keypoint dataset: data={d.name!r} is not one of {list(KPT_DATASETS)}")
         root = d.root
         if d.name == "coco_demo" and root is None:
             from data.coco_demo import ensure_coco_demo
