@@ -15,7 +15,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +27,9 @@ from torch.nn.parallel import DistributedDataParallel
 import dyrelu
 
 from . import checkpoint as ckpt_io
+from .determinism import use_deterministic_algorithms, use_deterministic_pooling
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed
-from .loaders import EpochBatchSampler, make_loader, make_train_loader
+from .loaders import EpochBatchSampler, make_loader, make_train_loader, val_indices
 from .loggers import RunLogger
 from .optim import build_optimizer, build_scheduler
 from .precise_bn import recalibrate_bn
@@ -251,16 +251,6 @@ def _agree(flag: bool, device: torch.device) -> bool:
     return all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0
 
 
-def val_indices(n: int, dist: DistInfo, limit_batches: Optional[int], per_rank_batch: int) -> tuple[list[int], int]:
-    """This rank's validation samples (strided over ranks) and the number of batches every rank has."""
-    def share(rank):
-        idx = list(range(rank, n, dist.world_size))
-        return idx[: limit_batches * per_rank_batch] if limit_batches else idx
-
-    common = min(math.ceil(len(share(r)) / per_rank_batch) for r in range(dist.world_size))
-    return share(dist.rank), common
-
-
 # ---------------------------------------------------------------------------------------------
 # the recipe's steps
 # ---------------------------------------------------------------------------------------------
@@ -277,12 +267,7 @@ def setup_process(cfg) -> tuple[torch.device, DistInfo]:
         # slower on x86 CPUs; flushing them to zero changes nothing measurable.
         torch.set_flush_denormal(True)
     if cfg.trainer.deterministic:
-        # cuBLAS needs a fixed workspace to be deterministic (CUDA docs, "Reproducibility";
-        # torch.use_deterministic_algorithms raises without it). Set before the first cuBLAS call.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=False)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
+        use_deterministic_algorithms()
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     ckpt_io.seed_everything(int(cfg.seed) + dist.rank)
@@ -295,25 +280,6 @@ def count_complexity(model, input_size) -> dict:
     c = count(model, input_size)
     # madds counts all of DY-ReLU's work; madds_paper is the paper's convention (its multiplies only).
     return {k: int(c[k]) for k in ("params", "params_no_classifier", "madds", "madds_paper")}
-
-
-class GlobalAvgPool2d(torch.nn.Module):
-    """AdaptiveAvgPool2d(1) as a mean: the same numbers, and a backward that
-    torch.use_deterministic_algorithms accepts on CUDA (AdaptiveAvgPool2d's raises there)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean((2, 3), keepdim=True)
-
-
-def use_deterministic_pooling(module: torch.nn.Module) -> torch.nn.Module:
-    """Replace every global AdaptiveAvgPool2d by GlobalAvgPool2d (no parameters or buffers, so
-    checkpoints are unchanged)."""
-    for name, child in module.named_children():
-        if isinstance(child, torch.nn.AdaptiveAvgPool2d) and child.output_size in (1, (1, 1)):
-            setattr(module, name, GlobalAvgPool2d())
-        else:
-            use_deterministic_pooling(child)
-    return module
 
 
 def build_model(cfg, task: Task, device: torch.device, dist: DistInfo, channels_last: bool):
