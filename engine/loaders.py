@@ -8,6 +8,7 @@ generators for each sample from (run seed, epoch, sample index) before loading i
 """
 from __future__ import annotations
 
+import math
 import random
 from typing import Iterator, Optional
 
@@ -91,3 +92,13 @@ def make_loader(dataset, indices, batch_size, num_workers, seed, collate_fn=None
         Subset(dataset, indices), batch_size=batch_size, shuffle=False, drop_last=drop_last, collate_fn=collate_fn,
         generator=torch.Generator().manual_seed(seed), **_loader_kwargs(num_workers),
     )
+
+
+def val_indices(n: int, dist: DistInfo, limit_batches: Optional[int], per_rank_batch: int) -> tuple[list[int], int]:
+    """This rank's validation samples (strided over ranks) and the number of batches every rank has."""
+    def share(rank):
+        idx = list(range(rank, n, dist.world_size))
+        return idx[: limit_batches * per_rank_batch] if limit_batches else idx
+
+    common = min(math.ceil(len(share(r)) / per_rank_batch) for r in range(dist.world_size))
+    return share(dist.rank), common

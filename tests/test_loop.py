@@ -272,3 +272,20 @@ def test_precise_bn_recalibrates_model_and_ema_before_validation(monkeypatch, tm
                             "trainer.max_epochs=2")
     assert calls == [3, 3, 3, 3]  # model and EMA, at each of the 2 validations
     _loss_fell(rows)
+
+
+def test_loader_workers_start_once_per_run(monkeypatch, tmp_path):
+    from torch.utils.data import dataloader
+
+    starts = []
+    init = dataloader._MultiProcessingDataLoaderIter.__init__
+
+    def counted(self, loader):
+        starts.append(loader.persistent_workers)
+        init(self, loader)
+
+    monkeypatch.setattr(dataloader._MultiProcessingDataLoaderIter, "__init__", counted)
+    # 3 epochs, each validated, with the EMA evaluated too and precise BN drawing training batches.
+    _train(monkeypatch, tmp_path / "run", "data.num_workers=1", "trainer.max_epochs=3", "trainer.ema_decay=0.5",
+           "trainer.precise_bn_batches=1")
+    assert starts == [True, True]  # the training loader's workers and the validation loader's

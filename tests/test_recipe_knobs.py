@@ -1,5 +1,6 @@
-"""The two recipe knobs of the DY-ReLU training-health work: precise BN statistics and a
-param group of their own for DY-ReLU's hyper functions."""
+"""Engine parts tested alone: the two recipe knobs of the DY-ReLU training-health work
+(precise BN statistics; a param group of their own for DY-ReLU's hyper functions) and the
+pooling swap of trainer.deterministic."""
 from __future__ import annotations
 
 import torch
@@ -78,3 +79,21 @@ def test_precise_bn_sets_population_statistics_of_the_current_weights():
         feats = torch.cat([model[0](b) for b in batches])  # equal-size batches: population = pooled
     assert torch.allclose(mean_buf, feats.mean((0, 2, 3)), atol=1e-5)
     assert torch.allclose(var_buf, feats.var((0, 2, 3), unbiased=False), rtol=1e-3, atol=1e-4)
+
+
+def test_deterministic_pooling_gives_the_same_numbers_and_keys():
+    from engine.determinism import GlobalAvgPool2d, use_deterministic_pooling
+    from models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("mbv2_035", act="dyrelu_b", num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        before = model(x)
+        use_deterministic_pooling(model)
+        after = model(x)
+    assert any(isinstance(m, GlobalAvgPool2d) for m in model.modules())
+    assert not any(isinstance(m, nn.AdaptiveAvgPool2d) for m in model.modules())
+    assert list(model.state_dict()) == keys
+    assert torch.allclose(before, after, atol=1e-6)
