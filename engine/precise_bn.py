@@ -10,8 +10,12 @@ import logging
 from typing import Iterable
 
 import torch
-from fvcore.nn.precise_bn import get_bn_modules, update_bn_stats
 from torch import nn
+
+from dyrelu.flops import _import_fvcore_nn
+
+_import_fvcore_nn()  # fvcore.nn's import warns about torch.jit.script (fvcore's doing): silenced there
+from fvcore.nn.precise_bn import get_bn_modules, update_bn_stats  # noqa: E402
 
 from . import checkpoint as ckpt_io
 from .distributed import all_reduce_sum
