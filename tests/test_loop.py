@@ -137,7 +137,7 @@ def test_stop_signal_is_read_at_the_next_sync_point_and_resume_matches(monkeypat
     _, straight_rows, _ = _train(monkeypatch, tmp_path / "straight", *args)
     monkeypatch.undo()
     # Step 7 is epoch 2's second step; the next sync point is global step 9 (epoch 2 step 4).
-    _signal_at_step(monkeypatch, signal.SIGUSR1, at=7)
+    _signal_at_step(monkeypatch, signal.SIGUSR2, at=7)  # outside submitit: a plain stop (exit 124)
     with pytest.raises(StopRequested):
         _train(monkeypatch, tmp_path / "stopped", *args)
     state = _last(tmp_path / "stopped")
