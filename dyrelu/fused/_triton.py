@@ -45,8 +45,7 @@ except Exception:  # pragma: no cover - depends on the install
     HAS_TRITON = False
 
 MAX_K = 3
-# Elements per forward / pool tile (BLOCK_C * BLOCK_L) for 2- and 4-byte dtypes (see ``tiles``):
-# 2048 over 4 warps is 16 per thread, two 16-byte loads per tensor for bf16.
+# Elements per tile (BLOCK_C * BLOCK_L) for 2- and 4-byte dtypes (see ``tiles``).
 TILE_ELEMS = 2048
 # Programs the backward and pool aim for, split along L when N x C-blocks is fewer: ~4 waves on
 # 132 SMs (H100 / H200), a little over on 108 (A100). A constant, so the split is fixed by shape.
@@ -296,24 +295,27 @@ def _vec(row: int, itemsize: int) -> int:
     return v if row % v == 0 else 1
 
 
-def tiles(c: int, l: int, layout: int, itemsize: int, backward: bool = False):
+def tiles(c: int, l: int, layout: int, itemsize: int, warps: int = 8):
     """(BLOCK_C, BLOCK_L, num_warps): one of two tile classes per layout, long along unit stride.
 
     NCHW: 64 along L for L <= 64 (7x7, 8x6 maps: 49 and 48), else 256 (14x14 and up);
     channels_last and (N, C) inputs: 16 along C for C < 64 (the wide early maps of the thin
     MobileNets, C = 8..48), else 64 (C = 64..2048). The other side fills the tile to TILE_ELEMS
-    (forward, pool) or half that (backward: it holds ~8 live values per element and stays near
-    128 registers); 8-byte dtypes half again. Tiles are not clipped to the tensor: masked lanes
-    cost little next to one more compiled configuration (see tests/test_triton_aot.py).
+    (half for 8-byte dtypes). Tiles are not clipped to the tensor: masked lanes cost little next
+    to one more compiled configuration (see tests/test_triton_aot.py).
+
+    8 warps for the apply kernels: 8 elements per thread (one 16-byte load per tensor for bf16).
+    With 4 warps (16 per thread) ptxas on sm_90 capped some of them at 64-72 registers and
+    spilled; the backward held ~225 registers. The pool keeps one accumulator: 4 warps.
     """
-    elems = TILE_ELEMS // (2 if backward else 1) // (2 if itemsize > 4 else 1)
+    elems = TILE_ELEMS // (2 if itemsize > 4 else 1)
     if layout == _NCHW:
         bl = 64 if l <= 64 else 256
         bc = max(1, elems // bl)
     else:
         bc = 16 if c < 64 else 64
         bl = max(1, elems // bc)
-    return bc, bl, 4
+    return bc, bl, warps
 
 
 def _split(n: int, c_blocks: int, l: int, bl: int):
@@ -336,6 +338,20 @@ class Plan(NamedTuple):
                 self.num_warps)
 
 
+def _acc_torch(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def arg_dtypes(kernel: str, dtype: torch.dtype) -> tuple:
+    """The dtypes of a kernel's tensor arguments for inputs of ``dtype`` (the launches' contract)."""
+    acc = _acc_torch(dtype)
+    return {
+        "_pool_kernel": (dtype, acc),
+        "_apply_fwd_kernel": (dtype, dtype, acc, acc, acc),
+        "_apply_bwd_kernel": (dtype, dtype, dtype, acc, acc, acc, acc, acc, acc),
+    }[kernel]
+
+
 def _acc_name(dtype: torch.dtype) -> str:
     return "float64" if dtype == torch.float64 else "float32"
 
@@ -347,7 +363,7 @@ def _meta(layout, row, itemsize, bc, bl, dtype):
 def plan_pool(shape, layout: int, dtype: torch.dtype) -> Plan:
     n, c, l = shape
     itemsize = torch.empty((), dtype=dtype).element_size()
-    bc, bl, warps = tiles(c, l, layout, itemsize)
+    bc, bl, warps = tiles(c, l, layout, itemsize, warps=4)
     c_blocks = _cdiv(c, bc)
     split, l_per = _split(n, c_blocks, l, bl)
     row = c if layout == _CL else l
@@ -369,7 +385,7 @@ def plan_forward(shape, layout: int, dtype: torch.dtype, k: int, has_pi: bool) -
 def plan_backward(shape, layout: int, dtype: torch.dtype, k: int, has_pi: bool) -> Plan:
     n, c, l = shape
     itemsize = torch.empty((), dtype=dtype).element_size()
-    bc, bl, warps = tiles(c, l, layout, itemsize, backward=True)
+    bc, bl, warps = tiles(c, l, layout, itemsize)
     c_blocks = _cdiv(c, bc)
     split, l_per = _split(n, c_blocks, l, bl)
     row = c if layout == _CL else l
@@ -409,6 +425,9 @@ def _launch(plan: Plan, device: torch.device, tensors: tuple) -> bool:
         return True
     if key in _FAILED:
         return False
+    expected = arg_dtypes(plan.kernel, tensors[0].dtype if plan.kernel != "_apply_bwd_kernel" else tensors[1].dtype)
+    if tuple(t.dtype for t in tensors) != expected:  # the AOT test compiles `expected`: keep them equal
+        raise AssertionError(f"{plan.kernel}: tensor dtypes {[t.dtype for t in tensors]} != {expected}")
     try:
         with device_guard(device):
             fn[plan.grid](*tensors, *plan.ints.values(), **meta, num_warps=plan.num_warps)
@@ -425,10 +444,6 @@ def _launch(plan: Plan, device: torch.device, tensors: tuple) -> bool:
         return False
     _OK.add(key)
     return True
-
-
-def _acc_torch(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _prepare(x3: torch.Tensor):
