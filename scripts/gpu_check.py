@@ -5,7 +5,7 @@
     python scripts/gpu_check.py --out gpu_check --only a        # the correctness probe alone (~1 min)
     python scripts/gpu_check.py --out /tmp/gc --device cpu --quick   # the script itself, tiny sizes (CI)
 
-Sections (docs/gpu.md says what each one checks and the targets):
+Sections (run in the order a, d, e, b, c; docs/gpu.md says what each checks and the targets):
   a  fused == reference on the device, output and every gradient: variants A/B/C, K=1/2/3,
      fp32/bf16/fp16, NCHW and channels_last, N=1 and N=256; the backend that ran (Triton on
      CUDA) and any fallback warning; backward twice bit for bit under deterministic algorithms;
@@ -27,7 +27,7 @@ the reason; so is work that would overrun --budget-s. Needs only torch (+ triton
 from __future__ import annotations
 
 import argparse
-import contextlib
+import copy
 import csv
 import importlib.util
 import json
@@ -47,6 +47,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 SECTIONS = ("a", "b", "c", "d", "e")
+# Run order: the cheap sections first, then b (whose compiled setting is skipped when it would
+# leave too little of the budget for c), then c.
+ORDER = ("a", "d", "e", "b", "c")
+C_EST_S = {True: 20, False: 120}  # section c's cost, quick / full
 TITLES = {
     "a": "fused vs reference (outputs and gradients)",
     "b": "training throughput and memory (bench_act.py)",
@@ -224,8 +228,9 @@ def section_a(run: Run) -> dict:
                             if layout == "channels_last":
                                 x32 = x32.contiguous(memory_format=torch.channels_last)
                             g32 = torch.randn(x32.shape, generator=gen).to(dtype).float().to(dev)
-                            truth = _grads(_module(c, variant, k, torch.float32, dev, seed), x32, "reference", g32)
                             m = _module(c, variant, k, dtype, dev, seed)
+                            # truth: fp32 math with the same (rounded) weights and inputs
+                            truth = _grads(copy.deepcopy(m).float(), x32, "reference", g32)
                             x = x32.to(dtype)
                             backends.add(fused.select_backend(x))
                             ref = _grads(m, x, "reference", g32)
@@ -309,8 +314,9 @@ def _a_extras(dev, quick, failures) -> dict:
 # ---------------------------------------------------------------------------------------------
 def _bench(run: Run, argv: list, est_s: float) -> dict:
     left = run.left()
-    if left < est_s:
-        raise Skip(f"needs ~{est_s:.0f} s, {left:.0f} s of the budget left")
+    reserve = C_EST_S[run.args.quick] if "c" in run.args.only else 0
+    if left - reserve < est_s:
+        raise Skip(f"needs ~{est_s:.0f} s, {left:.0f} s of the budget left ({reserve} s kept for c)")
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_act.py"), *argv]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=max(10.0, left))
@@ -333,9 +339,9 @@ def section_b(run: Run) -> dict:
     fused_pub = "relu,dyrelu_b_fused,dyrelu_b_public_style"
     # cheapest first: a budget overrun skips the compiled setting, not everything
     settings = [
-        (f"{mbv2} eager", ["--model", mbv2, "--variants", fused_pub], 15 if quick else 60),
-        (f"{r50} eager", ["--model", r50, "--variants", "relu,dyrelu_b_fused"], 10 if quick else 45),
-        (f"{mbv2} compiled", ["--model", mbv2, "--variants", "relu,dyrelu_b_fused", *comp], 15 if quick else 150),
+        (f"{mbv2} eager", ["--model", mbv2, "--variants", fused_pub], 15 if quick else 45),
+        (f"{r50} eager", ["--model", r50, "--variants", "relu,dyrelu_b_fused"], 10 if quick else 30),
+        (f"{mbv2} compiled", ["--model", mbv2, "--variants", "relu,dyrelu_b_fused", *comp], 15 if quick else 120),
     ]
     if quick:  # the same path at the smallest cost: one setting, two variants (CI time)
         settings = [(f"{mbv2} eager", ["--model", mbv2, "--variants", "relu,dyrelu_b_fused"], 15)]
@@ -379,7 +385,7 @@ def section_b(run: Run) -> dict:
 def section_c(run: Run) -> dict:
     need("hydra", "omegaconf", "timm", "torchvision", "PIL")
     quick, dev = run.args.quick, run.args.device
-    est = 20 if quick else 150
+    est = C_EST_S[quick]
     if run.left() < est:
         raise Skip(f"needs ~{est} s, {run.left():.0f} s of the budget left")
     run_dir = run.out / "train_run"
@@ -531,8 +537,9 @@ def parse(argv=None):
 def main(argv=None) -> int:
     args = parse(argv)
     run = Run(args)
-    for key in args.only:
-        run.section(key, FUNCS[key])
+    for key in ORDER:
+        if key in args.only:
+            run.section(key, FUNCS[key])
     run.write()
     print(f"wrote {run.out / 'gpu_check.json'} and gpu_check.md in {run.doc['elapsed_s']} s; "
           f"{len(run.doc['failures'])} failure(s)", flush=True)

@@ -167,7 +167,7 @@ def compile_one(plan, dtype, arch: int, workdir: Path) -> dict:
     backend = make_backend(target)
     fn = getattr(T, plan.kernel)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
-    kwargs = dict(plan.meta, ACC=getattr(triton.language, plan.meta["ACC"]), num_warps=plan.num_warps)
+    kwargs = dict(plan.meta, ACC=getattr(triton.language, plan.meta["ACC"]), **T.launch_options(plan))
     args = [_FakeTensor(d) for d in T.arg_dtypes(plan.kernel, dtype)] + list(plan.ints.values())
     bound, spec, opts = binder(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)

@@ -28,6 +28,7 @@ the lowest k, like the torch kernels.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
 from typing import NamedTuple, Optional
@@ -295,7 +296,7 @@ def _vec(row: int, itemsize: int) -> int:
     return v if row % v == 0 else 1
 
 
-def tiles(c: int, l: int, layout: int, itemsize: int, warps: int = 8):
+def tiles(c: int, l: int, layout: int, itemsize: int, warps: int = 8, backward: bool = False):
     """(BLOCK_C, BLOCK_L, num_warps): one of two tile classes per layout, long along unit stride.
 
     NCHW: 64 along L for L <= 64 (7x7, 8x6 maps: 49 and 48), else 256 (14x14 and up);
@@ -304,11 +305,15 @@ def tiles(c: int, l: int, layout: int, itemsize: int, warps: int = 8):
     (half for 8-byte dtypes). Tiles are not clipped to the tensor: masked lanes cost little next
     to one more compiled configuration (see tests/test_triton_aot.py).
 
-    8 warps for the apply kernels: 8 elements per thread (one 16-byte load per tensor for bf16).
-    With 4 warps (16 per thread) ptxas on sm_90 capped some of them at 64-72 registers and
-    spilled; the backward held ~225 registers. The pool keeps one accumulator: 4 warps.
+    8 warps for the apply kernels. Forward: 8 elements per thread (one 16-byte load per tensor
+    for bf16); with 16, ptxas on sm_90 capped some configurations at 64-72 registers and spilled.
+    Backward: half the tile, 4 elements per thread. Its per-channel state (K coefficient pairs
+    hoisted out of the L loop, 2K running sums) is held once per channel a thread covers, and a
+    16-byte channels_last vector covers 8 channels: at 8 elements per thread it took 204-255
+    registers (one block per SM), at 4 it takes <= 128 (tests/test_triton_aot.py prints them).
+    The pool keeps one accumulator: 4 warps.
     """
-    elems = TILE_ELEMS // (2 if itemsize > 4 else 1)
+    elems = TILE_ELEMS // (2 if itemsize > 4 else 1) // (2 if backward else 1)
     if layout == _NCHW:
         bl = 64 if l <= 64 else 256
         bc = max(1, elems // bl)
@@ -360,9 +365,10 @@ def _meta(layout, row, itemsize, bc, bl, dtype):
     return dict(CL=layout == _CL, VEC=_vec(row, itemsize), BLOCK_C=bc, BLOCK_L=bl, ACC=_acc_name(dtype))
 
 
+@functools.lru_cache(maxsize=4096)  # pure; saves Python time per launch
 def plan_pool(shape, layout: int, dtype: torch.dtype) -> Plan:
     n, c, l = shape
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     bc, bl, warps = tiles(c, l, layout, itemsize, warps=4)
     c_blocks = _cdiv(c, bc)
     split, l_per = _split(n, c_blocks, l, bl)
@@ -371,9 +377,10 @@ def plan_pool(shape, layout: int, dtype: torch.dtype) -> Plan:
                 _meta(layout, row, itemsize, bc, bl, dtype), warps, split)
 
 
+@functools.lru_cache(maxsize=4096)  # pure; saves Python time per launch
 def plan_forward(shape, layout: int, dtype: torch.dtype, k: int, has_pi: bool) -> Plan:
     n, c, l = shape
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     bc, bl, warps = tiles(c, l, layout, itemsize)
     c_blocks, l_blocks = _cdiv(c, bc), _cdiv(l, bl)
     row = c if layout == _CL else l
@@ -382,10 +389,11 @@ def plan_forward(shape, layout: int, dtype: torch.dtype, k: int, has_pi: bool) -
                 dict(N=n, C=c, L=l, K=k, C_BLOCKS=c_blocks, L_BLOCKS=l_blocks), meta, warps, 1)
 
 
+@functools.lru_cache(maxsize=4096)  # pure; saves Python time per launch
 def plan_backward(shape, layout: int, dtype: torch.dtype, k: int, has_pi: bool) -> Plan:
     n, c, l = shape
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    bc, bl, warps = tiles(c, l, layout, itemsize)
+    itemsize = dtype.itemsize
+    bc, bl, warps = tiles(c, l, layout, itemsize, backward=True)
     c_blocks = _cdiv(c, bc)
     split, l_per = _split(n, c_blocks, l, bl)
     row = c if layout == _CL else l
@@ -399,6 +407,30 @@ def plan_backward(shape, layout: int, dtype: torch.dtype, k: int, has_pi: bool) 
 # ---------------------------------------------------------------------------------------------
 _OK: set = set()
 _FAILED: dict = {}
+MAX_REGISTERS = 128  # per thread, apply kernels: 2 blocks of 8 warps per SM
+
+
+@functools.lru_cache(maxsize=None)
+def _has_maxnreg() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+
+        return "maxnreg" in CUDAOptions.__dataclass_fields__
+    except Exception:  # pragma: no cover - other Triton builds
+        return False
+
+
+def launch_options(plan: Plan) -> dict:
+    """Compile options of a launch (the AOT test compiles with the same).
+
+    The apply kernels get ``maxnreg``: without it ptxas 13 sometimes settled on 64 registers and
+    spilled (fp32 backward on sm_80), and the backward's worst class took 150 (fewer resident
+    blocks); capped at 128 both compile without spills.
+    """
+    opts = {"num_warps": plan.num_warps}
+    if plan.kernel != "_pool_kernel" and _has_maxnreg():
+        opts["maxnreg"] = MAX_REGISTERS
+    return opts
 
 
 def device_guard(device: torch.device):
@@ -416,12 +448,13 @@ def _launch(plan: Plan, device: torch.device, tensors: tuple) -> bool:
     the rest of the process. Later launches are not wrapped (cost nothing extra). Under
     DYRELU_FUSED_BACKEND=triton the error propagates.
     """
-    key = plan.key([t.dtype for t in tensors]) + (str(device),)
+    # the input dtype fixes every tensor's dtype (arg_dtypes, checked below on the first launch)
+    key = (plan.kernel, tuple(plan.meta.items()), plan.num_warps, tensors[1 if plan.kernel == "_apply_bwd_kernel" else 0].dtype, device)
     meta = dict(plan.meta, ACC=getattr(tl, plan.meta["ACC"]))
     fn = globals()[plan.kernel]
     if key in _OK:
         with device_guard(device):
-            fn[plan.grid](*tensors, *plan.ints.values(), **meta, num_warps=plan.num_warps)
+            fn[plan.grid](*tensors, *plan.ints.values(), **meta, **launch_options(plan))
         return True
     if key in _FAILED:
         return False
@@ -430,7 +463,7 @@ def _launch(plan: Plan, device: torch.device, tensors: tuple) -> bool:
         raise AssertionError(f"{plan.kernel}: tensor dtypes {[t.dtype for t in tensors]} != {expected}")
     try:
         with device_guard(device):
-            fn[plan.grid](*tensors, *plan.ints.values(), **meta, num_warps=plan.num_warps)
+            fn[plan.grid](*tensors, *plan.ints.values(), **meta, **launch_options(plan))
     except Exception as err:
         if strict():
             raise
