@@ -193,6 +193,7 @@ def _worker(index: int, count: int, archs) -> None:
         print(json.dumps(rec), flush=True)
 
 
+@pytest.mark.slow  # ~2.5 min on 2 cores with a cold Triton cache, ~20 s warm
 def test_aot_compile():
     pytest.importorskip("triton.backends.nvidia")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
