@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -394,6 +395,41 @@ TRITON_SCRIPT = textwrap.dedent(
     y16 = m16(x)
     assert y16.dtype == torch.bfloat16
     torch.testing.assert_close(y16.float(), y32, atol=0.05, rtol=0.03)
+
+    # the fp64 pool divides in fp64 (an fp32 1/L is off by ~1e-8 relative)
+    x = torch.randn(3, 5, 3, 7, dtype=torch.float64) + 1.0
+    torch.testing.assert_close(global_pool(x), x.mean((2, 3)), atol=0, rtol=1e-14)
+    # long rows: the pool and the backward split L over several programs (partial sums)
+    from dyrelu.fused.function import DyReLUApply
+    x = torch.randn(2, 8, 3001, dtype=torch.float64)
+    assert _triton.plan_backward(tuple(x.shape), 0, x.dtype, 2, True).split > 1
+    assert _triton.plan_pool(tuple(x.shape), 0, x.dtype).split > 1
+    torch.testing.assert_close(global_pool(x), x.mean(2), atol=0, rtol=1e-13)
+
+    # deterministic algorithms: the backward twice gives the same bits (fixed split, no atomics)
+    torch.use_deterministic_algorithms(True)
+    for cl in (False, True):
+        x = torch.randn(2, 70, 9, 40)
+        if cl:
+            x = x.to(memory_format=torch.channels_last)
+        a = torch.randn(2, 3, 70, requires_grad=True)
+        b = torch.randn(2, 3, 70, requires_grad=True)
+        pi = torch.rand(2, 1, 9, 40, requires_grad=True)
+        g = torch.randn_like(x)
+        runs = []
+        for _ in range(2):
+            xi = x.clone().requires_grad_(True)
+            torch.autograd.backward(DyReLUApply.apply(xi, a, b, pi, "triton"), g)
+            runs.append([t.grad.clone() for t in (xi, a, b, pi)])
+            for t in (a, b, pi):
+                t.grad = None
+        for u, v in zip(*runs):
+            assert torch.equal(u, v)
+        xr = x.clone().requires_grad_(True)
+        torch.autograd.backward(DyReLUApply.apply(xr, a, b, pi, "torch"), g)
+        for u, v in zip(runs[0], [t.grad for t in (xr, a, b, pi)]):
+            torch.testing.assert_close(u, v, atol=1e-4, rtol=1e-4)
+    torch.use_deterministic_algorithms(False)
     print("TRITON_OK", n_cases, worst)
     """
 )
@@ -407,6 +443,101 @@ def test_triton_kernels_in_interpreter(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert "TRITON_OK" in proc.stdout
+
+
+# ---- a Triton failure cannot kill a run: one warning, then the torch kernels -----------------------------
+class _RaisingKernel:
+    """Stands for a jit function whose launch raises (a compile error, an unsupported GPU)."""
+
+    def __init__(self, name, calls):
+        self.name, self.calls = name, calls
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append(self.name)
+            raise RuntimeError(f"PTX compile failed in {self.name} (simulated)")
+
+        return launch
+
+
+def _tiny_net(seed=0):
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), DyReLU(8, k=2),
+        torch.nn.Conv2d(8, 8, 1), DyReLU(8, variant="C"), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        torch.nn.Linear(8, 3),
+    )
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, DyReLU):
+                for p in m.parameters():
+                    p.normal_(0.0, 0.5)
+    return net
+
+
+def _train_step(net, x, y):
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    loss = torch.nn.functional.cross_entropy(net(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def test_triton_failure_falls_back_once_per_configuration(monkeypatch):
+    pytest.importorskip("triton")
+    tri = fused.function._triton
+    monkeypatch.delenv("DYRELU_FUSED_BACKEND", raising=False)
+    monkeypatch.setattr(tri, "_OK", set())
+    monkeypatch.setattr(tri, "_FAILED", {})
+    calls, guarded = [], []
+    for name in ("_pool_kernel", "_apply_fwd_kernel", "_apply_bwd_kernel"):
+        monkeypatch.setattr(tri, name, _RaisingKernel(name, calls))
+    real_guard = tri.device_guard
+    monkeypatch.setattr(tri, "device_guard", lambda d: guarded.append(d) or real_guard(d))
+    monkeypatch.setattr(fused, "select_backend", lambda x: "triton")  # as on a CUDA tensor
+    x, y = torch.randn(4, 3, 6, 5), torch.tensor([0, 1, 2, 1])
+    ref = _tiny_net()
+    for m in ref.modules():
+        if isinstance(m, DyReLU):
+            m.impl = "reference"
+    net = _tiny_net()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        loss = _train_step(net, x, y)
+    assert torch.isfinite(loss)
+    msgs = [str(w.message) for w in rec if issubclass(w.category, RuntimeWarning) and "dyrelu: Triton" in str(w.message)]
+    first_calls = len(calls)
+    assert len(msgs) == first_calls == len(tri._FAILED) >= 4  # pool, forward (B, C), backward: once each
+    for kernel in ("_pool_kernel", "_apply_fwd_kernel", "_apply_bwd_kernel"):
+        assert any(f"PTX compile failed in {kernel}" in m and "torch kernels" in m for m in msgs), kernel
+    assert all(d == x.device for d in guarded)  # launches run under the tensor's device
+    torch.testing.assert_close(loss, _train_step(ref, x, y), atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(net.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5, msg=lambda s: f"{name}: {s}")
+    with warnings.catch_warnings():  # the failed configurations are not retried, nor warned about again
+        warnings.simplefilter("error")
+        _train_step(net, x, y)
+    assert len(calls) == first_calls
+
+
+def test_forced_triton_backend_still_raises(monkeypatch):
+    pytest.importorskip("triton")
+    tri = fused.function._triton
+    monkeypatch.setenv("DYRELU_FUSED_BACKEND", "triton")
+    monkeypatch.setattr(tri, "_OK", set())
+    monkeypatch.setattr(tri, "_FAILED", {})
+    monkeypatch.setattr(tri, "_apply_fwd_kernel", _RaisingKernel("_apply_fwd_kernel", []))
+    x, a = torch.randn(2, 8, 5), torch.randn(2, 2, 8)
+    with pytest.raises(RuntimeError, match="PTX compile failed"):
+        tri.apply_forward(x, a, None, None)
+    assert not tri._FAILED
+
+
+def test_device_guard_names_the_tensor_device():
+    pytest.importorskip("triton")
+    guard = fused.function._triton.device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
 
 
 # ---- the benchmark's outside baseline computes the same function --------------------------------------------

@@ -1,22 +1,37 @@
 """Triton kernels of the fused DY-ReLU (CUDA; on the CPU through TRITON_INTERPRET=1 for tests).
 
-All kernels see the input as an (N, C, L) strided view: NCHW-contiguous (L stride 1) and
-channels_last (C stride 1) are both handled without a copy, with tile shapes chosen per layout.
+Every kernel sees the input as an (N, C, L) view in one of two layouts, passed as a constexpr:
+NCHW-contiguous (L has stride 1) or channels_last (C has stride 1; also (N, C) inputs). Other
+strides are copied to NCHW first. All integer arguments are unspecialised (``do_not_specialize``),
+so a kernel configuration is exactly: the tensors' dtypes, the constexprs below and num_warps.
+That keeps the set of configurations small and enumerable: ``tests/test_triton_aot.py`` compiles
+every one the planners (``plan_pool`` / ``plan_forward`` / ``plan_backward``) can return for the
+shapes we ship, for sm_80 and sm_90, without a GPU.
 
-* ``pool``: per-(n, c) mean over L, fp32 accumulation (fp64 for fp64 inputs, as everywhere here).
+* ``pool``: per-(n, c) mean over L; fp32 accumulation (fp64 for fp64 inputs), division by the
+  integer L in the accumulation dtype.
 * ``apply_forward``: y = max_k(a_k x + b_k) [* pi], one read of x, one write of y.
-* ``apply_backward``: one read of (g, x) [and pi], one write of grad_x; recomputes the
-  winning segment, and accumulates per-(n, c, k) sums of g*x and g (fp32; atomics across
-  L-splits) and, for variant C, per-(n, l) sums over c of g * max_k(...) (grad of pi).
+* ``apply_backward``: one read of (g, x) [and pi], one write of grad_x; recomputes the winning
+  segment, and writes per-(split, n, k, c) partial sums of g*x and g and, for variant C,
+  per-(c-block, n, l) partial sums over c of g * max_k(...) (grad of pi).
 
-Coefficients a, b are (N, K, W) fp32 contiguous; W = C (per channel) or 1 (variant A,
-channel stride 0). Ties pick the lowest k, like the torch kernels.
+Determinism: no atomics anywhere. Partial sums go to buffers with one slot per program and are
+added by ``torch.sum`` over the split axis, and the split depends on the shape only (never on the
+SM count), so results are bitwise reproducible run to run and across GPUs with the same kernels.
+Every grid is one-dimensional (N, C-blocks and L-splits folded into axis 0, which CUDA allows up
+to 2^31 - 1; axes 1 and 2 stop at 65535). Launches run under ``torch.cuda.device(x.device)``.
+
+Coefficients a, b are (N, K, C) contiguous in the accumulation dtype (variant A's (N, K, 1) is
+expanded; a missing intercept is zeros). K is 1..MAX_K (larger K uses the torch kernels). Ties pick
+the lowest k, like the torch kernels.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from typing import Optional
+import warnings
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -29,6 +44,14 @@ except Exception:  # pragma: no cover - depends on the install
     triton = None
     tl = None
     HAS_TRITON = False
+
+MAX_K = 3
+# Elements per tile (BLOCK_C * BLOCK_L) for 2- and 4-byte dtypes (see ``tiles``).
+TILE_ELEMS = 2048
+# Programs the backward and pool aim for, split along L when N x C-blocks is fewer: ~4 waves on
+# 132 SMs (H100 / H200), a little over on 108 (A100). A constant, so the split is fixed by shape.
+TARGET_PROGRAMS = 512
+_NCHW, _CL = 0, 1
 
 
 def interpreting() -> bool:
@@ -44,206 +67,490 @@ def available(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def strict() -> bool:
+    """DYRELU_FUSED_BACKEND=triton: errors propagate (debugging); otherwise they fall back."""
+    return os.environ.get("DYRELU_FUSED_BACKEND", "") == "triton"
+
+
 if HAS_TRITON:
+    _INTS_POOL = ["N", "C", "L", "L_PER", "C_BLOCKS"]
 
-    @triton.jit
-    def _pool_kernel(x_ptr, out_ptr, C, L, sxn, sxc, sxl, inv_l,
+    @triton.jit(do_not_specialize=_INTS_POOL)
+    def _pool_kernel(x_ptr, part_ptr, N, C, L, L_PER, C_BLOCKS,
+                     CL: tl.constexpr, VEC: tl.constexpr,
                      BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, ACC: tl.constexpr):
-        pid_c = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        pid = tl.program_id(0)
+        # The unit-stride length is a multiple of VEC (the host checked). Saying so by arithmetic
+        # (tl.multiple_of has no op to annotate on an unspecialised argument) keeps masks and
+        # offsets constant / aligned over VEC elements, so the loads vectorise.
+        if CL:
+            C = (C // VEC) * VEC
+        else:
+            L = (L // VEC) * VEC
+        cb = pid % C_BLOCKS
+        rest = pid // C_BLOCKS
+        n = rest % N
+        s = rest // N
+        offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
-        base = x_ptr + pid_n.to(tl.int64) * sxn + offs_c[:, None] * sxc
+        if CL:
+            row = C
+            base = x_ptr + n.to(tl.int64) * L * row + offs_c[:, None]
+        else:
+            row = L
+            base = x_ptr + n.to(tl.int64) * C * row + offs_c[:, None] * row
+        l_start = s * (L_PER // BLOCK_L) * BLOCK_L
+        l_end = tl.minimum(l_start + (L_PER // BLOCK_L) * BLOCK_L, L)
         acc = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC)
-        for l0 in range(0, L, BLOCK_L):
+        for l0 in range(l_start, l_end, BLOCK_L):
             offs_l = l0 + tl.arange(0, BLOCK_L)
-            m = mask_c[:, None] & (offs_l[None, :] < L)
-            v = tl.load(base + offs_l[None, :] * sxl, mask=m, other=0.0)
+            m = mask_c[:, None] & (offs_l[None, :] < l_end)
+            if CL:
+                v = tl.load(base + offs_l[None, :] * row, mask=m, other=0.0)
+            else:
+                v = tl.load(base + offs_l[None, :], mask=m, other=0.0)
             acc += v.to(ACC)
-        s = tl.sum(acc, axis=1) * inv_l
-        tl.store(out_ptr + pid_n * C + offs_c, s, mask=mask_c)
+        part = tl.sum(acc, axis=1) / L  # integer L promotes to ACC: exact divisor in fp64
+        tl.store(part_ptr + (s * N + n).to(tl.int64) * C + offs_c, part, mask=mask_c)
 
-    @triton.jit
-    def _apply_fwd_kernel(x_ptr, y_ptr, a_ptr, b_ptr, pi_ptr, C, L,
-                          sxn, sxc, sxl, syn, syc, syl, sak, sac,
-                          K: tl.constexpr, HAS_B: tl.constexpr, HAS_PI: tl.constexpr,
+    _INTS_FWD = ["N", "C", "L", "K", "C_BLOCKS", "L_BLOCKS"]
+
+    @triton.jit(do_not_specialize=_INTS_FWD)
+    def _apply_fwd_kernel(x_ptr, y_ptr, a_ptr, b_ptr, pi_ptr, N, C, L, K, C_BLOCKS, L_BLOCKS,
+                          HAS_PI: tl.constexpr, CL: tl.constexpr, VEC: tl.constexpr,
                           BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, ACC: tl.constexpr):
-        pid_l = tl.program_id(0)
-        pid_c = tl.program_id(1)
-        pid_n = tl.program_id(2)
-        offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+        pid = tl.program_id(0)
+        # The unit-stride length is a multiple of VEC (the host checked). Saying so by arithmetic
+        # (tl.multiple_of has no op to annotate on an unspecialised argument) keeps masks and
+        # offsets constant / aligned over VEC elements, so the loads vectorise.
+        if CL:
+            C = (C // VEC) * VEC
+        else:
+            L = (L // VEC) * VEC
+        if CL:  # neighbouring programs take neighbouring tiles in memory
+            cb = pid % C_BLOCKS
+            rest = pid // C_BLOCKS
+            lb = rest % L_BLOCKS
+            n = rest // L_BLOCKS
+        else:
+            lb = pid % L_BLOCKS
+            rest = pid // L_BLOCKS
+            cb = rest % C_BLOCKS
+            n = rest // C_BLOCKS
+        offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        offs_l = lb * BLOCK_L + tl.arange(0, BLOCK_L)
         mask_c = offs_c < C
         mask_l = offs_l < L
         m = mask_c[:, None] & mask_l[None, :]
-        n64 = pid_n.to(tl.int64)
-        x = tl.load(x_ptr + n64 * sxn + offs_c[:, None] * sxc + offs_l[None, :] * sxl, mask=m, other=0.0)
-        x = x.to(ACC)
-        coef = pid_n * K * sak + offs_c * sac
-        a0 = tl.load(a_ptr + coef, mask=mask_c, other=0.0)
-        best = x * a0[:, None]
-        if HAS_B:
-            b0 = tl.load(b_ptr + coef, mask=mask_c, other=0.0)
-            best = best + b0[:, None]
-        for k in tl.static_range(1, K):
-            ak = tl.load(a_ptr + coef + k * sak, mask=mask_c, other=0.0)
-            u = x * ak[:, None]
-            if HAS_B:
-                bk = tl.load(b_ptr + coef + k * sak, mask=mask_c, other=0.0)
-                u = u + bk[:, None]
-            best = tl.maximum(best, u)
+        if CL:
+            row = C
+            offs = n.to(tl.int64) * L * row + offs_l[None, :] * row + offs_c[:, None]
+        else:
+            row = L
+            offs = n.to(tl.int64) * C * row + offs_c[:, None] * row + offs_l[None, :]
+        x = tl.load(x_ptr + offs, mask=m, other=0.0).to(ACC)
+        coef = n * K * C + offs_c
+        best = x * tl.load(a_ptr + coef, mask=mask_c, other=0.0)[:, None] \
+            + tl.load(b_ptr + coef, mask=mask_c, other=0.0)[:, None]
+        if K > 1:  # K is a runtime value (1..MAX_K): one compiled kernel serves every K
+            a1 = tl.load(a_ptr + coef + C, mask=mask_c, other=0.0)
+            b1 = tl.load(b_ptr + coef + C, mask=mask_c, other=0.0)
+            best = tl.maximum(best, x * a1[:, None] + b1[:, None])
+        if K > 2:
+            a2 = tl.load(a_ptr + coef + 2 * C, mask=mask_c, other=0.0)
+            b2 = tl.load(b_ptr + coef + 2 * C, mask=mask_c, other=0.0)
+            best = tl.maximum(best, x * a2[:, None] + b2[:, None])
         if HAS_PI:
-            p = tl.load(pi_ptr + pid_n * L + offs_l, mask=mask_l, other=0.0).to(ACC)
+            p = tl.load(pi_ptr + n.to(tl.int64) * L + offs_l, mask=mask_l, other=0.0).to(ACC)
             best = best * p[None, :]
-        tl.store(y_ptr + n64 * syn + offs_c[:, None] * syc + offs_l[None, :] * syl,
-                 best.to(y_ptr.dtype.element_ty), mask=m)
+        tl.store(y_ptr + offs, best.to(y_ptr.dtype.element_ty), mask=m)
 
-    @triton.jit
-    def _apply_bwd_kernel(g_ptr, x_ptr, gx_ptr, a_ptr, b_ptr, pi_ptr, sgx_ptr, sg_ptr, gpi_ptr,
-                          C, L, L_PER_PROG,
-                          sgn, sgc, sgl, sxn, sxc, sxl, son, soc, sol, sak, sac,
-                          K: tl.constexpr, KP: tl.constexpr, HAS_B: tl.constexpr,
-                          HAS_PI: tl.constexpr, NEED_PI: tl.constexpr,
+    _INTS_BWD = ["N", "C", "L", "K", "L_PER", "C_BLOCKS"]
+
+    @triton.jit(do_not_specialize=_INTS_BWD)
+    def _apply_bwd_kernel(g_ptr, x_ptr, gx_ptr, a_ptr, b_ptr, pi_ptr, psx_ptr, ps_ptr, ppi_ptr,
+                          N, C, L, K, L_PER, C_BLOCKS,
+                          HAS_PI: tl.constexpr, CL: tl.constexpr, VEC: tl.constexpr,
                           BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, ACC: tl.constexpr):
-        pid_s = tl.program_id(0)
-        pid_c = tl.program_id(1)
-        pid_n = tl.program_id(2)
-        offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        pid = tl.program_id(0)
+        # The unit-stride length is a multiple of VEC (the host checked). Saying so by arithmetic
+        # (tl.multiple_of has no op to annotate on an unspecialised argument) keeps masks and
+        # offsets constant / aligned over VEC elements, so the loads vectorise.
+        if CL:
+            C = (C // VEC) * VEC
+        else:
+            L = (L // VEC) * VEC
+        cb = pid % C_BLOCKS
+        rest = pid // C_BLOCKS
+        n = rest % N
+        s = rest // N
+        offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
-        n64 = pid_n.to(tl.int64)
-        coef = pid_n * K * sak + offs_c * sac
-        kidx = tl.arange(0, KP)
-        acc_sx = tl.zeros([BLOCK_C, KP], dtype=ACC)
-        acc_s = tl.zeros([BLOCK_C, KP], dtype=ACC)
-        l_start = pid_s * L_PER_PROG
-        l_end = tl.minimum(l_start + L_PER_PROG, L)
+        n64 = n.to(tl.int64)
+        if CL:
+            row = C
+        else:
+            row = L
+        # the coefficients of this program's channels, loaded once (not per L step)
+        coef = n * K * C + offs_c
+        a0 = tl.load(a_ptr + coef, mask=mask_c, other=0.0)
+        b0 = tl.load(b_ptr + coef, mask=mask_c, other=0.0)
+        a1 = a0
+        b1 = b0
+        a2 = a0
+        b2 = b0
+        if K > 1:
+            a1 = tl.load(a_ptr + coef + C, mask=mask_c, other=0.0)
+            b1 = tl.load(b_ptr + coef + C, mask=mask_c, other=0.0)
+        if K > 2:
+            a2 = tl.load(a_ptr + coef + 2 * C, mask=mask_c, other=0.0)
+            b2 = tl.load(b_ptr + coef + 2 * C, mask=mask_c, other=0.0)
+        sx0 = tl.zeros([BLOCK_C], dtype=ACC)
+        s0 = tl.zeros([BLOCK_C], dtype=ACC)
+        sx1 = tl.zeros([BLOCK_C], dtype=ACC)
+        s1 = tl.zeros([BLOCK_C], dtype=ACC)
+        sx2 = tl.zeros([BLOCK_C], dtype=ACC)
+        s2 = tl.zeros([BLOCK_C], dtype=ACC)
+        l_start = s * (L_PER // BLOCK_L) * BLOCK_L
+        l_end = tl.minimum(l_start + (L_PER // BLOCK_L) * BLOCK_L, L)
         for l0 in range(l_start, l_end, BLOCK_L):
             offs_l = l0 + tl.arange(0, BLOCK_L)
             mask_l = offs_l < l_end
             m = mask_c[:, None] & mask_l[None, :]
-            x = tl.load(x_ptr + n64 * sxn + offs_c[:, None] * sxc + offs_l[None, :] * sxl, mask=m, other=0.0)
-            g = tl.load(g_ptr + n64 * sgn + offs_c[:, None] * sgc + offs_l[None, :] * sgl, mask=m, other=0.0)
-            x = x.to(ACC)
-            g = g.to(ACC)
-            a0 = tl.load(a_ptr + coef, mask=mask_c, other=0.0)
-            best = x * a0[:, None]
-            if HAS_B:
-                b0 = tl.load(b_ptr + coef, mask=mask_c, other=0.0)
-                best = best + b0[:, None]
+            if CL:
+                offs = n64 * L * row + offs_l[None, :] * row + offs_c[:, None]
+            else:
+                offs = n64 * C * row + offs_c[:, None] * row + offs_l[None, :]
+            x = tl.load(x_ptr + offs, mask=m, other=0.0).to(ACC)
+            g = tl.load(g_ptr + offs, mask=m, other=0.0).to(ACC)
+            best = x * a0[:, None] + b0[:, None]
             a_sel = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC) + a0[:, None]
             sel = tl.zeros([BLOCK_C, BLOCK_L], dtype=tl.int32)
-            for k in tl.static_range(1, K):
-                ak = tl.load(a_ptr + coef + k * sak, mask=mask_c, other=0.0)
-                u = x * ak[:, None]
-                if HAS_B:
-                    bk = tl.load(b_ptr + coef + k * sak, mask=mask_c, other=0.0)
-                    u = u + bk[:, None]
+            if K > 1:
+                u = x * a1[:, None] + b1[:, None]
                 better = u > best
                 best = tl.where(better, u, best)
-                sel = tl.where(better, k, sel)
-                a_sel = tl.where(better, ak[:, None], a_sel)
+                a_sel = tl.where(better, a1[:, None], a_sel)
+                sel = tl.where(better, 1, sel)
+            if K > 2:
+                u = x * a2[:, None] + b2[:, None]
+                better = u > best
+                best = tl.where(better, u, best)
+                a_sel = tl.where(better, a2[:, None], a_sel)
+                sel = tl.where(better, 2, sel)
             if HAS_PI:
-                p = tl.load(pi_ptr + pid_n * L + offs_l, mask=mask_l, other=0.0).to(ACC)
-                if NEED_PI:
-                    tl.atomic_add(gpi_ptr + pid_n * L + offs_l, tl.sum(g * best, axis=0), mask=mask_l)
+                p = tl.load(pi_ptr + n64 * L + offs_l, mask=mask_l, other=0.0).to(ACC)
+                gpi = tl.sum(g * best, axis=0)
+                tl.store(ppi_ptr + (cb * N + n).to(tl.int64) * L + offs_l, gpi, mask=mask_l)
                 g = g * p[None, :]
-            tl.store(gx_ptr + n64 * son + offs_c[:, None] * soc + offs_l[None, :] * sol,
-                     (g * a_sel).to(gx_ptr.dtype.element_ty), mask=m)
+            tl.store(gx_ptr + offs, (g * a_sel).to(gx_ptr.dtype.element_ty), mask=m)
             gxx = g * x
-            for k in tl.static_range(K):
-                is_k = sel == k
-                part_sx = tl.sum(tl.where(is_k, gxx, 0.0), axis=1)
-                part_s = tl.sum(tl.where(is_k, g, 0.0), axis=1)
-                acc_sx += tl.where(kidx[None, :] == k, part_sx[:, None], 0.0)
-                acc_s += tl.where(kidx[None, :] == k, part_s[:, None], 0.0)
-        out = pid_n * K * C + kidx[None, :] * C + offs_c[:, None]
-        mk = mask_c[:, None] & (kidx[None, :] < K)
-        tl.atomic_add(sgx_ptr + out, acc_sx, mask=mk)
-        tl.atomic_add(sg_ptr + out, acc_s, mask=mk)
+            sx0 += tl.sum(tl.where(sel == 0, gxx, 0.0), axis=1)
+            s0 += tl.sum(tl.where(sel == 0, g, 0.0), axis=1)
+            if K > 1:
+                sx1 += tl.sum(tl.where(sel == 1, gxx, 0.0), axis=1)
+                s1 += tl.sum(tl.where(sel == 1, g, 0.0), axis=1)
+            if K > 2:
+                sx2 += tl.sum(tl.where(sel == 2, gxx, 0.0), axis=1)
+                s2 += tl.sum(tl.where(sel == 2, g, 0.0), axis=1)
+        out = (s * N + n).to(tl.int64) * K * C + offs_c
+        tl.store(psx_ptr + out, sx0, mask=mask_c)
+        tl.store(ps_ptr + out, s0, mask=mask_c)
+        if K > 1:
+            tl.store(psx_ptr + out + C, sx1, mask=mask_c)
+            tl.store(ps_ptr + out + C, s1, mask=mask_c)
+        if K > 2:
+            tl.store(psx_ptr + out + 2 * C, sx2, mask=mask_c)
+            tl.store(ps_ptr + out + 2 * C, s2, mask=mask_c)
 
 
-def _tiles(x3: torch.Tensor):
-    """(BLOCK_C, BLOCK_L, num_warps): long tiles along the unit-stride dimension."""
-    c, l = x3.shape[1], x3.shape[2]
-    if x3.stride(2) == 1 or c == 1:
-        bl = min(256, triton.next_power_of_2(max(l, 1)))
-        bc = max(1, min(triton.next_power_of_2(c), 2048 // bl))
-    else:  # channels_last: C is the unit-stride dimension
-        bc = min(64, triton.next_power_of_2(c))
-        bl = max(1, min(triton.next_power_of_2(max(l, 1)), 2048 // bc))
-    if interpreting():  # the interpreter runs one program at a time: fewer, bigger tiles
-        bc = min(triton.next_power_of_2(c), 64)
-        bl = min(triton.next_power_of_2(max(l, 1)), 64)
-    return bc, bl, 4
+# ---------------------------------------------------------------------------------------------
+# planning: shapes -> (grid, constexprs, num_warps); no tensors touched, so tests can enumerate
+# ---------------------------------------------------------------------------------------------
+def _p2(v: int) -> int:
+    return 1 << max(0, int(v) - 1).bit_length()
 
 
-def _acc_torch(x3: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x3.dtype == torch.float64 else torch.float32
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
-def _acc(x3: torch.Tensor):
-    return tl.float64 if x3.dtype == torch.float64 else tl.float32
+def layout_of(shape, strides) -> Optional[int]:
+    """_NCHW, _CL or None (needs a copy) for an (N, C, L) view."""
+    n, c, l = shape
+    s0, s1, s2 = strides
+    rows_ok = n == 1 or s0 == c * l
+    if l > 1 and s2 == 1 and (c == 1 or s1 == l) and rows_ok:
+        return _NCHW
+    if (c == 1 or s1 == 1) and (l == 1 or s2 == c) and rows_ok:
+        return _CL
+    return None
+
+
+def _vec(row: int, itemsize: int) -> int:
+    """The vector-width hint: 16 bytes of elements when the row length allows it, else 1.
+
+    Only these two values, so each dtype and tile class has two configurations, not five.
+    """
+    v = max(1, 16 // itemsize)
+    return v if row % v == 0 else 1
+
+
+def tiles(c: int, l: int, layout: int, itemsize: int, warps: int = 8, backward: bool = False):
+    """(BLOCK_C, BLOCK_L, num_warps): one of two tile classes per layout, long along unit stride.
+
+    NCHW: 64 along L for L <= 64 (7x7, 8x6 maps: 49 and 48), else 256 (14x14 and up);
+    channels_last and (N, C) inputs: 16 along C for C < 64 (the wide early maps of the thin
+    MobileNets, C = 8..48), else 64 (C = 64..2048). The other side fills the tile to TILE_ELEMS
+    (half for 8-byte dtypes). Tiles are not clipped to the tensor: masked lanes cost little next
+    to one more compiled configuration (see tests/test_triton_aot.py).
+
+    8 warps for the apply kernels. Forward: 8 elements per thread (one 16-byte load per tensor
+    for bf16); with 16, ptxas on sm_90 capped some configurations at 64-72 registers and spilled.
+    Backward: half the tile, 4 elements per thread. Its per-channel state (K coefficient pairs
+    hoisted out of the L loop, 2K running sums) is held once per channel a thread covers, and a
+    16-byte channels_last vector covers 8 channels: at 8 elements per thread it took 204-255
+    registers (one block per SM), at 4 it takes <= 128 (tests/test_triton_aot.py prints them).
+    The pool keeps one accumulator: 4 warps.
+    """
+    elems = TILE_ELEMS // (2 if itemsize > 4 else 1) // (2 if backward else 1)
+    if layout == _NCHW:
+        bl = 64 if l <= 64 else 256
+        bc = max(1, elems // bl)
+    else:
+        bc = 16 if c < 64 else 64
+        bl = max(1, elems // bc)
+    return bc, bl, warps
+
+
+def _split(n: int, c_blocks: int, l: int, bl: int):
+    """(split, L_PER): L-splits so that N x C-blocks x split reaches TARGET_PROGRAMS; shape only."""
+    split = max(1, min(_cdiv(l, bl), _cdiv(TARGET_PROGRAMS, n * c_blocks)))
+    l_per = _cdiv(_cdiv(l, split), bl) * bl
+    return _cdiv(l, l_per), l_per
+
+
+class Plan(NamedTuple):
+    kernel: str  # attribute name of the jit function in this module
+    grid: tuple
+    ints: dict  # the unspecialised integer arguments
+    meta: dict  # constexprs
+    num_warps: int
+    split: int  # number of partial-sum slots (pool / backward)
+
+    def key(self, dtypes) -> tuple:
+        return (self.kernel, tuple(str(d) for d in dtypes), tuple(sorted((k, str(v)) for k, v in self.meta.items())),
+                self.num_warps)
+
+
+def _acc_torch(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def arg_dtypes(kernel: str, dtype: torch.dtype) -> tuple:
+    """The dtypes of a kernel's tensor arguments for inputs of ``dtype`` (the launches' contract)."""
+    acc = _acc_torch(dtype)
+    return {
+        "_pool_kernel": (dtype, acc),
+        "_apply_fwd_kernel": (dtype, dtype, acc, acc, acc),
+        "_apply_bwd_kernel": (dtype, dtype, dtype, acc, acc, acc, acc, acc, acc),
+    }[kernel]
+
+
+def _acc_name(dtype: torch.dtype) -> str:
+    return "float64" if dtype == torch.float64 else "float32"
+
+
+def _meta(layout, row, itemsize, bc, bl, dtype):
+    return dict(CL=layout == _CL, VEC=_vec(row, itemsize), BLOCK_C=bc, BLOCK_L=bl, ACC=_acc_name(dtype))
+
+
+@functools.lru_cache(maxsize=4096)  # pure; saves Python time per launch
+def plan_pool(shape, layout: int, dtype: torch.dtype) -> Plan:
+    n, c, l = shape
+    itemsize = dtype.itemsize
+    bc, bl, warps = tiles(c, l, layout, itemsize, warps=4)
+    c_blocks = _cdiv(c, bc)
+    split, l_per = _split(n, c_blocks, l, bl)
+    row = c if layout == _CL else l
+    return Plan("_pool_kernel", (c_blocks * n * split,), dict(N=n, C=c, L=l, L_PER=l_per, C_BLOCKS=c_blocks),
+                _meta(layout, row, itemsize, bc, bl, dtype), warps, split)
+
+
+@functools.lru_cache(maxsize=4096)  # pure; saves Python time per launch
+def plan_forward(shape, layout: int, dtype: torch.dtype, k: int, has_pi: bool) -> Plan:
+    n, c, l = shape
+    itemsize = dtype.itemsize
+    bc, bl, warps = tiles(c, l, layout, itemsize)
+    c_blocks, l_blocks = _cdiv(c, bc), _cdiv(l, bl)
+    row = c if layout == _CL else l
+    meta = dict(HAS_PI=has_pi, **_meta(layout, row, itemsize, bc, bl, dtype))
+    return Plan("_apply_fwd_kernel", (n * c_blocks * l_blocks,),
+                dict(N=n, C=c, L=l, K=k, C_BLOCKS=c_blocks, L_BLOCKS=l_blocks), meta, warps, 1)
+
+
+@functools.lru_cache(maxsize=4096)  # pure; saves Python time per launch
+def plan_backward(shape, layout: int, dtype: torch.dtype, k: int, has_pi: bool) -> Plan:
+    n, c, l = shape
+    itemsize = dtype.itemsize
+    bc, bl, warps = tiles(c, l, layout, itemsize, backward=True)
+    c_blocks = _cdiv(c, bc)
+    split, l_per = _split(n, c_blocks, l, bl)
+    row = c if layout == _CL else l
+    meta = dict(HAS_PI=has_pi, **_meta(layout, row, itemsize, bc, bl, dtype))
+    return Plan("_apply_bwd_kernel", (c_blocks * n * split,),
+                dict(N=n, C=c, L=l, K=k, L_PER=l_per, C_BLOCKS=c_blocks), meta, warps, split)
+
+
+# ---------------------------------------------------------------------------------------------
+# launching: device guard, and a guarded first launch per configuration
+# ---------------------------------------------------------------------------------------------
+_OK: set = set()
+_FAILED: dict = {}
+MAX_REGISTERS = 128  # per thread, apply kernels: 2 blocks of 8 warps per SM
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms_of(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _has_maxnreg() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+
+        return "maxnreg" in CUDAOptions.__dataclass_fields__
+    except Exception:  # pragma: no cover - other Triton builds
+        return False
 
 
-def _num_sms(device: torch.device) -> int:
+def launch_options(plan: Plan) -> dict:
+    """Compile options of a launch (the AOT test compiles with the same).
+
+    The apply kernels get ``maxnreg``: without it ptxas 13 sometimes settled on 64 registers and
+    spilled (fp32 backward on sm_80), and the backward's worst class took 150 (fewer resident
+    blocks); capped at 128 both compile without spills.
+    """
+    opts = {"num_warps": plan.num_warps}
+    if plan.kernel != "_pool_kernel" and _has_maxnreg():
+        opts["maxnreg"] = MAX_REGISTERS
+    return opts
+
+
+def device_guard(device: torch.device):
+    """Launch on the tensor's GPU, not the current one (a model on cuda:1 without set_device)."""
     if device.type == "cuda":
-        return _num_sms_of(device.index if device.index is not None else torch.cuda.current_device())
-    return 1
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
-def pool(x3: torch.Tensor) -> torch.Tensor:
-    """Mean over L of an (N, C, L) view, as fp32 (N, C)."""
-    n, c, l = x3.shape
-    out = torch.empty(n, c, device=x3.device, dtype=_acc_torch(x3))
-    bc, bl, warps = _tiles(x3)
-    bl = min(bl, 128) if x3.stride(2) == 1 else bl
-    grid = (triton.cdiv(c, bc), n)
-    _pool_kernel[grid](x3, out, c, l, *x3.stride(), 1.0 / l, BLOCK_C=bc, BLOCK_L=bl, ACC=_acc(x3), num_warps=warps)
-    return out
+def _launch(plan: Plan, device: torch.device, tensors: tuple) -> bool:
+    """Runs the plan; False when this configuration has failed (the caller uses torch kernels).
+
+    The first launch of each configuration (dtypes, constexprs, warps, device) is guarded: a
+    compile or launch error gives one warning naming it and marks the configuration failed for
+    the rest of the process. Later launches are not wrapped (cost nothing extra). Under
+    DYRELU_FUSED_BACKEND=triton the error propagates.
+    """
+    # the input dtype fixes every tensor's dtype (arg_dtypes, checked below on the first launch)
+    key = (plan.kernel, tuple(plan.meta.items()), plan.num_warps, tensors[1 if plan.kernel == "_apply_bwd_kernel" else 0].dtype, device)
+    meta = dict(plan.meta, ACC=getattr(tl, plan.meta["ACC"]))
+    fn = globals()[plan.kernel]
+    if key in _OK:
+        with device_guard(device):
+            fn[plan.grid](*tensors, *plan.ints.values(), **meta, **launch_options(plan))
+        return True
+    if key in _FAILED:
+        return False
+    expected = arg_dtypes(plan.kernel, tensors[0].dtype if plan.kernel != "_apply_bwd_kernel" else tensors[1].dtype)
+    if tuple(t.dtype for t in tensors) != expected:  # the AOT test compiles `expected`: keep them equal
+        raise AssertionError(f"{plan.kernel}: tensor dtypes {[t.dtype for t in tensors]} != {expected}")
+    try:
+        with device_guard(device):
+            fn[plan.grid](*tensors, *plan.ints.values(), **meta, **launch_options(plan))
+    except Exception as err:
+        if strict():
+            raise
+        _FAILED[key] = f"{type(err).__name__}: {err}"
+        warnings.warn(
+            f"dyrelu: Triton kernel {plan.kernel} {plan.meta} num_warps={plan.num_warps} failed on {device} "
+            f"({type(err).__name__}: {str(err).strip()[:500]}); this configuration uses the torch "
+            "kernels from now on (set DYRELU_FUSED_BACKEND=triton to raise instead)",
+            RuntimeWarning, stacklevel=3,
+        )
+        return False
+    _OK.add(key)
+    return True
 
 
-def apply_forward(x3: torch.Tensor, a: torch.Tensor, b: Optional[torch.Tensor], pi: Optional[torch.Tensor]) -> torch.Tensor:
-    n, c, l = x3.shape
+def _prepare(x3: torch.Tensor):
+    """(x3 in a kernel layout, layout): unsupported strides are copied to NCHW once."""
+    layout = layout_of(tuple(x3.shape), x3.stride())
+    if layout is None:
+        x3 = x3.contiguous()
+        layout = layout_of(tuple(x3.shape), x3.stride())
+    return x3, layout
+
+
+def _like(t: torch.Tensor, x3: torch.Tensor, layout: int) -> torch.Tensor:
+    """``t`` (same shape as x3) in x3's layout: the kernels index g and x with the same offsets."""
+    if layout_of(tuple(t.shape), t.stride()) == layout:
+        return t
+    if layout == _NCHW:
+        return t.contiguous()
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _coefs(a: torch.Tensor, b: Optional[torch.Tensor], c: int, acc: torch.dtype):
+    a = a.to(acc).expand(-1, -1, c).contiguous()
+    b = torch.zeros_like(a) if b is None else b.to(acc).expand(-1, -1, c).contiguous()
+    return a, b
+
+
+def pool(x3: torch.Tensor) -> Optional[torch.Tensor]:
+    """Mean over L of an (N, C, L) view in the accumulation dtype, or None (fell back)."""
+    x3, layout = _prepare(x3)
+    plan = plan_pool(tuple(x3.shape), layout, x3.dtype)
+    n, c, _ = x3.shape
+    part = torch.empty(plan.split, n, c, device=x3.device, dtype=_acc_torch(x3.dtype))
+    if not _launch(plan, x3.device, (x3, part)):
+        return None
+    return part[0] if plan.split == 1 else part.sum(0)
+
+
+def apply_forward(x3, a, b, pi) -> Optional[torch.Tensor]:
+    """y3 (x3's layout), or None when K is beyond MAX_K or this configuration fell back."""
     k = a.shape[1]
+    if k > MAX_K:
+        return None
+    x3, layout = _prepare(x3)
+    n, c, _ = x3.shape
+    plan = plan_forward(tuple(x3.shape), layout, x3.dtype, k, pi is not None)
+    af, bf = _coefs(a, b, c, _acc_torch(x3.dtype))
     y3 = torch.empty_strided(x3.shape, x3.stride(), dtype=x3.dtype, device=x3.device)
-    bc, bl, warps = _tiles(x3)
-    sak, sac = a.shape[2], (1 if a.shape[2] == c else 0)
-    grid = (triton.cdiv(l, bl), triton.cdiv(c, bc), n)
-    _apply_fwd_kernel[grid](
-        x3, y3, a, a if b is None else b, x3 if pi is None else pi, c, l,
-        *x3.stride(), *y3.stride(), sak, sac,
-        K=k, HAS_B=b is not None, HAS_PI=pi is not None, BLOCK_C=bc, BLOCK_L=bl, ACC=_acc(x3), num_warps=warps,
-    )
+    pi = af if pi is None else pi.to(af.dtype)  # pi in the accumulation dtype: one config per x dtype
+    if not _launch(plan, x3.device, (x3, y3, af, bf, pi)):
+        return None
     return y3
 
 
 def apply_backward(g3, x3, a, b, pi, need_pi: bool):
-    """grad_x (like x3), sum_gx and sum_g (N, K, C) fp32, grad_pi (N, 1, L) fp32 or None."""
-    n, c, l = x3.shape
+    """(grad_x, sum_gx, sum_g, grad_pi) with (N, K, C) sums and (N, 1, L) grad_pi, or None."""
     k = a.shape[1]
+    if k > MAX_K:
+        return None
+    x3, layout = _prepare(x3)
+    g3 = _like(g3, x3, layout)
+    n, c, l = x3.shape
+    acc = _acc_torch(x3.dtype)
+    plan = plan_backward(tuple(x3.shape), layout, x3.dtype, k, pi is not None)
+    af, bf = _coefs(a, b, c, acc)
     gx3 = torch.empty_strided(x3.shape, x3.stride(), dtype=x3.dtype, device=x3.device)
-    sum_gx = torch.zeros(n, k, c, device=x3.device, dtype=_acc_torch(x3))
-    sum_g = torch.zeros(n, k, c, device=x3.device, dtype=_acc_torch(x3))
-    gpi = torch.zeros(n, 1, l, device=x3.device, dtype=_acc_torch(x3)) if (pi is not None and need_pi) else None
-    bc, bl, warps = _tiles(x3)
-    c_blocks = triton.cdiv(c, bc)
-    # enough programs to fill the GPU: split L when N * C-blocks is small
-    want = 4 * _num_sms(x3.device)
-    split = max(1, min(triton.cdiv(l, bl), triton.cdiv(want, n * c_blocks)))
-    l_per = triton.cdiv(triton.cdiv(l, split), bl) * bl
-    split = triton.cdiv(l, l_per)
-    sak, sac = a.shape[2], (1 if a.shape[2] == c else 0)
-    grid = (split, c_blocks, n)
-    _apply_bwd_kernel[grid](
-        g3, x3, gx3, a, a if b is None else b, x3 if pi is None else pi,
-        sum_gx, sum_g, sum_gx if gpi is None else gpi,
-        c, l, l_per, *g3.stride(), *x3.stride(), *gx3.stride(), sak, sac,
-        K=k, KP=triton.next_power_of_2(k), HAS_B=b is not None, HAS_PI=pi is not None,
-        NEED_PI=gpi is not None, BLOCK_C=bc, BLOCK_L=bl, ACC=_acc(x3), num_warps=warps,
-    )
+    psx = torch.empty(plan.split, n, k, c, device=x3.device, dtype=acc)
+    ps = torch.empty_like(psx)
+    ppi = psx if pi is None else torch.empty(plan.ints["C_BLOCKS"], n, 1, l, device=x3.device, dtype=acc)
+    pi = af if pi is None else pi.to(acc)
+    if not _launch(plan, x3.device, (g3, x3, gx3, af, bf, pi, psx, ps, ppi)):
+        return None
+    sum_gx = psx[0] if plan.split == 1 else psx.sum(0)
+    sum_g = ps[0] if plan.split == 1 else ps.sum(0)
+    gpi = None
+    if ppi is not psx and need_pi:
+        gpi = ppi[0] if ppi.shape[0] == 1 else ppi.sum(0)
     return gx3, sum_gx, sum_g, gpi

@@ -10,7 +10,10 @@ _torch_kernels.py). Ties pick the lowest k.
 
 Backends (``select_backend``):
   triton  CUDA tensors when Triton imports (CPU tensors too when TRITON_INTERPRET=1 and
-          forced with DYRELU_FUSED_BACKEND=triton: that is how the tests run the kernels);
+          forced with DYRELU_FUSED_BACKEND=triton: that is how the tests run the kernels).
+          A kernel configuration whose first launch raises (compile error, unsupported GPU)
+          warns once and runs the torch kernels from then on; K > 3 always does. Forced
+          DYRELU_FUSED_BACKEND=triton raises instead;
   bn      CPU eager: ATen batch-norm loops used as per-(n, c) affine / reduction kernels;
   torch   plain broadcast ops: any device, any layout, and always under torch.compile,
           where Dynamo traces this Function (forward and backward) into the graph and
@@ -90,14 +93,13 @@ def _forward_kernels(ctx, x, a, b, pi, backend):
     x3 = _as3d(x)
     cdt = tk.compute_dtype(x.dtype)
     af, bf, pi3 = _coef(a, cdt), _coef(b, cdt), _pi3(pi, n)
-    if backend == "triton":
-        y3 = _triton.apply_forward(x3, af.contiguous(), None if bf is None else bf.contiguous(), pi3)
-    elif backend == "bn" and tk.bn_ok(x3):
+    y3 = _triton.apply_forward(x3, af, bf, pi3) if backend == "triton" else None  # None: fell back
+    if y3 is None and backend == "bn" and tk.bn_ok(x3):
         rows = tk.Rows(af, bf, c)
         if ctx is not None:
             ctx.rows = rows
         y3 = tk.bn_forward(x3, rows, pi3)
-    else:
+    elif y3 is None:
         y3 = tk.torch_forward(x3, af, bf, pi3)
     return _unview(y3, x.shape)
 
@@ -113,7 +115,9 @@ def _backward_kernels(ctx, g, x, a, b, pi, backend, need_pi):
         return tk.bn_backward(g3, x3, rows, pi3, need_pi, cdt)
     af, bf = _coef(a, cdt), _coef(b, cdt)
     if backend == "triton":
-        return _triton.apply_backward(g3, x3, af.contiguous(), None if bf is None else bf.contiguous(), pi3, need_pi)
+        out = _triton.apply_backward(g3, x3, af, bf, pi3, need_pi)
+        if out is not None:
+            return out
     return tk.torch_backward(g3, x3, af, bf, pi3, need_pi)
 
 
@@ -197,7 +201,9 @@ class GlobalPool(torch.autograd.Function):
         x3 = _as3d(x)
         ctx.shape, ctx.length = x.shape, x3.shape[2]
         if backend == "triton":
-            return _triton.pool(x3).to(x.dtype)
+            pooled = _triton.pool(x3)
+            if pooled is not None:
+                return pooled.to(x.dtype)
         return x3.mean(2)
 
     @staticmethod

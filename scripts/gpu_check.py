@@ -1,0 +1,560 @@
+#!/usr/bin/env python
+"""The first run on a GPU machine: does the CUDA path work, and how fast is it?
+
+    python scripts/gpu_check.py --out gpu_check                 # everything, ~5 min on one H200
+    python scripts/gpu_check.py --out gpu_check --only a        # the correctness probe alone (~1 min)
+    python scripts/gpu_check.py --out /tmp/gc --device cpu --quick   # the script itself, tiny sizes (CI)
+
+Sections (run in the order a, d, e, b, c; docs/gpu.md says what each checks and the targets):
+  a  fused == reference on the device, output and every gradient: variants A/B/C, K=1/2/3,
+     fp32/bf16/fp16, NCHW and channels_last, N=1 and N=256; the backend that ran (Triton on
+     CUDA) and any fallback warning; backward twice bit for bit under deterministic algorithms;
+     an (N, C) input with N > 65535; the fp64 pool.
+  b  full training steps through scripts/bench_act.py: MobileNetV2 x1.0 at 224, batch 256,
+     bf16, channels_last, eager and torch.compile, then ResNet-50 (eager): img/s and peak memory
+     of DY-ReLU-B (fused) and of the public-style baseline against ReLU. Targets: >= 0.90x
+     ReLU's img/s and <= 1.15x its peak memory.
+  c  train.py on the demo data with bf16, channels_last, torch.compile and EMA for 2 epochs, then
+     resumed in the same run folder for a 3rd: the loss falls and the resume continues.
+  d  inference latency at batch 1 and 64 (eval, bf16, channels_last, eager), ReLU vs DY-ReLU-B.
+  e  a model on cuda:1 without torch.cuda.set_device (needs two GPUs).
+
+Writes DIR/gpu_check.json after every section (a timeout still leaves the finished ones) and
+DIR/gpu_check.md; exits 1 when any section failed (the others still run), 2 on bad arguments.
+A section whose packages are missing (e.g. hydra-core for c, timm for b/c/d) is skipped with
+the reason; so is work that would overrun --budget-s. Needs only torch (+ triton on CUDA) for a.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+SECTIONS = ("a", "b", "c", "d", "e")
+# Run order: the cheap sections first, then b (whose compiled setting is skipped when it would
+# leave too little of the budget for c), then c.
+ORDER = ("a", "d", "e", "b", "c")
+C_EST_S = {True: 20, False: 120}  # section c's cost, quick / full
+TITLES = {
+    "a": "fused vs reference (outputs and gradients)",
+    "b": "training throughput and memory (bench_act.py)",
+    "c": "train.py: bf16 + channels_last + compile + EMA, then resume",
+    "d": "inference latency, batch 1 and 64",
+    "e": "a model on cuda:1",
+}
+TARGET_SPEED = 0.90  # DY-ReLU-B fused img/s over ReLU's, at least
+TARGET_MEMORY = 1.15  # DY-ReLU-B fused peak memory over ReLU's, at most
+
+
+class Skip(Exception):
+    """The section cannot run here (missing package, one GPU, no time left): not a failure."""
+
+
+def missing(*modules: str) -> list:
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
+def need(*modules: str) -> None:
+    gone = missing(*modules)
+    if gone:
+        raise Skip(f"missing package(s): {', '.join(gone)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the run: budget, results file, summary
+# ---------------------------------------------------------------------------------------------
+class Run:
+    def __init__(self, args):
+        self.args = args
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.t0 = time.monotonic()
+        self.doc = {"device": args.device, "quick": args.quick, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "env": environment(args.device), "budget_s": args.budget_s, "sections": {}}
+        self.write()
+
+    def left(self) -> float:
+        return self.args.budget_s - (time.monotonic() - self.t0)
+
+    def write(self) -> None:
+        self.doc["elapsed_s"] = round(time.monotonic() - self.t0, 1)
+        self.doc["failures"] = [f"{k}: {f}" for k, s in self.doc["sections"].items() for f in s.get("failures", [])]
+        tmp = self.out / "gpu_check.json.tmp"
+        tmp.write_text(json.dumps(self.doc, indent=2, default=str))
+        tmp.replace(self.out / "gpu_check.json")
+        (self.out / "gpu_check.md").write_text(summary(self.doc))
+
+    def section(self, key: str, fn) -> None:
+        rec = {"title": TITLES[key], "status": "running"}
+        self.doc["sections"][key] = rec
+        self.write()
+        t = time.monotonic()
+        print(f"== ({key}) {TITLES[key]}", flush=True)
+        try:
+            if self.left() < 5:
+                raise Skip(f"out of time budget ({self.args.budget_s:.0f} s)")
+            rec.update(fn(self) or {})
+            rec["status"] = "fail" if rec.get("failures") else "pass"
+        except Skip as why:
+            rec.update(status="skip", reason=str(why))
+        except Exception as err:  # a crash is a failure of this section; the others still run
+            rec.update(status="fail", failures=rec.get("failures", []) + [f"{type(err).__name__}: {err}"],
+                       traceback=traceback.format_exc()[-4000:])
+        rec["seconds"] = round(time.monotonic() - t, 1)
+        print(f"   ({key}) {rec['status']} in {rec['seconds']} s" + (f": {rec.get('reason')}" if rec.get("reason") else ""),
+              *(f"\n   FAIL {f}" for f in rec.get("failures", [])), flush=True)
+        self.write()
+
+
+def environment(device: str) -> dict:
+    import torch
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "host": platform.node()}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception as err:
+        env["triton"] = f"unavailable ({type(err).__name__})"
+    if device == "cuda" and torch.cuda.is_available():
+        env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        env["cuda"] = torch.version.cuda
+        cap = torch.cuda.get_device_capability(0)
+        env["capability"] = f"sm_{cap[0]}{cap[1]}"
+    return env
+
+
+def summary(doc: dict) -> str:
+    lines = ["# gpu_check", "",
+             f"Device `{doc['device']}`{' (quick sizes)' if doc['quick'] else ''}; "
+             + ", ".join(f"{k} {v}" for k, v in doc["env"].items() if k != "host")
+             + f"; {doc['elapsed_s']} s of a {doc['budget_s']:.0f} s budget; started {doc['started']}.", "",
+             "| section | status | seconds | notes |", "|---|---|---|---|"]
+    for key, s in doc["sections"].items():
+        notes = s.get("reason") or "; ".join(s.get("failures", [])[:3]) or s.get("note", "")
+        lines.append(f"| ({key}) {s['title']} | {s['status']} | {s.get('seconds', '')} | {notes} |")
+    b = doc["sections"].get("b", {})
+    if b.get("rows"):
+        lines += ["", "Training steps (bench_act.py), ratios to ReLU in the same setting:", "",
+                  "| setting | variant | img/s | peak MB | img/s ratio | memory ratio |", "|---|---|---|---|---|---|"]
+        for r in b["rows"]:
+            lines.append(f"| {r['setting']} | {r['variant']} | {r.get('img_s', r.get('error', ''))} | "
+                         f"{r.get('peak_mem_mb', '')} | {r.get('speed_ratio', '')} | {r.get('memory_ratio', '')} |")
+    d = doc["sections"].get("d", {})
+    if d.get("rows"):
+        lines += ["", "Inference latency (ms per batch, median):", "", "| batch | relu | dyrelu_b | ratio |", "|---|---|---|---|"]
+        for r in d["rows"]:
+            lines.append(f"| {r['batch']} | {r['relu_ms']} | {r['dyrelu_b_ms']} | {r['ratio']} |")
+    c = doc["sections"].get("c", {})
+    if c.get("train_loss"):
+        lines += ["", f"train.py train_loss per epoch: {c['train_loss']}"]
+    if doc["failures"]:
+        lines += ["", "## Failures", ""] + [f"- {f}" for f in doc["failures"]]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) fused vs reference
+# ---------------------------------------------------------------------------------------------
+def _rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _module(c, variant, k, dtype, device, seed):
+    import torch
+    from dyrelu import DyReLU
+
+    torch.manual_seed(seed)
+    m = DyReLU(c, variant=variant, k=k, reduction=4, init_a=(1.0, 0.0, 0.5)[:k], init_b=(0.0, 0.0, 0.1)[:k])
+    with torch.no_grad():  # coefficients far from the init: segment crossings inside the data
+        for p in m.parameters():
+            p.normal_(0.0, 0.5)
+    return m.to(device=device, dtype=dtype)
+
+
+def _grads(m, x, impl, g):
+    import torch
+
+    m.impl = impl
+    m.zero_grad(set_to_none=True)
+    xi = x.detach().clone().requires_grad_(True)
+    y = m(xi)
+    y.backward(g.to(y.dtype))
+    out = {"y": y.detach(), "grad_x": xi.grad.detach()}
+    out.update({f"grad_{n}": p.grad.detach().clone() for n, p in m.named_parameters()})
+    torch.cuda.synchronize() if x.is_cuda else None
+    return out
+
+
+def section_a(run: Run) -> dict:
+    import torch
+    import dyrelu.fused as fused
+    from dyrelu.fused import _triton
+
+    dev = torch.device(run.args.device)
+    quick = run.args.quick
+    eps = {torch.float32: 1e-5, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+    # N=1 on a 28x28 map (L=784, 16-byte rows), N=256 on 7x7 (L=49: the unaligned-row kernels)
+    sizes = {1: (24, 28, 28), 256: (40, 7, 7)} if not quick else {2: (8, 5, 6)}
+    failures, cases, backends = [], [], set()
+    worst, worst_use = {}, {}  # largest relative error; largest error / its bound (<= 1 passes)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for n, (c, h, w) in sizes.items():
+            for variant in "ABC":
+                for k in (1, 2, 3):
+                    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                        for layout in ("nchw", "channels_last"):
+                            seed = len(cases)
+                            gen = torch.Generator().manual_seed(seed)
+                            x32 = torch.randn(n, c, h, w, generator=gen).to(dtype).float().to(dev)
+                            if layout == "channels_last":
+                                x32 = x32.contiguous(memory_format=torch.channels_last)
+                            g32 = torch.randn(x32.shape, generator=gen).to(dtype).float().to(dev)
+                            m = _module(c, variant, k, dtype, dev, seed)
+                            # truth: fp32 math with the same (rounded) weights and inputs
+                            truth = _grads(copy.deepcopy(m).float(), x32, "reference", g32)
+                            x = x32.to(dtype)
+                            backends.add(fused.select_backend(x))
+                            ref = _grads(m, x, "reference", g32)
+                            out = _grads(m, x, "fused", g32)
+                            if layout == "channels_last" and not out["y"].is_contiguous(memory_format=torch.channels_last):
+                                failures.append(f"{variant} K={k} {dtype} N={n}: output lost channels_last")
+                            errs, use = {}, 0.0
+                            for name, t in truth.items():
+                                e_f, e_r = _rel(out[name], t), _rel(ref[name], t)
+                                errs[name] = e_f
+                                # low precision: sums over few positions cancel (hyper-weight grads
+                                # of variant A); a wrong segment or index gives O(1) errors instead
+                                bound = max(4 * e_r, 32 * eps[dtype]) if dtype != torch.float32 else 10 * eps[dtype]
+                                use = max(use, e_f / bound)
+                                if not e_f <= bound:
+                                    failures.append(f"{variant} K={k} {str(dtype)[6:]} {layout} N={n} {name}: "
+                                                    f"rel err {e_f:.2e} > {bound:.2e} (reference's {e_r:.2e})")
+                            key = str(dtype)[6:]
+                            worst[key] = max(worst.get(key, 0.0), max(errs.values()))
+                            worst_use[key] = max(worst_use.get(key, 0.0), use)
+                            cases.append({"variant": variant, "k": k, "dtype": key, "layout": layout, "n": n,
+                                          "max_rel_err": max(errs.values())})
+        extra = _a_extras(dev, quick, failures)
+    fallbacks = [str(w.message) for w in caught if "dyrelu: Triton" in str(w.message)]
+    if dev.type == "cuda":
+        if backends != {"triton"}:
+            failures.append(f"backends used on cuda: {sorted(backends)} (expected triton: is Triton installed?)")
+        failures += [f"Triton fell back to torch: {f[:300]}" for f in fallbacks]
+    use = {k: round(v, 3) for k, v in worst_use.items()}
+    return {"failures": failures, "cases": len(cases), "backends": sorted(backends), "worst_rel_err": worst,
+            "worst_err_over_bound": use, "fallback_warnings": fallbacks, "triton_configs_ok": len(_triton._OK),
+            **extra, "note": f"{len(cases)} cases, backends {sorted(backends)}, worst error / bound {use}"}
+
+
+def _a_extras(dev, quick, failures) -> dict:
+    """Deterministic backward, N > 65535 rows, fp64 pool."""
+    import torch
+    from dyrelu.fused import global_pool
+    from dyrelu.fused.function import DyReLUApply, select_backend
+
+    out = {}
+    n = 64 if quick else 256
+    x = torch.randn(n, 40, 14, 14, device=dev).contiguous(memory_format=torch.channels_last)
+    a = torch.randn(n, 2, 40, device=dev, requires_grad=True)
+    b = torch.randn(n, 2, 40, device=dev, requires_grad=True)
+    pi = torch.rand(n, 1, 14, 14, device=dev, requires_grad=True)
+    g = torch.randn_like(x)
+    backend = select_backend(x)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(2):
+            xi = x.clone().requires_grad_(True)
+            torch.autograd.backward(DyReLUApply.apply(xi, a, b, pi, backend), g)
+            runs.append([t.grad.clone() for t in (xi, a, b, pi)])
+            for t in (a, b, pi):
+                t.grad = None
+        same = all(torch.equal(u, v) for u, v in zip(*runs))
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    out["deterministic_bitwise"] = same
+    if not same:
+        failures.append("backward twice under deterministic algorithms: results differ")
+    rows = 70_000 if not quick else 300
+    m = _module(64, "B", 2, torch.float32, dev, 0)
+    x2 = torch.randn(rows, 64, device=dev)
+    y_f = _grads(m, x2, "fused", torch.ones_like(x2))
+    y_r = _grads(m, x2, "reference", torch.ones_like(x2))
+    err = max(_rel(y_f[k], y_r[k]) for k in y_r)
+    out["many_rows_rel_err"] = err
+    if not err < 1e-5:
+        failures.append(f"(N, C) input with N={rows}: rel err {err:.2e}")
+    x64 = torch.randn(8, 16, 7, 9, device=dev, dtype=torch.float64) + 1
+    perr = _rel(global_pool(x64), x64.mean((2, 3)))
+    out["fp64_pool_rel_err"] = perr
+    if not perr < 1e-14:
+        failures.append(f"fp64 pool: rel err {perr:.2e} (an fp32 divisor gives ~1e-8)")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) training throughput and memory through bench_act.py
+# ---------------------------------------------------------------------------------------------
+def _bench(run: Run, argv: list, est_s: float) -> dict:
+    left = run.left()
+    reserve = C_EST_S[run.args.quick] if "c" in run.args.only else 0
+    if left - reserve < est_s:
+        raise Skip(f"needs ~{est_s:.0f} s, {left:.0f} s of the budget left ({reserve} s kept for c)")
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_act.py"), *argv]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=max(10.0, left))
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"bench_act.py did not finish in the {left:.0f} s left of the budget") from None
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench_act.py exited {proc.returncode}: {proc.stderr.strip()[-1500:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def section_b(run: Run) -> dict:
+    need("timm")
+    quick, dev = run.args.quick, run.args.device
+    if quick:
+        base = ["--device", dev, "--res", "32", "--batch", "4", "--num-classes", "10", "--steps", "1", "--warmup", "1"]
+        comp = ["--compile", "--compile-backend", "aot_eager"]
+    else:
+        base = ["--device", dev, "--res", "224", "--batch", "256", "--dtype", "bf16", "--channels-last",
+                "--steps", "8", "--warmup", "3"]
+        comp = ["--compile"]
+    mbv2, r50 = ("mbv2_035", "resnet50") if quick else ("mbv2_100", "resnet50")
+    fused_pub = "relu,dyrelu_b_fused,dyrelu_b_public_style"
+    # cheapest first: a budget overrun skips the compiled setting, not everything
+    settings = [
+        (f"{mbv2} eager", ["--model", mbv2, "--variants", fused_pub], 15 if quick else 45),
+        (f"{r50} eager", ["--model", r50, "--variants", "relu,dyrelu_b_fused"], 10 if quick else 30),
+        (f"{mbv2} compiled", ["--model", mbv2, "--variants", "relu,dyrelu_b_fused", *comp], 15 if quick else 120),
+    ]
+    if quick:  # the same path at the smallest cost: one setting, two variants (CI time)
+        settings = [(f"{mbv2} eager", ["--model", mbv2, "--variants", "relu,dyrelu_b_fused"], 15)]
+    rows, failures, skipped = [], [], []
+    for name, extra, est in settings:
+        try:
+            res = _bench(run, base + extra, est)
+        except Skip as why:
+            skipped.append(f"{name}: {why}")
+            continue
+        except Exception as err:
+            failures.append(f"{name}: {type(err).__name__}: {err}")
+            continue
+        ratios = res.get("ratios_to_relu", {})
+        for v, r in res["variants"].items():
+            row = {"setting": name, "variant": v}
+            if "error" in r:
+                row["error"] = r["error"]
+                failures.append(f"{name} {v}: {r['error']}")
+            else:
+                row.update(img_s=round(r["img_s"], 1), peak_mem_mb=round(r["peak_mem_mb"], 1), step_ms=round(r["step_ms"], 2))
+                q = ratios.get(v, {})
+                row.update(speed_ratio=round(q.get("img_s", 0), 3), memory_ratio=round(q.get("peak_mem") or 0, 3))
+            rows.append(row)
+            if v == "dyrelu_b_fused" and "error" not in r and dev == "cuda":
+                if row["speed_ratio"] < TARGET_SPEED:
+                    failures.append(f"{name}: dyrelu_b_fused {row['speed_ratio']:.3f}x ReLU img/s < {TARGET_SPEED} target")
+                if row["memory_ratio"] > TARGET_MEMORY:
+                    failures.append(f"{name}: dyrelu_b_fused {row['memory_ratio']:.3f}x ReLU memory > {TARGET_MEMORY} target")
+    out = {"rows": rows, "failures": failures, "skipped": skipped,
+           "targets": {"speed_ratio_min": TARGET_SPEED, "memory_ratio_max": TARGET_MEMORY,
+                       "checked": dev == "cuda"}}
+    if skipped:
+        out["note"] = "skipped " + "; ".join(skipped)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) train.py end to end, then resumed
+# ---------------------------------------------------------------------------------------------
+def section_c(run: Run) -> dict:
+    need("hydra", "omegaconf", "timm", "torchvision", "PIL")
+    quick, dev = run.args.quick, run.args.device
+    est = C_EST_S[quick]
+    if run.left() < est:
+        raise Skip(f"needs ~{est} s, {run.left():.0f} s of the budget left")
+    run_dir = run.out / "train_run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    common = ["data=demo", "model=mbv2_035", "act=dyrelu_b", f"trainer.device={dev}", "trainer.amp=bf16",
+              "trainer.channels_last=true", "trainer.ema_decay=0.99", "trainer.progress=false", "logger=csv",
+              "sched.epochs=3", "sched.warmup_epochs=0", f"hydra.run.dir={run_dir}"]
+    if quick:  # CPU: no inductor (minutes of C++ builds); tiny epochs
+        common += ["trainer.compile=false", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1",
+                   "data.batch_size=16", "data.num_workers=0", "data.train_per_class=8", "data.val_per_class=2",
+                   "data.crop_size=32", "data.val_resize=32", "data.image_size=36", "trainer.log_every=1"]
+    else:
+        common += ["trainer.compile=true", "data.num_workers=4", "trainer.log_every=10"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.setdefault("DYRELU_CACHE", str(run.out / "data_cache"))
+    env.setdefault("WANDB_MODE", "disabled")
+    for phase, epochs in (("first", 2), ("resume", 3)):
+        cmd = [sys.executable, str(ROOT / "train.py"), *common, f"trainer.max_epochs={epochs}"]
+        log_path = run.out / f"train_{phase}.log"
+        left = max(10.0, run.left())
+        with open(log_path, "w") as log:  # streamed: a timeout still leaves the log
+            try:
+                code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT), timeout=left).returncode
+            except subprocess.TimeoutExpired:
+                code = None
+        if code != 0:
+            tail = (log_path.read_text().strip().splitlines() or [""])[-1][:300]
+            why = f"did not finish in the {left:.0f} s left of the budget" if code is None else f"exited {code}: {tail}"
+            return {"failures": [f"train.py ({phase}, {epochs} epochs) {why} (log: {log_path.name})"],
+                    "command": " ".join(cmd)}
+        if phase == "first":
+            with open(run_dir / "metrics.csv") as f:
+                first_rows = list(csv.DictReader(f))
+    with open(run_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    losses = [float(r["train_loss"]) for r in rows]
+    results = json.loads((run_dir / "results.json").read_text())
+    failures = []
+    if [r["epoch"] for r in rows] != ["1", "2", "3"]:
+        failures.append(f"metrics.csv epochs {[r['epoch'] for r in rows]} != 1, 2, 3 after the resume")
+    elif [r["train_loss"] for r in rows[:2]] != [r["train_loss"] for r in first_rows]:
+        failures.append("the resume rewrote the first run's epochs")
+    if results.get("epochs") != 3:
+        failures.append(f"results.json epochs={results.get('epochs')} after resuming to 3")
+    if not (len(losses) == 3 and losses[-1] < losses[0]):
+        failures.append(f"train_loss did not fall: {losses}")
+    ema_keys = [k for k in rows[-1] if k.endswith("_ema") and rows[-1][k]]
+    if not ema_keys:
+        failures.append("no EMA metrics in metrics.csv (trainer.ema_decay=0.99)")
+    return {"failures": failures, "train_loss": [round(v, 4) for v in losses], "results": results,
+            "run_dir": str(run_dir), "note": f"train_loss {[round(v, 3) for v in losses]}"}
+
+
+# ---------------------------------------------------------------------------------------------
+# (d) inference latency
+# ---------------------------------------------------------------------------------------------
+def section_d(run: Run) -> dict:
+    need("timm")
+    import torch
+    import models
+
+    quick, dev = run.args.quick, torch.device(run.args.device)
+    name, res = ("mbv2_035", 32) if quick else ("mbv2_100", 224)
+    batches, steps = ((1, 4), 3) if quick else ((1, 64), 30)
+    fmt = torch.channels_last
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16)
+    timings = {}
+    for act in ("relu", "dyrelu_b"):
+        torch.manual_seed(0)
+        model = models.build_model(name, act=act, num_classes=1000).to(dev).to(memory_format=fmt).eval()
+        for bs in batches:
+            x = torch.randn(bs, 3, res, res, device=dev).contiguous(memory_format=fmt)
+            with torch.inference_mode(), autocast:
+                for _ in range(3):
+                    model(x)
+                ts = []
+                for _ in range(steps):
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize(dev)
+                    t = time.perf_counter()
+                    model(x)
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize(dev)
+                    ts.append(time.perf_counter() - t)
+            timings[(act, bs)] = statistics.median(ts) * 1e3
+        del model
+    rows = [{"batch": bs, "relu_ms": round(timings[("relu", bs)], 3), "dyrelu_b_ms": round(timings[("dyrelu_b", bs)], 3),
+             "ratio": round(timings[("dyrelu_b", bs)] / timings[("relu", bs)], 3)} for bs in batches]
+    return {"rows": rows, "model": name, "res": res, "failures": [],
+            "note": "; ".join(f"batch {r['batch']}: {r['dyrelu_b_ms']} ms ({r['ratio']}x ReLU)" for r in rows)}
+
+
+# ---------------------------------------------------------------------------------------------
+# (e) cuda:1
+# ---------------------------------------------------------------------------------------------
+def section_e(run: Run) -> dict:
+    import torch
+    import dyrelu.fused as fused
+
+    if run.args.device != "cuda":
+        raise Skip("needs CUDA")
+    if torch.cuda.device_count() < 2:
+        raise Skip(f"needs two GPUs, found {torch.cuda.device_count()}")
+    dev = torch.device("cuda", 1)
+    before = torch.cuda.current_device()
+    failures = []
+    for variant in "BC":
+        m = _module(32, variant, 2, torch.bfloat16, dev, 1)
+        x = torch.randn(8, 32, 14, 14, device=dev, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        g = torch.randn(x.shape, device=dev)
+        backend = fused.select_backend(x)
+        out = _grads(m, x, "fused", g)
+        ref = _grads(m, x, "reference", g)
+        err = max(_rel(out[k], ref[k]) for k in ref)
+        if out["y"].device != dev:
+            failures.append(f"{variant}: output on {out['y'].device}")
+        if not err < 0.05:
+            failures.append(f"{variant}: rel err {err:.2e} on cuda:1 (backend {backend})")
+    if torch.cuda.current_device() != before:
+        failures.append(f"current device changed from {before} to {torch.cuda.current_device()}")
+    return {"failures": failures, "note": f"backend {backend} on cuda:1, current device {before}"}
+
+
+FUNCS = {"a": section_a, "b": section_b, "c": section_c, "d": section_d, "e": section_e}
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="folder for gpu_check.json, gpu_check.md and logs")
+    p.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --quick: the CI run)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, not the GPU")
+    p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections to run, e.g. a or a,b")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="wall-clock budget: work that would overrun it is skipped (default 285; 900 with --quick)")
+    args = p.parse_args(argv)
+    if args.budget_s is None:
+        args.budget_s = 900.0 if args.quick else 285.0
+    if args.device not in ("cuda", "cpu"):
+        p.error(f"--device {args.device!r}: valid choices are cuda, cpu")
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    bad = [s for s in only if s not in SECTIONS]
+    if bad or not only:
+        p.error(f"--only {args.only!r}: valid sections are {', '.join(SECTIONS)}")
+    args.only = only
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--device cuda but torch sees no GPU (use --device cpu --quick to check the script)")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    run = Run(args)
+    for key in ORDER:
+        if key in args.only:
+            run.section(key, FUNCS[key])
+    run.write()
+    print(f"wrote {run.out / 'gpu_check.json'} and gpu_check.md in {run.doc['elapsed_s']} s; "
+          f"{len(run.doc['failures'])} failure(s)", flush=True)
+    return 1 if run.doc["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

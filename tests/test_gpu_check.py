@@ -1,0 +1,78 @@
+"""scripts/gpu_check.py works before anyone has a GPU: ``--device cpu --quick`` end to end."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow
+def test_quick_cpu_run_end_to_end(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.pop("DYRELU_FUSED_BACKEND", None)
+    proc = subprocess.run([sys.executable, "scripts/gpu_check.py", "--out", str(tmp_path), "--device", "cpu", "--quick"],
+                          capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=600)
+    doc = json.loads((tmp_path / "gpu_check.json").read_text())
+    status = {k: s["status"] for k, s in doc["sections"].items()}
+    assert proc.returncode == 0, (status, doc["failures"], proc.stdout[-2000:], proc.stderr[-2000:])
+    assert status == {"a": "pass", "b": "pass", "c": "pass", "d": "pass", "e": "skip"}, doc["failures"]
+    a = doc["sections"]["a"]
+    assert a["cases"] == 54 and a["deterministic_bitwise"] and a["backends"] == ["bn"]
+    b = {(r["setting"], r["variant"]): r for r in doc["sections"]["b"]["rows"]}
+    assert b[("mbv2_035 eager", "relu")]["speed_ratio"] == 1.0 and b[("mbv2_035 eager", "dyrelu_b_fused")]["img_s"] > 0
+    c = doc["sections"]["c"]
+    assert len(c["train_loss"]) == 3 and c["results"]["epochs"] == 3
+    assert [r["batch"] for r in doc["sections"]["d"]["rows"]] == [1, 4]
+    assert "two GPUs" in doc["sections"]["e"]["reason"] or "CUDA" in doc["sections"]["e"]["reason"]
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "| (a) fused vs reference" in md and "dyrelu_b_fused" in md
+
+
+def test_a_failing_section_does_not_stop_the_others(tmp_path, monkeypatch):
+    gc = _load()
+
+    def boom(run):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setitem(gc.FUNCS, "a", boom)
+    monkeypatch.setitem(gc.FUNCS, "d", lambda run: {"rows": [], "failures": [], "note": "ran"})
+    code = gc.main(["--out", str(tmp_path), "--device", "cpu", "--quick", "--only", "a,d,e"])
+    doc = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert code == 1
+    assert [doc["sections"][k]["status"] for k in "ade"] == ["fail", "pass", "skip"]
+    assert doc["failures"] == ["a: RuntimeError: kernel exploded"]
+    assert "kernel exploded" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_missing_package_skips_with_the_name(tmp_path, monkeypatch):
+    gc = _load()
+    real = gc.importlib.util.find_spec
+    monkeypatch.setattr(gc.importlib.util, "find_spec", lambda name, *a: None if name == "hydra" else real(name, *a))
+    assert gc.main(["--out", str(tmp_path), "--device", "cpu", "--quick", "--only", "c"]) == 0
+    c = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]["c"]
+    assert c["status"] == "skip" and c["reason"] == "missing package(s): hydra"
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--only", "a,x"], "valid sections are a, b, c, d, e"),
+    (["--device", "tpu"], "valid choices are cuda, cpu"),
+])
+def test_bad_arguments_name_the_value(tmp_path, capsys, argv, needle):
+    gc = _load()
+    with pytest.raises(SystemExit) as exc:
+        gc.main(["--out", str(tmp_path), *argv])
+    assert exc.value.code == 2 and needle in capsys.readouterr().err
