@@ -57,12 +57,29 @@ def _use_triton(x: Tensor) -> bool:
 
 
 def _moments_forward(x3: Tensor, cdt: torch.dtype) -> Tuple[Tensor, Tensor]:
-    """(per-(n, c) mean, per-(n, c) biased variance) over L, both (N, C) in ``cdt``."""
+    """(per-(n, c) mean, per-(n, c) biased variance) over L, both (N, C) in ``cdt``.
+
+    CPU: two passes over the (1, N*C, L) row view that ATen runs vectorised and in parallel: the
+    row means, then the inference-mode BN backward (sums only) with g = x and mean = the row mean,
+    which gives sum (x - m) x and sum x per row in one read; sum (x - m)^2 follows exactly in math.
+    (``torch.var_mean`` and the training-mode BN statistics take 5 to 20 times longer here.) In
+    float32 the variance keeps a relative error of about 2e-8 * (mean / std)^2 of a row.
+    """
+    n, c, l = x3.shape
     if _use_triton(x3):
         return _triton_bn.row_moments(x3)
+    if x3.device.type == "cpu" and x3.is_contiguous() and x3.dtype in tk.BN_DTYPES:
+        rows = n * c
+        x1 = x3.view(1, rows, l)
+        m = x1.mean(2, dtype=cdt).view(rows)
+        zeros, ones = tk._consts(rows, cdt)
+        _, s_xc, s_x = torch.ops.aten.native_batch_norm_backward(
+            x1, x1, ones, m, ones, None, None, False, 0.0, [False, True, True])
+        v = (s_xc.to(cdt) - m * (s_x.to(cdt) - l * m)) / l
+        return m.view(n, c), v.view(n, c)
     xc = x3 if x3.dtype == cdt else x3.to(cdt)
-    v, m = torch.var_mean(xc, dim=2, correction=0)
-    return m, v
+    m = xc.mean(2)
+    return m, (xc - m[:, :, None]).square().mean(2)
 
 
 class Moments(torch.autograd.Function):
