@@ -37,8 +37,8 @@ the first step to the end: it counts what the steps allocate on top of the model
             path per DY-ReLU (the ReLU model gets the same BN folding);
   onnxrt    the prepared model exported to ONNX (TorchScript exporter, opset 17) and run by ONNX
             Runtime's CPU provider with --threads intra-op threads (CPU only; skipped on CUDA).
-Each reports img/s (median of --inference-steps) and, in "inference", ratio_to_relu against the
-ReLU model run the same way. The public-style variant gets eager only. --no-train skips the
+Each reports img/s and cpu_img_s (medians of --inference-steps, wall clock and process CPU time)
+and, in "inference", ratio_to_relu / cpu_ratio_to_relu against the ReLU model run the same way. The public-style variant gets eager only. --no-train skips the
 training steps (e.g. for batch-1 inference at 224 px).
 
 The LAST stdout line is one JSON object:
@@ -208,22 +208,24 @@ def _train_timing(step, fn, args, device) -> dict:
     return result
 
 
-def _time_calls(call, device, warmup: int, steps: int) -> float:
-    """Median wall-clock seconds per call, after the warm-up calls."""
+def _time_calls(call, device, warmup: int, steps: int) -> tuple:
+    """(median wall-clock seconds, median process CPU seconds) per call, after the warm-up calls."""
     for _ in range(max(1, warmup)):
         call()
     _sync(device)
-    ts = []
+    ts, cs = [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         call()
         _sync(device)
         ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+        cs.append(time.process_time() - c0)
+    return statistics.median(ts), statistics.median(cs)
 
 
 def _inference_timing(variant, model, args, device, fmt, autocast, g) -> dict:
-    """{"batch_<n>": {"eager": img/s, "prepared": img/s, "onnxrt": img/s}} (ways that do not apply: absent)."""
+    """{"batch_<n>": {way: {"img_s", "cpu_img_s"}}} for way in eager / prepared / onnxrt (absent where it
+    does not apply)."""
     import tempfile
     import warnings
 
@@ -242,7 +244,8 @@ def _inference_timing(variant, model, args, device, fmt, autocast, g) -> dict:
         row = {}
         for way, fn in ways.items():
             with torch.inference_mode(), autocast:
-                row[way] = bs / _time_calls(lambda: fn(xb), device, args.warmup, args.inference_steps)
+                wall, cpu = _time_calls(lambda: fn(xb), device, args.warmup, args.inference_steps)
+                row[way] = {"img_s": bs / wall, "cpu_img_s": bs / cpu}
         out[f"batch_{bs}"] = row
     if "prepared" in ways and device.type == "cpu" and not args.no_onnx:
         try:
@@ -263,8 +266,8 @@ def _inference_timing(variant, model, args, device, fmt, autocast, g) -> dict:
             sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
             for bs in args.inference_batches:
                 xb = torch.randn(bs, 3, args.res, args.res, generator=g).numpy()
-                out[f"batch_{bs}"]["onnxrt"] = bs / _time_calls(lambda: sess.run(None, {"x": xb}), device,
-                                                                args.warmup, args.inference_steps)
+                wall, cpu = _time_calls(lambda: sess.run(None, {"x": xb}), device, args.warmup, args.inference_steps)
+                out[f"batch_{bs}"]["onnxrt"] = {"img_s": bs / wall, "cpu_img_s": bs / cpu}
     return out
 
 
@@ -349,7 +352,7 @@ def main(argv=None):
             elif "img_s" in r:
                 msg = f"{r['img_s']:.1f} img/s, peak {r['peak_mem_mb']:.0f} MB"
             else:
-                msg = "inference " + ", ".join(f"{k}: " + " ".join(f"{w} {t:.1f}" for w, t in row.items())
+                msg = "inference img/s " + ", ".join(f"{k}: " + " ".join(f"{w} {t['img_s']:.1f}" for w, t in row.items())
                                                for k, row in r.get("inference", {}).items())
             print(f"[{rep + 1}/{args.repeats}] {v}: {msg}", flush=True)
     variants, inference = {}, {}
@@ -374,9 +377,11 @@ def main(argv=None):
         if args.inference:
             for key, row in ok[0]["inference"].items():
                 for way in row:
-                    vals = [r["inference"][key][way] for r in ok]
+                    vals = [r["inference"][key][way]["img_s"] for r in ok]
+                    cpu = [r["inference"][key][way]["cpu_img_s"] for r in ok]
                     inference.setdefault(key, {}).setdefault(v, {})[way] = {
-                        "img_s": statistics.median(vals), "img_s_min": min(vals), "img_s_max": max(vals)}
+                        "img_s": statistics.median(vals), "img_s_min": min(vals), "img_s_max": max(vals),
+                        "cpu_img_s": statistics.median(cpu), "cpu_img_s_min": min(cpu), "cpu_img_s_max": max(cpu)}
     ratios = {}
     base = variants.get("relu", {})
     for v, r in variants.items():
@@ -390,9 +395,10 @@ def main(argv=None):
     for key, per in inference.items():
         for v, ways in per.items():
             for way, r in ways.items():
-                b = per.get("relu", {}).get(way, {}).get("img_s")
-                if b:
-                    r["ratio_to_relu"] = r["img_s"] / b
+                b = per.get("relu", {}).get(way, {})
+                if b.get("img_s"):
+                    r["ratio_to_relu"] = r["img_s"] / b["img_s"]
+                    r["cpu_ratio_to_relu"] = r["cpu_img_s"] / b["cpu_img_s"]
     import torch
 
     settings = {k: v for k, v in vars(args).items() if k != "worker"}
