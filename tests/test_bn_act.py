@@ -323,3 +323,19 @@ def test_triton_aot_compile(arch, tmp_path):
             assert res["local"] == 0 and res["stack"] == 0, f"{fn.fn.__name__} {dtype} {bc}x{bl} sm_{arch}: spills {res}"
             count += 1
     assert count >= 8
+
+
+def test_torch_compile_traces_fused_pair():
+    """Under torch.compile the pair is traced whole (fullgraph), running-stat update included."""
+    bn, act = _pair("C", 2, True, channels=8)
+    bn2, act2 = copy.deepcopy(bn), copy.deepcopy(act)
+    fn = torch.compile(lambda x: bn_dyrelu(x, bn, act), backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 8, 5, 6)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = fn(xa), act2(bn2(xb))
+    ya.sum().backward()
+    yb.sum().backward()
+    _close(ya, yb, 1e-5)
+    _close(xa.grad, xb.grad, 1e-5)
+    _close(bn.weight.grad, bn2.weight.grad, 1e-5)
+    _close(bn.running_var, bn2.running_var, 1e-6)

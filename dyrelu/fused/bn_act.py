@@ -53,7 +53,14 @@ def _as3d(x: Tensor) -> Tensor:
 
 
 def _use_triton(x: Tensor) -> bool:
+    if torch.compiler.is_compiling():  # plain torch ops: Dynamo traces them and Inductor fuses them
+        return False
     return select_backend(x) == "triton" and _triton_bn.available(x.device)
+
+
+def _rows_ok(x3: Tensor) -> bool:
+    """The CPU batch-norm-loop kernels apply (eager only)."""
+    return not torch.compiler.is_compiling() and tk.bn_ok(x3)
 
 
 def _moments_forward(x3: Tensor, cdt: torch.dtype) -> Tuple[Tensor, Tensor]:
@@ -68,7 +75,7 @@ def _moments_forward(x3: Tensor, cdt: torch.dtype) -> Tuple[Tensor, Tensor]:
     n, c, l = x3.shape
     if _use_triton(x3):
         return _triton_bn.row_moments(x3)
-    if x3.device.type == "cpu" and x3.is_contiguous() and x3.dtype in tk.BN_DTYPES:
+    if _rows_ok(x3):
         rows = n * c
         x1 = x3.view(1, rows, l)
         m = x1.mean(2, dtype=cdt).view(rows)
@@ -116,7 +123,7 @@ def _affine_rows(x3: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
     n, c, l = x3.shape
     if _use_triton(x3):
         return _triton_bn.affine_rows(x3, alpha.contiguous(), beta.contiguous())
-    if tk.bn_ok(x3):
+    if _rows_ok(x3):
         rows = n * c
         zeros, ones = tk._consts(rows, alpha.dtype)
         w = alpha.expand(n, c).reshape(rows)
