@@ -63,6 +63,7 @@ class InferenceDyReLU(nn.Module):
         self.k, self.width, self.channels, self.variant = k, w, m.channels, m.variant
         self.use_bias, self.dynamic_segments = m.use_bias, seg
         self.has_intercept = bool(m.has_intercept)
+        self.groups = (2 if m.use_bias else 1) * seg  # coefficient vectors the hyper function emits
         dt = m.fc1.weight.dtype
         self.register_buffer("w1", m.fc1.weight.detach().clone())
         self.register_buffer("b1", m.fc1.bias.detach().clone())
@@ -92,14 +93,14 @@ class InferenceDyReLU(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.channels}, variant={self.variant}, k={self.k}, use_bias={self.use_bias}"
 
-    def _apply_broadcast(self, x: torch.Tensor, coef: torch.Tensor, seg: int) -> torch.Tensor:
+    def _apply_broadcast(self, x: torch.Tensor, coef: tuple, seg: int) -> torch.Tensor:
         """max_k(a_k x + b_k) with broadcast ops: what traces and exports (ONNX: Mul, Add, Max)."""
         y = None
         for k in range(self.k):
             dynamic = k < seg
-            u = x * (coef[:, k] if dynamic else self.static_a[k].to(x.dtype))
+            u = x * (coef[k] if dynamic else self.static_a[k].to(x.dtype))
             if dynamic and self.use_bias:
-                u = u + coef[:, seg + k]
+                u = u + coef[seg + k]
             elif self.has_intercept:
                 u = u + self.static_b[k].to(x.dtype)
             y = u if y is None else torch.maximum(y, u)
@@ -133,15 +134,14 @@ class InferenceDyReLU(nn.Module):
         n = x.shape[0]
         pooled = x.mean(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x
         h = F.relu(F.linear(pooled, self.w1, self.b1))
-        coef = torch.addcmul(self.offset, self.scale, torch.sigmoid(F.linear(h, self.w2, self.b2)))
-        coef = coef.to(x.dtype)
-        if not _fast_ok(x):
-            coef = coef.reshape((n, -1, self.width) + (1,) * (x.dim() - 2))
-        seg = self.dynamic_segments
+        coef = torch.addcmul(self.offset, self.scale, torch.sigmoid(F.linear(h, self.w2, self.b2))).to(x.dtype)
+        groups = self.groups
         if _fast_ok(x):
-            y = self._apply_rows(x, coef.reshape(n, -1, self.width), seg)
+            y = self._apply_rows(x, coef.reshape(n, groups, self.width), self.dynamic_segments)
         else:
-            y = self._apply_broadcast(x, coef, seg)
+            # -1 for the batch: a constant target shape, no shape arithmetic in an exported graph
+            coef = coef.reshape((-1, groups, self.width) + (1,) * (x.dim() - 2))
+            y = self._apply_broadcast(x, coef.unbind(1), self.dynamic_segments)
         if self.spatial is not None:
             xs = x if x.dim() == 4 else x.reshape(n, x.shape[1], -1, 1)
             pi = spatial_attention(self.spatial(xs), self.tau)
