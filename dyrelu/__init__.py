@@ -3,6 +3,8 @@
 Imports torch only (no timm, torchvision, Hydra, models or data).
 """
 from .convert import convert
+from .fused.bn_act import BNDyReLU, bn_dyrelu
+from .inference import InferenceDyReLU, fold_batchnorm, prepare_for_inference
 from .core import Coefficients, DyReLU, set_tau
 from .registry import (
     ACT_NAMES,
@@ -30,5 +32,10 @@ __all__ = [
     "Maxout",
     "SEReLU",
     "convert",
+    "prepare_for_inference",
+    "fold_batchnorm",
+    "InferenceDyReLU",
+    "bn_dyrelu",
+    "BNDyReLU",
 ]
 __version__ = "0.1.0"

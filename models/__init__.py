@@ -30,6 +30,7 @@ __all__ = [
     "build_pose_model",
     "ActBuilder",
     "HYPER_SIZINGS",
+    "set_fuse_bn_act",
 ]
 
 _MODELS: Dict[str, Callable[..., nn.Module]] = {}
@@ -137,6 +138,15 @@ class ActBuilder:
     def static(self, spec: Any, channels: int) -> nn.Module:
         """A static activation (e.g. the ReLU kept at positions not selected for the dynamic act)."""
         return dyrelu.make_act(spec, channels)
+
+
+def set_fuse_bn_act(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Turn the fused BatchNorm + DY-ReLU on or off in every block of ``model`` that offers it
+    (``model.fuse_bn_act`` in the configs). Values, gradients and state_dict keys do not change."""
+    for m in model.modules():
+        if hasattr(type(m), "fuse_bn_act"):
+            m.fuse_bn_act = bool(enabled)
+    return model
 
 
 # Model files register themselves on import (they import register_model / ActBuilder from here).

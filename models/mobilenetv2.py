@@ -59,7 +59,9 @@ from torch import nn
 from timm.layers import make_divisible
 from dyrelu.errors import BadNameError
 
-from . import ActBuilder, register_model
+from dyrelu.fused.bn_act import bn_dyrelu
+
+from . import ActBuilder, register_model, set_fuse_bn_act
 
 __all__ = ["MobileNetV2", "InvertedResidual", "ConvBNAct", "MBV2_SETTINGS", "POSITIONS", "SITES", "MAXOUT_SITES"]
 
@@ -89,7 +91,13 @@ class ConvBNAct(nn.Sequential):
 
     With expansion K the conv has K*out_ch outputs (a depthwise conv keeps groups=in_ch and gets K
     filters per input channel), BN covers all K*out_ch, and ``act`` must map K*out_ch -> out_ch.
+    With ``fuse_bn_act`` (default; ``models.set_fuse_bn_act``) BN + DY-ReLU run as one fused op
+    (``dyrelu.fused.bn_act.bn_dyrelu``: same values, gradients and running stats, same state_dict
+    keys); it falls back to the plain sequence for other activations, SyncBatchNorm / global BN
+    and folded (inference-prepared) modules.
     """
+
+    fuse_bn_act = True
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 1, stride: int = 1, groups: int = 1,
                  act: Optional[nn.Module] = None, expansion: int = 1):
@@ -101,6 +109,11 @@ class ConvBNAct(nn.Sequential):
             self.reorder = _GroupsToBlocks(expansion)
         self.act = act if act is not None else nn.Identity()
         self.out_channels = out_ch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fuse_bn_act and "reorder" not in self._modules:
+            return bn_dyrelu(self.conv(x), self.bn, self.act)
+        return super().forward(x)
 
 
 class InvertedResidual(nn.Module):
@@ -171,7 +184,7 @@ class MobileNetV2(nn.Module):
                  positions: Optional[Sequence[str]] = None, dropout: Optional[float] = None,
                  dynamic_stem_last: bool = True, maxout_sites: Sequence[str] = MAXOUT_SITES,
                  hyper_sizing: str = "conv_in", hyper_min: int = 8, in_chans: int = 3,
-                 last_channels: Optional[int] = None):
+                 last_channels: Optional[int] = None, fuse_bn_act: bool = True):
         super().__init__()
         builder = ActBuilder(act, hyper_sizing=hyper_sizing, hyper_min=hyper_min)
         self.positions = _check_positions(positions)
@@ -210,6 +223,7 @@ class MobileNetV2(nn.Module):
         self.classifier = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.num_classes = num_classes
         _init_weights(self)
+        set_fuse_bn_act(self, fuse_bn_act)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv_head(self.blocks(self.stem(x)))
@@ -254,7 +268,8 @@ def _mbv2(width: float, act: Any, num_classes: int, **kwargs) -> MobileNetV2:
 
 @register_model
 def mbv2_035(act: Any = "relu", num_classes: int = 1000, **kwargs) -> MobileNetV2:
-    """MobileNetV2 x0.35 (dropout 0.1). kwargs: positions, dropout, dynamic_stem_last, maxout_sites, hyper_sizing, hyper_min."""
+    """MobileNetV2 x0.35 (dropout 0.1). kwargs: positions, dropout, dynamic_stem_last, maxout_sites, hyper_sizing,
+    hyper_min, fuse_bn_act."""
     return _mbv2(0.35, act, num_classes, **kwargs)
 
 

@@ -40,7 +40,7 @@ from torch import nn
 from timm.layers import SEModule, make_divisible
 from dyrelu.errors import BadNameError, BadValueError
 
-from . import ActBuilder, register_model
+from . import ActBuilder, register_model, set_fuse_bn_act
 from .mobilenetv2 import ConvBNAct, _init_weights
 
 __all__ = ["MobileNetV3", "MBV3_LARGE", "MBV3_SMALL"]
@@ -124,7 +124,7 @@ class Bneck(nn.Module):
 class MobileNetV3(nn.Module):
     def __init__(self, variant: str = "large", act: Any = "relu", num_classes: int = 1000,
                  se: Optional[bool] = None, dropout: Optional[float] = None, hyper_sizing: str = "act",
-                 hyper_min: int = 8, in_chans: int = 3):
+                 hyper_min: int = 8, in_chans: int = 3, fuse_bn_act: bool = True):
         super().__init__()
         if variant not in _ARCH:
             raise BadNameError(f"variant={variant!r} is not one of {sorted(_ARCH)}")
@@ -154,6 +154,7 @@ class MobileNetV3(nn.Module):
         self.classifier = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
         self.num_classes = num_classes
         _init_weights(self)
+        set_fuse_bn_act(self, fuse_bn_act)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv_last(self.blocks(self.stem(x)))
@@ -169,7 +170,7 @@ class MobileNetV3(nn.Module):
 
 @register_model
 def mbv3_large(act: Any = "relu", num_classes: int = 1000, **kwargs) -> MobileNetV3:
-    """MobileNetV3-Large 1.0 (dropout 0.2). kwargs: se, dropout, hyper_sizing, hyper_min."""
+    """MobileNetV3-Large 1.0 (dropout 0.2). kwargs: se, dropout, hyper_sizing, hyper_min, fuse_bn_act."""
     return MobileNetV3("large", act=act, num_classes=num_classes, **kwargs)
 
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from dyrelu.errors import BadNameError, BadValueError
 
-from . import ActBuilder, build_model
+from . import ActBuilder, build_model, set_fuse_bn_act
 from .mobilenetv2 import InvertedResidual, _SiteActs, _init_weights
 
 __all__ = ["build_pose_model", "PoseNet", "PoseHead", "POSE_BACKBONES"]
@@ -104,11 +104,12 @@ def build_pose_model(backbone: str, act: Any = "relu", head_act: Any = "relu", n
     if backbone not in POSE_BACKBONES:
         raise BadNameError(f"unknown pose backbone {backbone!r}; valid: {', '.join(POSE_BACKBONES)}")
     backbone_kwargs.pop("num_classes", None)
-    net = _strip_classifier(build_model(backbone, act=act, num_classes=0, **backbone_kwargs))
+    fuse_bn_act = bool(backbone_kwargs.pop("fuse_bn_act", True))
+    net = _strip_classifier(build_model(backbone, act=act, num_classes=0, fuse_bn_act=fuse_bn_act, **backbone_kwargs))
     sizing = {k: backbone_kwargs[k] for k in ("hyper_min",) if k in backbone_kwargs}
     head = PoseHead(net.num_features, num_joints, act=head_act, channels=head_channels or DEFAULT_HEAD_CHANNELS,
                     expansion=head_expansion, **sizing)
     _init_weights(head)
     nn.init.normal_(head.final.weight, std=0.001)  # Simple Baselines' init of the heatmap layer
     nn.init.zeros_(head.final.bias)
-    return PoseNet(net, head)
+    return set_fuse_bn_act(PoseNet(net, head), fuse_bn_act)

@@ -32,12 +32,21 @@ import torch
 from torch import nn
 from dyrelu.errors import BadValueError
 
-from . import ActBuilder, register_model
+from dyrelu.fused.bn_act import bn_dyrelu
+
+from . import ActBuilder, register_model, set_fuse_bn_act
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck"]
 
 
+def _bn_act(x: torch.Tensor, bn: nn.Module, act: nn.Module, fuse: bool) -> torch.Tensor:
+    """act(bn(x)), through the fused BN + DY-ReLU where ``fuse`` (it falls back by itself)."""
+    return bn_dyrelu(x, bn, act) if fuse else act(bn(x))
+
+
 class BasicBlock(nn.Module):
+    fuse_bn_act = True
+
     expansion = 1
 
     def __init__(self, in_ch: int, planes: int, stride: int, acts: ActBuilder):
@@ -52,12 +61,14 @@ class BasicBlock(nn.Module):
         self.act2 = acts(out, conv_in=planes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.act1(self.bn1(self.conv1(x)))
+        y = _bn_act(self.conv1(x), self.bn1, self.act1, self.fuse_bn_act)
         y = self.bn2(self.conv2(y))
         return self.act2(y + (x if self.downsample is None else self.downsample(x)))
 
 
 class Bottleneck(nn.Module):
+    fuse_bn_act = True
+
     expansion = 4
 
     def __init__(self, in_ch: int, planes: int, stride: int, acts: ActBuilder):
@@ -75,8 +86,8 @@ class Bottleneck(nn.Module):
         self.act3 = acts(out, conv_in=planes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.act1(self.bn1(self.conv1(x)))
-        y = self.act2(self.bn2(self.conv2(y)))
+        y = _bn_act(self.conv1(x), self.bn1, self.act1, self.fuse_bn_act)
+        y = _bn_act(self.conv2(y), self.bn2, self.act2, self.fuse_bn_act)
         y = self.bn3(self.conv3(y))
         return self.act3(y + (x if self.downsample is None else self.downsample(x)))
 
@@ -88,9 +99,12 @@ def _shortcut(in_ch: int, out: int, stride: int) -> Optional[nn.Module]:
 
 
 class ResNet(nn.Module):
+    fuse_bn_act = True
+
     def __init__(self, block: Type[Union[BasicBlock, Bottleneck]], layers: List[int], act: Any = "relu",
                  num_classes: int = 1000, dropout: float = 0.1, hyper_sizing: str = "conv_in",
-                 hyper_min: int = 8, in_chans: int = 3, zero_init_residual: bool = False):
+                 hyper_min: int = 8, in_chans: int = 3, zero_init_residual: bool = False,
+                 fuse_bn_act: bool = True):
         super().__init__()
         acts = ActBuilder(act, hyper_sizing=hyper_sizing, hyper_min=hyper_min)
         if acts.expansion != 1:
@@ -121,6 +135,7 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(in_ch, num_classes) if num_classes > 0 else nn.Identity()
         self.num_classes = num_classes
         self._init(zero_init_residual)
+        set_fuse_bn_act(self, fuse_bn_act)
 
     def _init(self, zero_init_residual: bool) -> None:
         from dyrelu import DyReLU
@@ -142,7 +157,10 @@ class ResNet(nn.Module):
                     nn.init.zeros_(m.bn2.weight)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
+        if self.fuse_bn_act and "act" in self.stem._modules:  # keeps the stem's keys (stem.conv, stem.bn, stem.act)
+            x = self.stem.pool(bn_dyrelu(self.stem.conv(x), self.stem.bn, self.stem.act))
+        else:
+            x = self.stem(x)
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

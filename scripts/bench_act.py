@@ -2,14 +2,19 @@
 """Wall-clock cost of DY-ReLU against ReLU: full training steps (forward, backward, SGD step).
 
     python scripts/bench_act.py --device cpu --model mbv2_035 --res 96 --batch 64 --steps 10 --warmup 3
+    python scripts/bench_act.py --device cpu --model mbv2_100 --res 224 --no-train --inference \
+        --variants relu,dyrelu_b_fused,dyrelu_c_fused --repeats 3
     python scripts/bench_act.py --device cuda --model mbv2_100 --res 224 --batch 256 --dtype bf16 \
         --channels-last --compile --inference
 
 Variants (same network from ``models.build_model``, same seed):
   relu                   the baseline network
   dyrelu_b_reference     DY-ReLU-B, impl="reference" (core.py's readable ops)
-  dyrelu_b_fused         DY-ReLU-B, impl="fused" (dyrelu.fused: custom autograd Function)
-  dyrelu_c_fused         DY-ReLU-C, impl="fused"
+  dyrelu_b_fused         DY-ReLU-B, impl="fused" (dyrelu.fused), BN + DY-ReLU fused (model default)
+  dyrelu_c_fused         DY-ReLU-C, impl="fused", BN + DY-ReLU fused
+  dyrelu_a_fused         DY-ReLU-A, impl="fused", BN + DY-ReLU fused (not in the default list)
+  dyrelu_b_fused_nobn    DY-ReLU-B, impl="fused", fuse_bn_act=False: BN, then the fused DY-ReLU
+                         (not in the default list)
   dyrelu_b_public_style  DY-ReLU-B applied as the public unofficial code writes it: permute x,
                          broadcast to (N, C, H, W, K), max over K (same hyper function weights)
 
@@ -25,6 +30,16 @@ peak_mem_mb: CUDA: torch.cuda.max_memory_allocated() over the timed steps (reset
 CPU: growth of the process's RSS high-water mark (resource.getrusage ru_maxrss) from just before
 the first step to the end: it counts what the steps allocate on top of the model and the batch
 (activations kept for backward, gradients, optimizer state, allocator caching), not the model.
+
+--inference: eval-mode forward at each of --inference-batches, three ways per variant:
+  eager     the model as built (model.eval(), torch.inference_mode; compiled with --compile);
+  prepared  dyrelu.prepare_for_inference(model, mode=--prepare-mode): BN folded, one precomputed
+            path per DY-ReLU (the ReLU model gets the same BN folding);
+  onnxrt    the prepared model exported to ONNX (TorchScript exporter, opset 17) and run by ONNX
+            Runtime's CPU provider with --threads intra-op threads (CPU only; skipped on CUDA).
+Each reports img/s and cpu_img_s (medians of --inference-steps, wall clock and process CPU time)
+and, in "inference", ratio_to_relu / cpu_ratio_to_relu against the ReLU model run the same way. The public-style variant gets eager only. --no-train skips the
+training steps (e.g. for batch-1 inference at 224 px).
 
 The LAST stdout line is one JSON object:
   {"variants": {name: {"img_s", "img_s_min", "img_s_max", "cpu_img_s", "cpu_img_s_min",
@@ -45,6 +60,8 @@ import sys
 import time
 
 VARIANTS = ("relu", "dyrelu_b_reference", "dyrelu_b_fused", "dyrelu_c_fused", "dyrelu_b_public_style")
+EXTRA_VARIANTS = ("dyrelu_a_fused", "dyrelu_b_fused_nobn")
+INFERENCE_WAYS = ("eager", "prepared", "onnxrt")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -99,8 +116,11 @@ def build(variant: str, args):
         "dyrelu_b_fused": {"name": "dyrelu_b", "impl": "fused"},
         "dyrelu_c_fused": {"name": "dyrelu_c", "impl": "fused"},
         "dyrelu_b_public_style": {"name": "dyrelu_b", "impl": "reference"},
+        "dyrelu_a_fused": {"name": "dyrelu_a", "impl": "fused"},
+        "dyrelu_b_fused_nobn": {"name": "dyrelu_b", "impl": "fused"},
     }[variant]
-    model = models.build_model(args.model, act=spec, num_classes=args.num_classes)
+    kwargs = {"fuse_bn_act": False} if variant == "dyrelu_b_fused_nobn" else {}
+    model = models.build_model(args.model, act=spec, num_classes=args.num_classes, **kwargs)
     if variant == "dyrelu_b_public_style":
         model = _swap_public_style(model)
     return model
@@ -147,9 +167,20 @@ def run_worker(variant: str, args) -> dict:
         opt.step()
 
     fn = model
-    if args.compile:
+    if args.compile and not args.no_train:
         fn = torch.compile(model, backend=args.compile_backend)
     result = {"variant": variant}
+    if not args.no_train:
+        result.update(_train_timing(step, fn, args, device))
+    if args.inference:
+        result["inference"] = _inference_timing(variant, model, args, device, fmt, autocast, g)
+    return result
+
+
+def _train_timing(step, fn, args, device) -> dict:
+    import torch
+
+    result = {}
     rss0 = _rss_peak_mb()
     for _ in range(args.warmup):
         step(fn)
@@ -174,25 +205,70 @@ def run_worker(variant: str, args) -> dict:
         result["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     else:
         result["peak_mem_mb"] = _rss_peak_mb() - rss0
-
-    if args.inference:
-        model.eval()
-        fn_eval = torch.compile(model, backend=args.compile_backend) if args.compile else model
-        result["inference"] = {}
-        for bs in args.inference_batches:
-            xb = torch.randn(bs, 3, args.res, args.res, generator=g).to(device).contiguous(memory_format=fmt)
-            with torch.inference_mode(), autocast:
-                for _ in range(max(1, args.warmup)):
-                    fn_eval(xb)
-                _sync(device)
-                ts = []
-                for _ in range(args.inference_steps):
-                    t0 = time.perf_counter()
-                    fn_eval(xb)
-                    _sync(device)
-                    ts.append(time.perf_counter() - t0)
-            result["inference"][f"batch_{bs}"] = bs / statistics.median(ts)
     return result
+
+
+def _time_calls(call, device, warmup: int, steps: int) -> tuple:
+    """(median wall-clock seconds, median process CPU seconds) per call, after the warm-up calls."""
+    for _ in range(max(1, warmup)):
+        call()
+    _sync(device)
+    ts, cs = [], []
+    for _ in range(steps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        call()
+        _sync(device)
+        ts.append(time.perf_counter() - t0)
+        cs.append(time.process_time() - c0)
+    return statistics.median(ts), statistics.median(cs)
+
+
+def _inference_timing(variant, model, args, device, fmt, autocast, g) -> dict:
+    """{"batch_<n>": {way: {"img_s", "cpu_img_s"}}} for way in eager / prepared / onnxrt (absent where it
+    does not apply)."""
+    import tempfile
+    import warnings
+
+    import torch
+
+    import dyrelu
+
+    model.eval()
+    ways = {"eager": torch.compile(model, backend=args.compile_backend) if args.compile else model}
+    if variant != "dyrelu_b_public_style":
+        example = torch.randn(1, 3, args.res, args.res, generator=g).to(device).contiguous(memory_format=fmt)
+        ways["prepared"] = dyrelu.prepare_for_inference(model, mode=args.prepare_mode, example_input=example)
+    out = {}
+    for bs in args.inference_batches:
+        xb = torch.randn(bs, 3, args.res, args.res, generator=g).to(device).contiguous(memory_format=fmt)
+        row = {}
+        for way, fn in ways.items():
+            with torch.inference_mode(), autocast:
+                wall, cpu = _time_calls(lambda: fn(xb), device, args.warmup, args.inference_steps)
+                row[way] = {"img_s": bs / wall, "cpu_img_s": bs / cpu}
+        out[f"batch_{bs}"] = row
+    if "prepared" in ways and device.type == "cpu" and not args.no_onnx:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return out
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "model.onnx")
+            x0 = torch.randn(1, 3, args.res, args.res, generator=g)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(dyrelu.prepare_for_inference(model.cpu().float()), (x0,), path, dynamo=False, opset_version=17,
+                                  input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = torch.get_num_threads()
+            opts.inter_op_num_threads = 1
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+            for bs in args.inference_batches:
+                xb = torch.randn(bs, 3, args.res, args.res, generator=g).numpy()
+                wall, cpu = _time_calls(lambda: sess.run(None, {"x": xb}), device, args.warmup, args.inference_steps)
+                out[f"batch_{bs}"]["onnxrt"] = {"img_s": bs / wall, "cpu_img_s": bs / cpu}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,14 +306,20 @@ def parse(argv=None):
     p.add_argument("--inference", action="store_true", help="also time eval-mode forward at --inference-batches")
     p.add_argument("--inference-batches", type=lambda s: [int(v) for v in s.split(",")], default=[1, 64])
     p.add_argument("--inference-steps", type=int, default=10)
+    p.add_argument("--prepare-mode", default="eager", choices=["eager", "jit", "compile"],
+                   help="dyrelu.prepare_for_inference mode of the 'prepared' inference timing")
+    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime inference timing")
+    p.add_argument("--no-train", action="store_true", help="skip the training steps (use with --inference)")
     p.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
     p.add_argument("--repeats", type=int, default=1, help="round-robin repeats of all variants")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    bad = [v for v in args.variants if v not in VARIANTS]
+    bad = [v for v in args.variants if v not in VARIANTS + EXTRA_VARIANTS]
     if bad:
-        p.error(f"unknown variants {bad}; valid: {', '.join(VARIANTS)}")
+        p.error(f"unknown variants {bad}; valid: {', '.join(VARIANTS + EXTRA_VARIANTS)}")
+    if args.no_train and not args.inference:
+        p.error("--no-train needs --inference (there would be nothing to time)")
     return args
 
 
@@ -259,34 +341,47 @@ def main(argv=None):
         sys.path.insert(0, ROOT)
         print(json.dumps(run_worker(args.worker, args)))
         return None
+    load_start = os.getloadavg()
     runs = {v: [] for v in args.variants}
     for rep in range(args.repeats):
         for v in args.variants:
             r = _spawn(v, argv)
             runs[v].append(r)
-            msg = f"{r['img_s']:.1f} img/s, peak {r['peak_mem_mb']:.0f} MB" if "img_s" in r else r["error"]
+            if "error" in r:
+                msg = r["error"]
+            elif "img_s" in r:
+                msg = f"{r['img_s']:.1f} img/s, peak {r['peak_mem_mb']:.0f} MB"
+            else:
+                msg = "inference img/s " + ", ".join(f"{k}: " + " ".join(f"{w} {t['img_s']:.1f}" for w, t in row.items())
+                                               for k, row in r.get("inference", {}).items())
             print(f"[{rep + 1}/{args.repeats}] {v}: {msg}", flush=True)
     variants, inference = {}, {}
     for v, rs in runs.items():
-        ok = [r for r in rs if "img_s" in r]
+        ok = [r for r in rs if "error" not in r]
         if not ok:
             variants[v] = {"error": rs[-1].get("error", "failed")}
             continue
-        speeds = [r["img_s"] for r in ok]
-        variants[v] = {
-            "img_s": statistics.median(speeds),
-            "img_s_min": min(speeds),
-            "img_s_max": max(speeds),
-            "cpu_img_s": statistics.median(r["cpu_img_s"] for r in ok),
-            "cpu_img_s_min": min(r["cpu_img_s"] for r in ok),
-            "cpu_img_s_max": max(r["cpu_img_s"] for r in ok),
-            "step_ms": statistics.median(r["step_ms"] for r in ok),
-            "peak_mem_mb": statistics.median(r["peak_mem_mb"] for r in ok),
-            "runs": len(ok),
-        }
+        if not args.no_train:
+            speeds = [r["img_s"] for r in ok]
+            variants[v] = {
+                "img_s": statistics.median(speeds),
+                "img_s_min": min(speeds),
+                "img_s_max": max(speeds),
+                "cpu_img_s": statistics.median(r["cpu_img_s"] for r in ok),
+                "cpu_img_s_min": min(r["cpu_img_s"] for r in ok),
+                "cpu_img_s_max": max(r["cpu_img_s"] for r in ok),
+                "step_ms": statistics.median(r["step_ms"] for r in ok),
+                "peak_mem_mb": statistics.median(r["peak_mem_mb"] for r in ok),
+                "runs": len(ok),
+            }
         if args.inference:
-            for key in ok[0]["inference"]:
-                inference.setdefault(key, {})[v] = {"img_s": statistics.median(r["inference"][key] for r in ok)}
+            for key, row in ok[0]["inference"].items():
+                for way in row:
+                    vals = [r["inference"][key][way]["img_s"] for r in ok]
+                    cpu = [r["inference"][key][way]["cpu_img_s"] for r in ok]
+                    inference.setdefault(key, {}).setdefault(v, {})[way] = {
+                        "img_s": statistics.median(vals), "img_s_min": min(vals), "img_s_max": max(vals),
+                        "cpu_img_s": statistics.median(cpu), "cpu_img_s_min": min(cpu), "cpu_img_s_max": max(cpu)}
     ratios = {}
     base = variants.get("relu", {})
     for v, r in variants.items():
@@ -296,16 +391,18 @@ def main(argv=None):
                 "cpu_img_s": r["cpu_img_s"] / base["cpu_img_s"],
                 "peak_mem": r["peak_mem_mb"] / base["peak_mem_mb"] if base["peak_mem_mb"] > 0 else None,
             }
-    if inference and "relu" in args.variants:
-        for key, per in inference.items():
-            b = per.get("relu", {}).get("img_s")
-            for v, r in per.items():
-                if b:
-                    r["ratio_to_relu"] = r["img_s"] / b
+    # each way against ReLU run the same way (prepared vs prepared, ONNX Runtime vs ONNX Runtime)
+    for key, per in inference.items():
+        for v, ways in per.items():
+            for way, r in ways.items():
+                b = per.get("relu", {}).get(way, {})
+                if b.get("img_s"):
+                    r["ratio_to_relu"] = r["img_s"] / b["img_s"]
+                    r["cpu_ratio_to_relu"] = r["cpu_img_s"] / b["cpu_img_s"]
     import torch
 
     settings = {k: v for k, v in vars(args).items() if k != "worker"}
-    settings.update(torch=torch.__version__, threads=args.threads or torch.get_num_threads(),
+    settings.update(loadavg_start=load_start, loadavg_end=os.getloadavg(), torch=torch.__version__, threads=args.threads or torch.get_num_threads(),
                     peak_mem="cuda max_memory_allocated" if args.device == "cuda" else "cpu ru_maxrss growth over the steps")
     out = {"variants": variants, "ratios_to_relu": ratios, "device": device_name(args.device), "settings": settings}
     if args.inference:

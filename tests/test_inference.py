@@ -1,0 +1,99 @@
+"""dyrelu.prepare_for_inference: BN folding + one precomputed path per DY-ReLU, same outputs."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import dyrelu
+import models
+from dyrelu.inference import InferenceDyReLU, fold_batchnorm, prepare_for_inference
+
+
+def _randomise_bn(model: nn.Module) -> nn.Module:
+    """Non-trivial running statistics and affine parameters, so that folding has work to do."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+            if isinstance(m, dyrelu.DyReLU):
+                m.fc2.weight.copy_(torch.randn(m.fc2.weight.shape, generator=g) * 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name,act", [
+    ("mbv2_035", "dyrelu_a"), ("mbv2_035", "dyrelu_b"), ("mbv2_035", "dyrelu_c"), ("mbv2_035", "relu"),
+    ("mbv3_small", "dyrelu_b"), ("resnet10", "dyrelu_c"),
+    ("mbv2_035", {"name": "dyrelu_b", "k": 3, "dynamic_segments": 2}),
+    ("mbv2_035", {"name": "dyrelu_b", "use_bias": False, "init_b": [0.1, 0.0]}),
+])
+def test_prepared_matches_eval_model(name, act):
+    torch.manual_seed(0)
+    model = _randomise_bn(models.build_model(name, act=act, num_classes=7))
+    prepared = prepare_for_inference(model)
+    assert not any(isinstance(m, (nn.BatchNorm2d, dyrelu.DyReLU)) for m in prepared.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules()), "the original is left alone"
+    for shape in [(1, 3, 64, 64), (3, 3, 48, 40)]:
+        x = torch.randn(shape)
+        with torch.inference_mode():
+            want = model(x)
+            got = prepared(x)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        with torch.no_grad():  # the broadcast (trace / export) path
+            torch.testing.assert_close(prepared(x.requires_grad_()), want, rtol=1e-4, atol=1e-5)
+
+
+def test_inference_dyrelu_matches_module_on_all_shapes():
+    torch.manual_seed(1)
+    for variant in ("A", "B", "C"):
+        m = dyrelu.DyReLU(6, variant=variant, k=2, reduction=2).eval()
+        with torch.no_grad():
+            m.fc2.weight.normal_(0, 0.5)
+        inf = InferenceDyReLU(m)
+        shapes = [(2, 6, 5, 7), (1, 6, 3, 3), (2, 6, 9)] + ([(3, 6)] if variant != "C" else [])
+        for shape in shapes:
+            x = torch.randn(shape)
+            with torch.inference_mode():
+                torch.testing.assert_close(inf(x), m(x), rtol=1e-5, atol=1e-6)
+
+
+def test_fold_batchnorm_counts_and_bad_mode():
+    model = _randomise_bn(models.build_model("resnet10", act="relu", num_classes=3))
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert fold_batchnorm(model) == n_bn  # conv/bn siblings, the stem and the shortcut Sequentials
+    with pytest.raises(ValueError, match="mode='fast' is not one of"):
+        prepare_for_inference(model, mode="fast")
+    with pytest.raises(ValueError, match="example_input"):
+        prepare_for_inference(model, mode="jit")
+
+
+def test_jit_mode_and_onnx_export(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = _randomise_bn(models.build_model("mbv2_035", act="dyrelu_c", num_classes=5))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        want = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = prepare_for_inference(model, mode="jit", example_input=x)
+        with torch.no_grad():
+            torch.testing.assert_close(traced(x), want, rtol=1e-4, atol=1e-5)
+        path = tmp_path / "prepared.onnx"
+        prepared = prepare_for_inference(model)
+        torch.onnx.export(prepared, (x,), str(path), dynamo=False, opset_version=17, input_names=["x"],
+                          dynamic_axes={"x": {0: "n"}})
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for n in (2, 1):
+        got = torch.from_numpy(sess.run(None, {"x": x[:n].numpy()})[0])
+        torch.testing.assert_close(got, want[:n], rtol=1e-4, atol=1e-4)
+
+
+def test_exported_from_package():
+    assert dyrelu.prepare_for_inference is prepare_for_inference
