@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _torch_kernels as tk
-from . import _triton, _triton_bn
+from . import _triton_bn
 from .function import global_pool, piecewise_apply, select_backend
 
 __all__ = ["bn_dyrelu", "supports_bn_act", "BNDyReLU", "Moments", "moments"]
