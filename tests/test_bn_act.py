@@ -253,6 +253,31 @@ def test_triton_interpreter_bn_act():
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
+def test_triton_failure_falls_back(monkeypatch):
+    """A Triton launch that raises warns once and the statistics run on torch ops (same values);
+    DYRELU_FUSED_BACKEND=triton makes it raise instead."""
+    from dyrelu.fused import _triton_bn
+
+    def boom(*args):
+        raise RuntimeError("no kernel image for this GPU")
+
+    monkeypatch.setattr(bn_act, "_TRITON_FAILED", [])
+    monkeypatch.setattr(bn_act, "select_backend", lambda x: "triton")
+    monkeypatch.setattr(_triton_bn, "available", lambda device: True)
+    monkeypatch.setattr(_triton_bn, "row_moments", boom)
+    bn, act = _pair("B", 2, True)
+    x = torch.randn(2, 12, 5, 5)
+    want = act(copy.deepcopy(bn)(x))
+    with pytest.warns(RuntimeWarning, match="no kernel image"):
+        got = bn_dyrelu(x, bn, act)
+    _close(got, want, 1e-5)
+    assert bn_act._TRITON_FAILED and not bn_act._use_triton(x)
+    monkeypatch.setenv("DYRELU_FUSED_BACKEND", "triton")
+    monkeypatch.setattr(bn_act, "_TRITON_FAILED", [])
+    with pytest.raises(RuntimeError, match="no kernel image"):
+        bn_dyrelu(x, bn, act)
+
+
 def _aot_configs():
     """Every configuration the launchers can produce: dtypes, layouts (the tile choices of
     ``_triton_bn.tiles`` for MobileNetV2 / ResNet / pose shapes), fp64 accumulation."""

@@ -26,6 +26,8 @@ Training-mode statistics and running-stat updates follow ``torch.nn.BatchNorm2d`
 """
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _torch_kernels as tk
-from . import _triton, _triton_bn
+from . import _triton_bn
 from .function import global_pool, piecewise_apply, select_backend
 
 __all__ = ["bn_dyrelu", "supports_bn_act", "BNDyReLU", "Moments", "moments"]
@@ -52,10 +54,32 @@ def _as3d(x: Tensor) -> Tensor:
         return x.reshape(n, c, -1)
 
 
+_TRITON_FAILED: list = []  # the first launch error, once one happened (then torch ops from then on)
+
+
 def _use_triton(x: Tensor) -> bool:
     if torch.compiler.is_compiling():  # plain torch ops: Dynamo traces them and Inductor fuses them
         return False
-    return select_backend(x) == "triton" and _triton_bn.available(x.device)
+    return not _TRITON_FAILED and select_backend(x) == "triton" and _triton_bn.available(x.device)
+
+
+def _strict() -> bool:
+    """DYRELU_FUSED_BACKEND=triton: launch errors propagate (debugging) instead of falling back."""
+    return os.environ.get("DYRELU_FUSED_BACKEND", "") == "triton"
+
+
+def _triton_or_none(launch, *args):
+    """Runs a Triton launcher; a failure warns once and switches these kernels to torch ops, so a
+    compile or launch problem on some GPU cannot kill a training run."""
+    try:
+        return launch(*args)
+    except Exception as err:
+        if _strict():
+            raise
+        _TRITON_FAILED.append(repr(err))
+        warnings.warn(f"dyrelu fused BN + DY-ReLU: Triton kernel {launch.__name__} failed ({err!r}); "
+                      "using torch ops for its statistics from now on", RuntimeWarning, stacklevel=3)
+        return None
 
 
 def _rows_ok(x3: Tensor) -> bool:
@@ -74,7 +98,9 @@ def _moments_forward(x3: Tensor, cdt: torch.dtype) -> Tuple[Tensor, Tensor]:
     """
     n, c, l = x3.shape
     if _use_triton(x3):
-        return _triton_bn.row_moments(x3)
+        got = _triton_or_none(_triton_bn.row_moments, x3)
+        if got is not None:
+            return got
     if _rows_ok(x3):
         rows = n * c
         x1 = x3.view(1, rows, l)
@@ -122,7 +148,9 @@ def _affine_rows(x3: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
     """alpha_c x + beta_nc on (N, C, L), output like x (a fresh tensor, one pass)."""
     n, c, l = x3.shape
     if _use_triton(x3):
-        return _triton_bn.affine_rows(x3, alpha.contiguous(), beta.contiguous())
+        got = _triton_or_none(_triton_bn.affine_rows, x3, alpha.contiguous(), beta.contiguous())
+        if got is not None:
+            return got
     if _rows_ok(x3):
         rows = n * c
         zeros, ones = tk._consts(rows, alpha.dtype)
