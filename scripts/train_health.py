@@ -5,7 +5,8 @@ DY-ReLU train well or badly.
     python scripts/train_health.py --every 25 --out runs/health/b_random act=dyrelu_b act.hyper_init=random
 
 Takes ``train.py``'s overrides and trains exactly what ``train.py`` would (``engine.loop.run``),
-with hooks attached to the model it builds. At every ``--every``-th optimizer step it writes one row
+with hooks attached to the model it builds (with ``model.fuse_bn_act=false``: the same function,
+computed by the unfused modules that the hooks see). At every ``--every``-th optimizer step it writes one row
 per layer to ``<out>/health.csv``:
 
 * ``dyrelu`` rows: mean slope of the first and second segment (``a1``, ``a2``) and intercept (``b1``),
@@ -153,7 +154,9 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     with exit_on_user_error(out):
-        cfg = compose(list(args.overrides) + ["trainer.progress=false"])
+        # The fused BN + DY-ReLU op computes the same function without calling DyReLU.forward,
+        # which the hooks need; the probe trains the unfused pair.
+        cfg = compose(list(args.overrides) + ["trainer.progress=false", "model.fuse_bn_act=false"])
         from engine.loop import run
 
         probes = []
