@@ -9,13 +9,15 @@ Sections (run in the order a, d, e, b, c; docs/gpu.md says what each checks and 
   a  fused == reference on the device, output and every gradient: variants A/B/C, K=1/2/3,
      fp32/bf16/fp16, NCHW and channels_last, N=1 and N=256; the backend that ran (Triton on
      CUDA) and any fallback warning; backward twice bit for bit under deterministic algorithms;
-     an (N, C) input with N > 65535; the fp64 pool.
+     an (N, C) input with N > 65535; the fp64 pool. The truth is fp32 math with the fused run's
+     coefficients (check_case says why).
   b  full training steps through scripts/bench_act.py: MobileNetV2 x1.0 at 224, batch 256,
      bf16, channels_last, eager and torch.compile, then ResNet-50 (eager): img/s and peak memory
      of DY-ReLU-B (fused) and of the public-style baseline against ReLU. Targets: >= 0.90x
      ReLU's img/s and <= 1.15x its peak memory.
-  c  train.py on the demo data with bf16, channels_last, torch.compile and EMA for 2 epochs, then
-     resumed in the same run folder for a 3rd: the loss falls and the resume continues.
+  c  train.py on the demo data (ResNet-10, DY-ReLU-B) with bf16, channels_last, torch.compile and
+     EMA for 2 short epochs, then resumed in the same run folder for a 3rd: the loss falls and
+     the resume continues; compile time reported apart from training time.
   d  inference latency at batch 1 and 64 (eval, bf16, channels_last, eager), ReLU vs DY-ReLU-B.
   e  a model on cuda:1 without torch.cuda.set_device (needs two GPUs).
 
