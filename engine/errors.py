@@ -126,12 +126,18 @@ def remove_if_untouched(run_dir: Path) -> bool:
 def exit_on_user_error(run_dir: Optional[Path] = None):
     """A user error prints one line and exits 2 (removing ``run_dir`` if nothing was written to it);
     preemption exits 124; anything else propagates with its traceback."""
+    from .config import OverrideError
     from .signals import PREEMPTED_EXIT_CODE
 
     try:
         yield
     except _stop_requested():
         sys.exit(PREEMPTED_EXIT_CODE)
+    except OverrideError as exc:
+        # A bad override in a script's command line: Hydra's own message and exit code, exactly
+        # what train.py prints for the same override.
+        print(str(exc), file=sys.stderr)
+        sys.exit(1)
     except Exception as exc:
         err = user_error(exc)
         if err is None:
@@ -142,9 +148,6 @@ def exit_on_user_error(run_dir: Optional[Path] = None):
         print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT_CODE)
 
-
-# The earlier name, still imported by scripts/inspect_dynamic.py.
-exit_on_known_error = exit_on_user_error
 
 
 # ---------------------------------------------------------------------------------------------

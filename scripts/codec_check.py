@@ -93,9 +93,9 @@ def data_config(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from engine.errors import exit_on_known_error
+    from engine.errors import exit_on_user_error
 
-    with exit_on_known_error():
+    with exit_on_user_error():
         return check(args)
     return 1
 

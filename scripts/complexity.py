@@ -190,9 +190,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore")
-    from engine.errors import exit_on_known_error
+    from engine.errors import exit_on_user_error
 
-    with exit_on_known_error():
+    with exit_on_user_error():
         if args.paper_table:
             result = paper_table(args.out, args.only)
         else:

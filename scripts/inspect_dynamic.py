@@ -290,12 +290,12 @@ def main(argv=None) -> int:
 
     import torch
 
-    from engine.errors import exit_on_known_error
+    from engine.errors import exit_on_user_error
     from engine.loop import make_loader, resolve_device
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     log = logging.getLogger("dyrelu.inspect")
-    with exit_on_known_error():
+    with exit_on_user_error():
         run_cfg, task, val_ds, model, state = load_run(args.ckpt, args.overrides)
         device = resolve_device(str(run_cfg.trainer.device))
         model.to(device).eval()
