@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional
 from torch import nn
 
 import dyrelu
-from dyrelu.errors import BadNameError
+from dyrelu.errors import BadNameError, BadValueError
 
 __all__ = [
     "register_model",
@@ -115,6 +115,8 @@ class ActBuilder:
         cls = _SIZED_STATIC.get(self.name, dyrelu.DyReLU)
         default = inspect.signature(cls.__init__).parameters["reduction"].default
         reduction = int(_spec_get(self.spec, "reduction", default))
+        if reduction < 1:
+            raise BadValueError(f"act.reduction={reduction} must be >= 1 (the hyper function's FC1 is C / reduction wide)")
         base = channels if (self.hyper_sizing == "act" or conv_in is None) else int(conv_in)
         return max(self.hyper_min, base // reduction)
 

@@ -184,7 +184,7 @@ def _module(c, variant, k, dtype, device, seed):
     from dyrelu import DyReLU
 
     torch.manual_seed(seed)
-    m = DyReLU(c, variant=variant, k=k, reduction=4, init_a=(1.0, 0.0, 0.5)[:k], init_b=(0.0, 0.0, 0.1)[:k])
+    m = DyReLU(c, hyper_init="random", variant=variant, k=k, reduction=4, init_a=(1.0, 0.0, 0.5)[:k], init_b=(0.0, 0.0, 0.1)[:k])
     with torch.no_grad():  # coefficients far from the init: segment crossings inside the data
         for p in m.parameters():
             p.normal_(0.0, 0.5)

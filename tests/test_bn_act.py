@@ -26,7 +26,7 @@ CASES = [  # (variant, k, use_bias)
 def _pair(variant, k, use_bias, channels=12, dtype=torch.float32, momentum=0.1):
     torch.manual_seed(0)
     bn = nn.BatchNorm2d(channels, momentum=momentum)
-    act = dyrelu.DyReLU(channels, variant=variant, k=k, use_bias=use_bias,
+    act = dyrelu.DyReLU(channels, hyper_init="random", variant=variant, k=k, use_bias=use_bias,
                         init_a=(1.0, 0.3, -0.2)[:k], init_b=(0.0, 0.1, 0.2)[:k], reduction=4)
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5)
@@ -94,7 +94,7 @@ def test_running_stats_over_steps(momentum):
 def test_no_running_stats_and_no_affine():
     torch.manual_seed(1)
     for bn in (nn.BatchNorm2d(8, track_running_stats=False), nn.BatchNorm2d(8, affine=False)):
-        act = dyrelu.DyReLU(8, variant="B")
+        act = dyrelu.DyReLU(8, variant="B", hyper_init="random")
         for mode in (True, False):
             bn.train(mode), act.train(mode)
             x = torch.randn(2, 8, 6, 6)
@@ -234,7 +234,7 @@ def test_triton_interpreter_bn_act():
         out = _triton_bn.affine_rows(x.view(3, 5, -1), al, be)
         torch.testing.assert_close(out, x.view(3, 5, -1) * al[:, None] + be[:, :, None])
         for variant in ("B", "C"):
-            bn, act = nn.BatchNorm2d(5), dyrelu.DyReLU(5, variant=variant, reduction=1)
+            bn, act = nn.BatchNorm2d(5), dyrelu.DyReLU(5, variant=variant, reduction=1, hyper_init="random")
             with torch.no_grad():
                 act.fc2.weight.normal_(0, 0.3); bn.weight.uniform_(0.5, 1.5); bn.bias.normal_(0, 0.2)
             bn2, act2 = copy.deepcopy(bn), copy.deepcopy(act)

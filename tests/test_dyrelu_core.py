@@ -168,7 +168,7 @@ def test_coefficients_match_forward(variant, impl):
 
 
 def test_dynamic_segments_keep_last_segments_static():
-    m = DyReLU(6, variant="B", k=3, dynamic_segments=1, init_a=(1.0, 0.0, 0.3), init_b=(0.0, 0.2, 0.0))
+    m = DyReLU(6, variant="B", k=3, hyper_init="random", dynamic_segments=1, init_a=(1.0, 0.0, 0.3), init_b=(0.0, 0.2, 0.0))
     assert m.fc2.out_features == 2 * 1 * 6
     co = m.coefficients(torch.randn(2, 6, 4, 4))
     assert torch.equal(co.a[:, 1:], torch.tensor([0.0, 0.3]).reshape(1, 2, 1).expand(2, 2, 6))

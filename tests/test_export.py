@@ -17,7 +17,7 @@ class Small(nn.Module):
         super().__init__()
         layers, cin = [], 3
         for v in variants:
-            layers += [nn.Conv2d(cin, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), DyReLU(8, variant=v, impl=impl)]
+            layers += [nn.Conv2d(cin, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), DyReLU(8, variant=v, impl=impl, hyper_init="random")]
             cin = 8
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(8, 5)

@@ -33,7 +33,7 @@ def backend(request, monkeypatch):
 
 def make(channels, variant="B", k=2, use_bias=True, dyn=None, dtype=torch.float32, seed=0, **kw):
     torch.manual_seed(seed)
-    m = DyReLU(channels, variant=variant, k=k, reduction=2, use_bias=use_bias, dynamic_segments=dyn,
+    m = DyReLU(channels, hyper_init="random", variant=variant, k=k, reduction=2, use_bias=use_bias, dynamic_segments=dyn,
                init_a=(1.0, 0.0, 0.5)[:k], init_b=(0.0, 0.0, 0.1)[:k], **kw)
     with torch.no_grad():  # random hyper weights: coefficients far from the init, crossings inside the data
         for p in m.parameters():
@@ -331,8 +331,8 @@ def test_compile_fullgraph_uses_fused_function(variant):
 
 def test_compile_aot_eager_fullgraph_in_a_network():
     torch._dynamo.reset()
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), DyReLU(8, k=2),
-                              torch.nn.Conv2d(8, 8, 1), DyReLU(8, variant="C"), torch.nn.AdaptiveAvgPool2d(1))
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), DyReLU(8, k=2, hyper_init="random"),
+                              torch.nn.Conv2d(8, 8, 1), DyReLU(8, variant="C", hyper_init="random"), torch.nn.AdaptiveAvgPool2d(1))
     cm = torch.compile(net, fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 3, 6, 7)
     cm(x).sum().backward()
@@ -360,7 +360,7 @@ TRITON_SCRIPT = textwrap.dedent(
 
     def make(c, variant, k, use_bias, dtype):
         torch.manual_seed(c * 100 + k)
-        m = dyrelu.DyReLU(c, variant=variant, k=k, reduction=2, use_bias=use_bias,
+        m = dyrelu.DyReLU(c, hyper_init="random", variant=variant, k=k, reduction=2, use_bias=use_bias,
                           init_a=(1.0, 0.0, 0.5)[:k], init_b=(0.0, 0.0, 0.1)[:k])
         with torch.no_grad():
             for p in m.parameters():
@@ -489,8 +489,8 @@ class _RaisingKernel:
 def _tiny_net(seed=0):
     torch.manual_seed(seed)
     net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), DyReLU(8, k=2),
-        torch.nn.Conv2d(8, 8, 1), DyReLU(8, variant="C"), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), DyReLU(8, k=2, hyper_init="random"),
+        torch.nn.Conv2d(8, 8, 1), DyReLU(8, variant="C", hyper_init="random"), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
         torch.nn.Linear(8, 3),
     )
     with torch.no_grad():

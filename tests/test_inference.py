@@ -52,7 +52,7 @@ def test_prepared_matches_eval_model(name, act):
 def test_inference_dyrelu_matches_module_on_all_shapes():
     torch.manual_seed(1)
     for variant in ("A", "B", "C"):
-        m = dyrelu.DyReLU(6, variant=variant, k=2, reduction=2).eval()
+        m = dyrelu.DyReLU(6, hyper_init="random", variant=variant, k=2, reduction=2).eval()
         with torch.no_grad():
             m.fc2.weight.normal_(0, 0.5)
         inf = InferenceDyReLU(m)
