@@ -98,6 +98,11 @@ def load_run(ckpt: str, overrides):
     _, val_ds = task.build_datasets()
     model = task.build_model()
     model.load_state_dict(state["model"])
+    # The fused BN + DY-ReLU op computes the same function without calling DyReLU.forward, which
+    # the recorder's hooks need: inspect the unfused pair.
+    from models import set_fuse_bn_act
+
+    set_fuse_bn_act(model, False)
     return cfg, task, val_ds, model, state
 
 
