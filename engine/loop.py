@@ -18,7 +18,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -432,17 +432,25 @@ def build_state(cfg, task: Task, model, data: Data, device: torch.device, dist: 
                       grad_clip=trainer.grad_clip, log_every=int(trainer.log_every))
 
 
-def begin_epoch(cfg, state: TrainState, epoch: int, data: Data, resumed_rng) -> dict:
-    """Seeds, DY-ReLU-C's temperature and the sampler for ``epoch``; returns the row's extras."""
+def begin_epoch(cfg, state: TrainState, epoch: int, data: Data, resumed_rng) -> tuple[dict, Iterator]:
+    """Seeds, DY-ReLU-C's temperature and the sampler for ``epoch``; returns the row's extras and
+    the epoch's batches."""
     if epoch != state.epoch:  # a new epoch, not the one resumed into
         state.epoch, state.step_in_epoch, state.epoch_loss_sum, state.epoch_seen = epoch, 0, 0.0, 0
+    data.sampler.set_epoch(epoch, state.step_in_epoch, data.num_steps - state.step_in_epoch)
+    # Starting a DataLoader iterator draws its base seed from the global generator. The
+    # uninterrupted run drew it before the point where a mid-epoch checkpoint saved that
+    # generator, so a resumed epoch draws it before restoring the saved stream, not after.
+    resuming = state.step_in_epoch > 0 and resumed_rng is not None
+    batches = iter(data.train_loader) if resuming else None
     seed_epoch(cfg, state, resumed_rng)
     tau = tau_at(cfg, epoch, int(cfg.trainer.max_epochs))
     uses_tau = dyrelu.set_tau(state.model, tau)
     if state.ema is not None:
         dyrelu.set_tau(state.ema.module, tau)
-    data.sampler.set_epoch(epoch, state.step_in_epoch, data.num_steps - state.step_in_epoch)
-    return {"tau": tau} if uses_tau else {}
+    if batches is None:
+        batches = iter(data.train_loader)
+    return ({"tau": tau} if uses_tau else {}), batches
 
 
 def evaluate_epoch(cfg, state: TrainState, data: Data, val_batches) -> bool:
@@ -524,8 +532,8 @@ def run(cfg, run_dir: str | Path) -> dict:
             stop = lambda: save_and_stop(state, preempt, last_path, extra)  # noqa: E731
             val_batches = _StoppableBatches(data.val_loader, preempt, state.log_every, stop, data.val_common, device)
             for epoch in range(state.epoch, max_epochs):
-                row = begin_epoch(cfg, state, epoch, data, resumed_rng)
-                train_loss, seen, secs = train_one_epoch(state, data.train_loader, data.num_steps, preempt=preempt, on_stop=stop,
+                row, batches = begin_epoch(cfg, state, epoch, data, resumed_rng)
+                train_loss, seen, secs = train_one_epoch(state, batches, data.num_steps, preempt=preempt, on_stop=stop,
                                                          run_logger=run_logger, progress=cfg.trainer.progress, max_epochs=max_epochs)
                 row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": state.optimizer.param_groups[0]["lr"],
                        "train_img_s": seen / max(secs, 1e-9), "epoch_time_s": secs, **row}

@@ -173,10 +173,6 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "known gap after the merge of the loop, error-handling and fused-BN work: the SIGUSR2 save, submitit's "
-    "requeue and the mid-epoch resume all happen (asserted below), but the resumed job's loss departs from "
-    "the uninterrupted run's at the first step after the resume; open in issue 14"))
 def test_submitit_usr2_saves_mid_epoch_requeues_and_resumes_to_the_same_weights(tmp_path):
     """submitit signals preemption with SIGUSR2: the run saves last.pt mid-epoch, hands the signal
     to submitit's handler (which requeues; submitit_local restarts the job), and the restarted
