@@ -6,7 +6,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -49,20 +49,6 @@ def build_run(cfg: DictConfig, state: dict) -> LoadedRun:
     model = task.build_model()
     model.load_state_dict(state["model"])
     return LoadedRun(cfg, task, val_ds, model, state)
-
-
-def load_run(ckpt: str | Path, overrides: Optional[Mapping[str, Any]] = None, data: Optional[str] = None) -> LoadedRun:
-    """The model of a checkpoint and its validation set. ``overrides``: dotted keys of the stored config."""
-    path = Path(ckpt)
-    if not path.is_file():
-        raise MissingPathError(f"ckpt={str(path)!r} does not exist (expected <run>/checkpoints/best.pt or last.pt)")
-    state = ckpt_io.load(path)
-    cfg = OmegaConf.create(state["config"])
-    if data:
-        swap_data_group(cfg, data)
-    for key, value in (overrides or {}).items():
-        OmegaConf.update(cfg, key, value, force_add=True)
-    return build_run(cfg, state)
 
 
 USAGE = """usage: python eval.py ckpt=<run>/checkpoints/best.pt [key=value ...]

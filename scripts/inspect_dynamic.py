@@ -87,23 +87,19 @@ def load_run(ckpt: str, overrides):
 
     from engine import checkpoint as ckpt_io
     from engine.config import apply_overrides
-    from engine.tasks import build_task
+    from engine.evaluate import build_run
 
     path = Path(ckpt)
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} does not exist (expected <run>/checkpoints/best.pt or last.pt)")
     state = ckpt_io.load(path)
-    cfg = apply_overrides(OmegaConf.create(state["config"]), overrides)
-    task = build_task(cfg)
-    _, val_ds = task.build_datasets()
-    model = task.build_model()
-    model.load_state_dict(state["model"])
+    run = build_run(apply_overrides(OmegaConf.create(state["config"]), overrides), state)
     # The fused BN + DY-ReLU op computes the same function without calling DyReLU.forward, which
     # the recorder's hooks need: inspect the unfused pair.
     from models import set_fuse_bn_act
 
-    set_fuse_bn_act(model, False)
-    return cfg, task, val_ds, model, state
+    set_fuse_bn_act(run.model, False)
+    return run.cfg, run.task, run.val_ds, run.model, state
 
 
 class Recorder:
