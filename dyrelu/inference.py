@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .core import DyReLU, spatial_attention
+from .fused import _native
 from .fused._torch_kernels import _consts
 
 __all__ = ["prepare_for_inference", "fold_batchnorm", "InferenceDyReLU", "MODES"]
@@ -57,8 +58,11 @@ class InferenceDyReLU(nn.Module):
     beyond its parameters (no gradients are needed: the weights are detached copies).
     """
 
-    def __init__(self, m: DyReLU):
+    def __init__(self, m: DyReLU, inplace: bool = False):
         super().__init__()
+        # write the output over the input (CPU eager fast path): only where nothing else reads the
+        # input, which prepare_for_inference decides from the module structure
+        self.inplace = bool(inplace)
         k, seg, w = m.k, m.dynamic_segments, m.coef_width
         self.k, self.width, self.channels, self.variant = k, w, m.channels, m.variant
         self.use_bias, self.dynamic_segments = m.use_bias, seg
@@ -91,7 +95,7 @@ class InferenceDyReLU(nn.Module):
         self.requires_grad_(False)
 
     def extra_repr(self) -> str:
-        return f"{self.channels}, variant={self.variant}, k={self.k}, use_bias={self.use_bias}"
+        return f"{self.channels}, variant={self.variant}, k={self.k}, use_bias={self.use_bias}, inplace={self.inplace}"
 
     def _apply_broadcast(self, x: torch.Tensor, coef: tuple, seg: int) -> torch.Tensor:
         """max_k(a_k x + b_k) with broadcast ops: what traces and exports (ONNX: Mul, Add, Max)."""
@@ -130,13 +134,31 @@ class InferenceDyReLU(nn.Module):
             y = u if y is None else torch.maximum(y, u, out=y)
         return y.view(x.shape)
 
+    def _site_ok(self, x: torch.Tensor) -> bool:
+        """The one-call C kernel covers A and B with intercepts and every segment dynamic."""
+        return (self.spatial is None and self.use_bias and self.dynamic_segments == self.k
+                and x.dtype == self.w1.dtype and _fast_ok(x) and _native.ok(x, self.k))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
+        if self._site_ok(x):
+            x3 = x.view(n, x.shape[1], -1)
+            return _native.site(x3, self.w1, self.b1, self.w2, self.b2, self.offset, self.scale, self.k,
+                                self.width, out=x3 if self.inplace else None).view(x.shape)
         pooled = x.mean(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x
         h = F.relu(F.linear(pooled, self.w1, self.b1))
         coef = torch.addcmul(self.offset, self.scale, torch.sigmoid(F.linear(h, self.w2, self.b2))).to(x.dtype)
         groups = self.groups
-        if _fast_ok(x):
+        if _fast_ok(x) and self.dynamic_segments == self.k and _native.ok(x, self.k):
+            # one read of x, one write of y (the C kernels of dyrelu.fused)
+            coef = coef.reshape(n, -1, self.k, self.width)  # (n, a|b, k, width)
+            b = coef[:, 1] if self.use_bias else None
+            if b is None and self.has_intercept:
+                b = self.static_b.to(x.dtype).reshape(1, self.k, 1).expand(n, self.k, self.width)
+            x3 = x.view(n, x.shape[1], -1)
+            y = _native.forward(x3, coef[:, 0].contiguous(), None if b is None else b.contiguous(), None,
+                                out=x3 if self.inplace else None).view(x.shape)
+        elif _fast_ok(x):
             y = self._apply_rows(x, coef.reshape(n, groups, self.width), self.dynamic_segments)
         else:
             # -1 for the batch: a constant target shape, no shape arithmetic in an exported graph
@@ -181,11 +203,28 @@ def fold_batchnorm(model: nn.Module) -> int:
     return count
 
 
+def _fresh_input(parent: nn.Module, name: str) -> bool:
+    """The child ``name`` of an ``nn.Sequential`` reads the output of a conv or BN (possibly folded
+    into an Identity) that nothing else reads: a chain passes each output only to the next child."""
+    if not isinstance(parent, nn.Sequential):
+        return False
+    names = list(parent._modules.keys())
+    i = names.index(name)
+    while i > 0:
+        prev = parent._modules[names[i - 1]]
+        if isinstance(prev, (nn.Conv2d, nn.modules.batchnorm._BatchNorm)):
+            return True
+        if not isinstance(prev, nn.Identity):
+            return False
+        i -= 1
+    return False
+
+
 def _replace_dyrelu(module: nn.Module) -> int:
     count = 0
     for name, child in list(module.named_children()):
         if isinstance(child, DyReLU):
-            setattr(module, name, InferenceDyReLU(child))
+            setattr(module, name, InferenceDyReLU(child, inplace=_fresh_input(module, name)))
             count += 1
         else:
             count += _replace_dyrelu(child)

@@ -1,7 +1,7 @@
 """dyrelu.fused (the fast path) against the reference path of dyrelu/core.py.
 
-CPU only and fast: tiny shapes. Backends: "bn" (CPU eager default), "torch" (broadcast ops, the
-torch.compile path) and "triton" (run by Triton's interpreter in a subprocess, TRITON_INTERPRET=1).
+CPU only and fast: tiny shapes. Backends: "native" (CPU eager default: the C kernels), "bn" (CPU
+eager without a C compiler, and half dtypes), "torch" (broadcast ops, the torch.compile path) and "triton" (run by Triton's interpreter in a subprocess, TRITON_INTERPRET=1).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from dyrelu import DyReLU
 from dyrelu.fused import piecewise_apply
 
 ROOT = Path(__file__).resolve().parents[1]
-CPU_BACKENDS = ["bn", "torch"]
+CPU_BACKENDS = ["native", "bn", "torch"]
 
 
 @pytest.fixture
@@ -234,9 +234,10 @@ def test_auto_picks_fused_train_and_inference(monkeypatch, variant):
     torch.testing.assert_close(y, m.forward_reference(x).detach(), atol=1e-5, rtol=1e-5)
 
 
-def test_auto_picks_triton_on_cuda_and_bn_on_cpu(monkeypatch):
+def test_auto_picks_triton_on_cuda_and_native_on_cpu(monkeypatch):
     monkeypatch.delenv("DYRELU_FUSED_BACKEND", raising=False)
-    assert fused.select_backend(torch.randn(2, 3)) == "bn"
+    assert fused.select_backend(torch.randn(2, 3)) == "native"  # CI has gcc: the kernels must build
+    assert fused.select_backend(torch.randn(2, 3, dtype=torch.bfloat16)) == "bn"
     if torch.cuda.is_available():  # pragma: no cover - no GPU in CI
         expect = "triton" if fused.function._triton.HAS_TRITON else "torch"
         assert fused.select_backend(torch.randn(2, 3, device="cuda")) == expect
@@ -545,6 +546,49 @@ def test_triton_failure_falls_back_once_per_configuration(monkeypatch):
         warnings.simplefilter("error")
         _train_step(net, x, y)
     assert len(calls) == first_calls
+
+
+def test_native_kernels_unavailable_fall_back_to_bn(monkeypatch, tmp_path):
+    """No C compiler: one warning naming why, then the ATen kernels compute the same function;
+    a forced DYRELU_FUSED_BACKEND=native raises instead."""
+    nat = fused.function._native
+    monkeypatch.setattr(nat, "_state", {})
+    monkeypatch.setenv("CC", "no-such-compiler-dyrelu")
+    monkeypatch.setenv("DYRELU_NATIVE_CACHE", str(tmp_path))  # nothing cached there
+    monkeypatch.delenv("DYRELU_FUSED_BACKEND", raising=False)
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    m = make(8, "B", 2)
+    with pytest.warns(RuntimeWarning, match="no-such-compiler-dyrelu"):
+        assert fused.select_backend(x) == "bn"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        y = m(x)
+    torch.testing.assert_close(y, m.forward_reference(x), atol=1e-6, rtol=1e-6)
+    monkeypatch.setenv("DYRELU_FUSED_BACKEND", "native")
+    with pytest.raises(RuntimeError, match="native CPU kernels did not build"):
+        fused.select_backend(x)
+
+
+def test_native_kernels_use_torch_threads_and_match_at_size(monkeypatch):
+    """Big enough for the OpenMP loops to split rows (and, for pi, positions) across threads."""
+    monkeypatch.setenv("DYRELU_FUSED_BACKEND", "native")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for variant, k in (("B", 2), ("C", 3), ("A", 1)):
+            m = make(16, variant, k)
+            x = torch.randn(3, 16, 40, 40, requires_grad=True)
+            g = torch.randn(3, 16, 40, 40)
+            y = m(x)
+            grads = torch.autograd.grad(y, [x] + list(m.parameters()), g)
+            x_ref = x.detach().requires_grad_()
+            y_ref = m.forward_reference(x_ref)
+            refs = torch.autograd.grad(y_ref, [x_ref] + list(m.parameters()), g)
+            torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+            for got, want in zip(grads, refs):
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_forced_triton_backend_still_raises(monkeypatch):

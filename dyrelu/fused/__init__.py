@@ -64,6 +64,17 @@ def supports(module, x: torch.Tensor) -> bool:
     return True
 
 
+def _attention_native(module, x: torch.Tensor):
+    """``module.attention(x)`` with the spatial 1x1 conv on the native CPU kernels (variant C)."""
+    if module.spatial is None:
+        return None
+    from ..core import spatial_attention
+    from .bn_act import _spatial_logits
+
+    w = module.spatial.weight
+    return spatial_attention(_spatial_logits(x, w.view(-1).to(x.dtype), x.new_zeros(1)), module.tau)
+
+
 def forward(module, x: torch.Tensor) -> torch.Tensor:
     """The module's output on ``x`` through the fused apply (caller checked ``supports``)."""
     module._check(x)
@@ -75,6 +86,6 @@ def forward(module, x: torch.Tensor) -> torch.Tensor:
     backend = select_backend(x)
     pooled = global_pool(x, backend)
     a, b = module.hyper(pooled)
-    pi = module.attention(x)
+    pi = module.attention(x) if backend != "native" or x.dim() != 4 else _attention_native(module, x)
     b = b if module.has_intercept else None
     return DyReLUApply.apply(x, a, b, pi, backend)

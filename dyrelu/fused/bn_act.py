@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _native
 from . import _torch_kernels as tk
 from . import _triton_bn
 from .function import global_pool, piecewise_apply, select_backend
@@ -101,6 +102,9 @@ def _moments_forward(x3: Tensor, cdt: torch.dtype) -> Tuple[Tensor, Tensor]:
         got = _triton_or_none(_triton_bn.row_moments, x3)
         if got is not None:
             return got
+    if x3.dtype == cdt and not torch.compiler.is_compiling() and select_backend(x3) == "native" \
+            and _native.ok(x3, 1):
+        return _native.row_moments(x3)
     if _rows_ok(x3):
         rows = n * c
         x1 = x3.view(1, rows, l)
@@ -158,6 +162,33 @@ def _affine_rows(x3: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
         out = torch.batch_norm(x3.view(1, rows, l), w, beta.reshape(rows), zeros, ones, False, 0.0, 0.0, False)
         return out.view(n, c, l)
     return (x3 * alpha[None, :, None] + beta[:, :, None]).to(x3.dtype)
+
+
+class SpatialLogits(torch.autograd.Function):
+    """Variant C's logits, a 1x1 conv with one output channel, z = sum_c w_c x + bias, on the native
+    CPU kernels: one read of x forward; backward one read of x and one write of grad_x. (ATen's
+    convolution backward for this shape took 10x longer on the benchmark network.)"""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, bias: Tensor):
+        ctx.save_for_backward(x, w)
+        z = _native.spatial_forward(_as3d(x), w.contiguous(), bias.contiguous())
+        return z.view((x.shape[0], 1) + tuple(x.shape[2:]))
+
+    @staticmethod
+    def backward(ctx, gz: Tensor):
+        x, w = ctx.saved_tensors
+        gx, gw = _native.spatial_backward(_as3d(x), w.contiguous(), gz.reshape(x.shape[0], -1).contiguous())
+        return gx.view(x.shape), gw, gz.sum().reshape(1)
+
+
+def _spatial_logits(x: Tensor, w: Tensor, bias: Tensor) -> Tensor:
+    """conv1x1(x; w (C,), bias (1,)) with one output channel (native kernels where they apply)."""
+    c = x.shape[1]
+    if (w.dtype == x.dtype == bias.dtype and not torch.compiler.is_compiling() and select_backend(x) == "native"
+            and _native.ok(_as3d(x), 1)):
+        return SpatialLogits.apply(x, w, bias)
+    return F.conv2d(x, w.view(1, c, 1, 1), bias)
 
 
 def moments(x: Tensor) -> Tuple[Tensor, Tensor]:
@@ -228,10 +259,10 @@ def bn_dyrelu(x: Tensor, bn: nn.Module, act: nn.Module) -> Tensor:
     big_b = torch.addcmul(b, a, t)  # t != 0 in general: an intercept even without DY-ReLU's own
     pi = None
     if act.spatial is not None:
-        w = act.spatial.weight  # (1, C, 1, 1)
-        ws = w * s.to(w.dtype).view(1, c, 1, 1)
-        bias = (w.view(c) * t.to(w.dtype)).sum().reshape(1)
-        z = F.conv2d(x, ws if autocast else ws.to(x.dtype), bias if autocast else bias.to(x.dtype))
+        w = act.spatial.weight.view(c)
+        ws = w * s.to(w.dtype)
+        bias = (w * t.to(w.dtype)).sum().reshape(1)
+        z = _spatial_logits(x, ws if autocast else ws.to(x.dtype), bias if autocast else bias.to(x.dtype))
         pi = _spatial_attention(z, act.tau)
     return piecewise_apply(x, big_a, big_b, pi)
 

@@ -14,11 +14,14 @@ Backends (``select_backend``):
           A kernel configuration whose first launch raises (compile error, unsupported GPU)
           warns once and runs the torch kernels from then on; K > 3 always does. Forced
           DYRELU_FUSED_BACKEND=triton raises instead;
-  bn      CPU eager: ATen batch-norm loops used as per-(n, c) affine / reduction kernels;
+  native  CPU eager, float32 / float64, NC-contiguous, K <= 3: the one-pass C kernels of
+          _cpu_kernels.c (built at first use, see _native.py);
+  bn      CPU eager otherwise (no C compiler, half dtypes): ATen batch-norm loops used as
+          per-(n, c) affine / reduction kernels;
   torch   plain broadcast ops: any device, any layout, and always under torch.compile,
           where Dynamo traces this Function (forward and backward) into the graph and
           Inductor fuses the ops.
-``DYRELU_FUSED_BACKEND`` = auto (default) | triton | bn | torch overrides the choice.
+``DYRELU_FUSED_BACKEND`` = auto (default) | triton | native | bn | torch overrides the choice.
 """
 from __future__ import annotations
 
@@ -28,10 +31,11 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
+from . import _native
 from . import _torch_kernels as tk
 from . import _triton
 
-BACKENDS = ("auto", "triton", "bn", "torch")
+BACKENDS = ("auto", "triton", "native", "bn", "torch")
 
 
 def select_backend(x: torch.Tensor) -> str:
@@ -45,12 +49,14 @@ def select_backend(x: torch.Tensor) -> str:
             f"DYRELU_FUSED_BACKEND=triton but Triton cannot run on {x.device} "
             "(CUDA needs a GPU; CPU tensors need TRITON_INTERPRET=1 set before triton is imported)"
         )
+    if forced == "native" and _native.library() is None:
+        raise RuntimeError(f"DYRELU_FUSED_BACKEND=native but the native CPU kernels did not build: {_native.error()}")
     if forced != "auto":
         return forced
     if x.device.type == "cuda" and _triton.available(x.device):
         return "triton"
     if x.device.type == "cpu":
-        return "bn"
+        return "native" if x.dtype in _native.DTYPES and _native.library() is not None else "bn"
     return "torch"
 
 
@@ -94,7 +100,12 @@ def _forward_kernels(ctx, x, a, b, pi, backend):
     cdt = tk.compute_dtype(x.dtype)
     af, bf, pi3 = _coef(a, cdt), _coef(b, cdt), _pi3(pi, n)
     y3 = _triton.apply_forward(x3, af, bf, pi3) if backend == "triton" else None  # None: fell back
-    if y3 is None and backend == "bn" and tk.bn_ok(x3):
+    if backend == "native" and x.dtype == cdt and _native.ok(x3, a.shape[1]):
+        if ctx is not None:
+            ctx.native = True
+        y3 = _native.forward(x3, af.contiguous(), None if bf is None else bf.contiguous(),
+                             None if pi3 is None else pi3.to(x.dtype))
+    elif y3 is None and backend in ("native", "bn") and tk.bn_ok(x3):
         rows = tk.Rows(af, bf, c)
         if ctx is not None:
             ctx.rows = rows
@@ -110,8 +121,11 @@ def _backward_kernels(ctx, g, x, a, b, pi, backend, need_pi):
     g3 = _as3d(g)
     cdt = tk.compute_dtype(x.dtype)
     pi3 = _pi3(pi, n)
+    if getattr(ctx, "native", False):
+        af, bf = _coef(a, cdt).contiguous(), None if b is None else _coef(b, cdt).contiguous()
+        return _native.backward(g3.contiguous(), x3, af, bf, None if pi3 is None else pi3.to(x.dtype), need_pi)
     rows = getattr(ctx, "rows", None)
-    if backend == "bn" and rows is not None:
+    if backend in ("native", "bn") and rows is not None:
         return tk.bn_backward(g3, x3, rows, pi3, need_pi, cdt)
     af, bf = _coef(a, cdt), _coef(b, cdt)
     if backend == "triton":

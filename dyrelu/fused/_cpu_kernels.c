@@ -1,0 +1,329 @@
+/* One-pass CPU kernels of the fused DY-ReLU apply and of the fused BatchNorm statistics.
+ *
+ * Built at first use by dyrelu/fused/_native.py (gcc -O3 -fopenmp, loaded with ctypes) and run on
+ * the (N, C, L) view of an NCHW-contiguous input, row r = n * C + c. OpenMP here is the one torch
+ * already loaded (same soname), so these kernels share torch's thread pool.
+ *
+ *   fwd        y = max_k(a_k x + b_k) [* pi]                       one read of x, one write of y
+ *   bwd        grad_x = g a_sel [pi]; per-(n, k, c) sums of g x and g over the positions where
+ *              segment k wins (ties: lowest k); for variant C also grad_pi = sum_c g max_k(..)
+ *                                                                  one read of g and x, one write
+ *   moments    per-row mean and biased variance                    one read of x (row in cache)
+ *   spatial    variant C's logits z = sum_c w_c x + bias (one read of x) and their backward
+ *              grad_x = w_c g_z, grad_w_c = sum g_z x (one read of x, one write)
+ *   site       a whole inference-mode DY-ReLU (A or B, intercepts, every segment dynamic): pool,
+ *              FC1, ReLU, FC2, a = c0 + c1 sigmoid(l), then fwd; one call instead of ten ATen ops
+ *
+ * Coefficients a, b are (N, K, W) contiguous, W = C (variants B, C) or 1 (A); b may be NULL (no
+ * intercept); pi is (N, L). K is 1, 2 or 3 (the caller uses other kernels otherwise). Each segment
+ * is rounded as the reference rounds it (x * a, then + b; built with -ffp-contract=off), so the
+ * special cases stay bit-exact. Row sums accumulate in blocks of T and are carried in double.
+ *
+ * The file includes itself once per element type (float, double).
+ */
+#ifndef DYRELU_KERNEL_BODY
+#define DYRELU_KERNEL_BODY
+
+#include <math.h>
+#include <stdint.h>
+#include <stddef.h>
+#include <stdlib.h>
+
+#define BLOCK 256
+#define CAT_(a, b) a##_##b
+#define CAT(a, b) CAT_(a, b)
+/* below this many elements a kernel runs on the calling thread: a parallel region costs more */
+#define PARALLEL_MIN 32768
+
+#define T float
+#define SUF f32
+#include __FILE__
+#undef T
+#undef SUF
+
+#define T double
+#define SUF f64
+#include __FILE__
+#undef T
+#undef SUF
+
+#else /* ------------------------------------------------------------------ body, once per T */
+
+static inline __attribute__((always_inline)) void CAT(load_coef, SUF)(
+    const T *a, const T *b, int64_t n, int64_t c, int64_t K, int64_t W, T *ak, T *bk) {
+  int64_t wc = W == 1 ? 0 : c;
+  for (int64_t k = 0; k < K; ++k) {
+    ak[k] = a[(n * K + k) * W + wc];
+    bk[k] = b ? b[(n * K + k) * W + wc] : (T)0;
+  }
+}
+
+/* y[0:L) = max_k(ak x + bk) (* p) for one row; KK is a compile-time constant after inlining.
+ * y may be x (in place): each y[l] depends on x[l] alone. */
+static inline __attribute__((always_inline)) void CAT(fwd_row, SUF)(
+    const T *x, T *y, const T *ak, const T *bk, const T *restrict p, int64_t L,
+    int has_b, const int KK) {
+  T a0 = ak[0], a1 = KK > 1 ? ak[1] : 0, a2 = KK > 2 ? ak[2] : 0;
+  T b0 = bk[0], b1 = KK > 1 ? bk[1] : 0, b2 = KK > 2 ? bk[2] : 0;
+  if (has_b) {
+#pragma omp simd
+    for (int64_t l = 0; l < L; ++l) {
+      T v = x[l];
+      T best = v * a0 + b0;
+      if (KK > 1) { T u = v * a1 + b1; best = u > best ? u : best; }
+      if (KK > 2) { T u = v * a2 + b2; best = u > best ? u : best; }
+      y[l] = p ? best * p[l] : best;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t l = 0; l < L; ++l) {
+      T v = x[l];
+      T best = v * a0;
+      if (KK > 1) { T u = v * a1; best = u > best ? u : best; }
+      if (KK > 2) { T u = v * a2; best = u > best ? u : best; }
+      y[l] = p ? best * p[l] : best;
+    }
+  }
+}
+
+void CAT(dyrelu_fwd, SUF)(const T *x, T *y, const T *a, const T *b, const T *pi, int64_t N,
+                          int64_t C, int64_t L, int64_t K, int64_t W, int64_t threads) {
+  int64_t rows = N * C;
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows * L >= PARALLEL_MIN && threads > 1)
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t n = r / C, c = r % C;
+    T ak[3], bk[3];
+    CAT(load_coef, SUF)(a, b, n, c, K, W, ak, bk);
+    const T *p = pi ? pi + n * L : NULL;
+    int has_b = b != NULL;
+    if (K == 1) CAT(fwd_row, SUF)(x + r * L, y + r * L, ak, bk, p, L, has_b, 1);
+    else if (K == 2) CAT(fwd_row, SUF)(x + r * L, y + r * L, ak, bk, p, L, has_b, 2);
+    else CAT(fwd_row, SUF)(x + r * L, y + r * L, ak, bk, p, L, has_b, 3);
+  }
+}
+
+/* One row segment [l0, l1) of the backward: grad_x, the per-segment sums (added into sx, sg),
+ * and, with pi, g * max_k(..) added into gp[l] (the caller owns gp over [l0, l1)). */
+static inline __attribute__((always_inline)) void CAT(bwd_row, SUF)(
+    const T *restrict g, const T *restrict x, T *restrict gx, const T *ak, const T *bk,
+    const T *restrict p, T *restrict gp, int64_t l0, int64_t l1, double *sx, double *sg,
+    const int KK) {
+  T a0 = ak[0], a1 = KK > 1 ? ak[1] : 0, a2 = KK > 2 ? ak[2] : 0;
+  T b0 = bk[0], b1 = KK > 1 ? bk[1] : 0, b2 = KK > 2 ? bk[2] : 0;
+  for (int64_t s = l0; s < l1; s += BLOCK) {
+    int64_t e = s + BLOCK < l1 ? s + BLOCK : l1;
+    T x0 = 0, x1 = 0, x2 = 0, g0 = 0, g1 = 0, g2 = 0;
+#pragma omp simd reduction(+ : x0, x1, x2, g0, g1, g2)
+    for (int64_t l = s; l < e; ++l) {
+      T v = x[l];
+      T best = v * a0 + b0;
+      T sel1 = 0, sel2 = 0;
+      if (KK > 1) { T u = v * a1 + b1; sel1 = u > best ? 1 : 0; best = u > best ? u : best; }
+      if (KK > 2) { T u = v * a2 + b2; sel2 = u > best ? 1 : 0; best = u > best ? u : best; if (sel2) sel1 = 0; }
+      T gv = g[l];
+      if (p) { gp[l] += gv * best; gv = gv * p[l]; }
+      T gk1 = sel1 ? gv : 0, gk2 = sel2 ? gv : 0;
+      T gk0 = gv - gk1 - gk2; /* exactly gv or 0: only one of gk1, gk2 is non-zero */
+      gx[l] = gk0 * a0 + gk1 * a1 + gk2 * a2;
+      x0 += gk0 * v; g0 += gk0;
+      if (KK > 1) { x1 += gk1 * v; g1 += gk1; }
+      if (KK > 2) { x2 += gk2 * v; g2 += gk2; }
+    }
+    sx[0] += x0; sg[0] += g0;
+    if (KK > 1) { sx[1] += x1; sg[1] += g1; }
+    if (KK > 2) { sx[2] += x2; sg[2] += g2; }
+  }
+}
+
+static inline __attribute__((always_inline)) void CAT(bwd_dispatch, SUF)(
+    const T *g, const T *x, T *gx, const T *ak, const T *bk, const T *p, T *gp, int64_t l0,
+    int64_t l1, double *sx, double *sg, int64_t K) {
+  if (K == 1) CAT(bwd_row, SUF)(g, x, gx, ak, bk, p, gp, l0, l1, sx, sg, 1);
+  else if (K == 2) CAT(bwd_row, SUF)(g, x, gx, ak, bk, p, gp, l0, l1, sx, sg, 2);
+  else CAT(bwd_row, SUF)(g, x, gx, ak, bk, p, gp, l0, l1, sx, sg, 3);
+}
+
+/* Without pi: rows in parallel; sum_gx, sum_g are (N, K, C). */
+void CAT(dyrelu_bwd, SUF)(const T *g, const T *x, T *gx, const T *a, const T *b, T *sum_gx,
+                          T *sum_g, int64_t N, int64_t C, int64_t L, int64_t K, int64_t W,
+                          int64_t threads) {
+  int64_t rows = N * C;
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows * L >= PARALLEL_MIN && threads > 1)
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t n = r / C, c = r % C;
+    T ak[3], bk[3];
+    double sx[3] = {0, 0, 0}, sg[3] = {0, 0, 0};
+    CAT(load_coef, SUF)(a, b, n, c, K, W, ak, bk);
+    CAT(bwd_dispatch, SUF)(g + r * L, x + r * L, gx + r * L, ak, bk, NULL, NULL, 0, L, sx, sg, K);
+    for (int64_t k = 0; k < K; ++k) {
+      sum_gx[(n * K + k) * C + c] = (T)sx[k];
+      sum_g[(n * K + k) * C + c] = (T)sg[k];
+    }
+  }
+}
+
+/* With pi (variant C): tasks (n, chunk of positions) in parallel, each looping over all channels
+ * so that it owns grad_pi over its positions; the per-(n, k, c) sums go to per-chunk partials
+ * part_gx, part_g (chunks, N, K, C), which the caller adds up. grad_pi is (N, L). */
+void CAT(dyrelu_bwd_pi, SUF)(const T *g, const T *x, T *gx, const T *a, const T *b, const T *pi,
+                             T *grad_pi, T *part_gx, T *part_g, int64_t N, int64_t C, int64_t L,
+                             int64_t K, int64_t W, int64_t chunks, int64_t threads) {
+  int64_t per = (L + chunks - 1) / chunks;
+#pragma omp parallel for schedule(static) num_threads(threads) if (N * C * L >= PARALLEL_MIN && threads > 1)
+  for (int64_t task = 0; task < N * chunks; ++task) {
+    int64_t n = task / chunks, j = task % chunks;
+    int64_t l0 = j * per, l1 = l0 + per < L ? l0 + per : L;
+    T *gp = grad_pi + n * L;
+    for (int64_t l = l0; l < l1; ++l) gp[l] = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      int64_t r = n * C + c;
+      T ak[3], bk[3];
+      double sx[3] = {0, 0, 0}, sg[3] = {0, 0, 0};
+      CAT(load_coef, SUF)(a, b, n, c, K, W, ak, bk);
+      if (l1 > l0)
+        CAT(bwd_dispatch, SUF)(g + r * L, x + r * L, gx + r * L, ak, bk, pi + n * L, gp, l0, l1, sx, sg, K);
+      for (int64_t k = 0; k < K; ++k) {
+        part_gx[((j * N + n) * K + k) * C + c] = (T)sx[k];
+        part_g[((j * N + n) * K + k) * C + c] = (T)sg[k];
+      }
+    }
+  }
+}
+
+/* Per-row mean and biased variance (two passes over the row, the second from cache). */
+void CAT(row_moments, SUF)(const T *x, T *mean, T *var, int64_t rows, int64_t L, int64_t threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows * L >= PARALLEL_MIN && threads > 1)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T *xr = x + r * L;
+    double s = 0;
+    for (int64_t b0 = 0; b0 < L; b0 += BLOCK) {
+      int64_t e = b0 + BLOCK < L ? b0 + BLOCK : L;
+      T acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t l = b0; l < e; ++l) acc += xr[l];
+      s += acc;
+    }
+    double m = s / (double)L;
+    T mt = (T)m;
+    double q = 0;
+    for (int64_t b0 = 0; b0 < L; b0 += BLOCK) {
+      int64_t e = b0 + BLOCK < L ? b0 + BLOCK : L;
+      T acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t l = b0; l < e; ++l) { T d = xr[l] - mt; acc += d * d; }
+      q += acc;
+    }
+    /* the mean's own rounding (mt vs m) adds (m - mt)^2, removed exactly in double */
+    double dm = m - (double)mt;
+    double v = q / (double)L - dm * dm;
+    mean[r] = (T)m;
+    var[r] = (T)(v > 0 ? v : 0);
+  }
+}
+
+/* Inference-mode DY-ReLU site (see DyReLU / InferenceDyReLU): for each sample n
+ *   p = mean_L x[n];  h = relu(W1 p + b1);  l = W2 h + b2;  coef = offset + scale * sigmoid(l)
+ *   a_k = coef[k W + w], b_k = coef[(K + k) W + w];  y[n] = max_k(a_k x + b_k)
+ * W1 (H, C), W2 (2 K W, H) row-major. One parallel region; y may be x. Returns 0, or -1 if out of memory. */
+int CAT(dyrelu_site, SUF)(const T *x, T *y, const T *w1, const T *b1, const T *w2, const T *b2,
+                          const T *offset, const T *scale, int64_t N, int64_t C, int64_t L, int64_t H,
+                          int64_t K, int64_t W, int64_t threads) {
+  int64_t G = 2 * K * W;
+  T *pooled = (T *)malloc(sizeof(T) * (size_t)(N * (C + H + G)));
+  if (!pooled) return -1;
+  T *hid = pooled + N * C, *coef = hid + N * H;
+  int par = N * C * L >= PARALLEL_MIN && threads > 1;
+#pragma omp parallel num_threads(threads) if (par)
+  {
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < N * C; ++r) {
+      const T *xr = x + r * L;
+      double s = 0;
+      for (int64_t b0 = 0; b0 < L; b0 += BLOCK) {
+        int64_t e = b0 + BLOCK < L ? b0 + BLOCK : L;
+        T acc = 0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t l = b0; l < e; ++l) acc += xr[l];
+        s += acc;
+      }
+      pooled[r] = (T)(s / (double)L);
+    }
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < N * H; ++i) {
+      int64_t n = i / H, j = i % H;
+      const T *wr = w1 + j * C, *p = pooled + n * C;
+      T acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t c = 0; c < C; ++c) acc += wr[c] * p[c];
+      acc += b1[j];
+      hid[i] = acc > 0 ? acc : 0;
+    }
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < N * G; ++i) {
+      int64_t n = i / G, j = i % G;
+      const T *wr = w2 + j * H, *h = hid + n * H;
+      T acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t q = 0; q < H; ++q) acc += wr[q] * h[q];
+      acc += b2[j];
+      coef[i] = offset[j] + scale[j] * (T)(1.0 / (1.0 + exp(-(double)acc)));
+    }
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < N * C; ++r) {
+      int64_t n = r / C, c = r % C, wc = W == 1 ? 0 : c;
+      T ak[3], bk[3];
+      for (int64_t k = 0; k < K; ++k) {
+        ak[k] = coef[n * G + k * W + wc];
+        bk[k] = coef[n * G + (K + k) * W + wc];
+      }
+      if (K == 1) CAT(fwd_row, SUF)(x + r * L, y + r * L, ak, bk, NULL, L, 1, 1);
+      else if (K == 2) CAT(fwd_row, SUF)(x + r * L, y + r * L, ak, bk, NULL, L, 1, 2);
+      else CAT(fwd_row, SUF)(x + r * L, y + r * L, ak, bk, NULL, L, 1, 3);
+    }
+  }
+  free(pooled);
+  return 0;
+}
+
+/* z[n, l] = bias[0] + sum_c w[c] x[n, c, l]: tasks (n, chunk of positions), channels outer. */
+void CAT(spatial_fwd, SUF)(const T *x, const T *w, const T *bias, T *z, int64_t N, int64_t C, int64_t L,
+                           int64_t chunks, int64_t threads) {
+  int64_t per = (L + chunks - 1) / chunks;
+#pragma omp parallel for schedule(static) num_threads(threads) if (N * C * L >= PARALLEL_MIN && threads > 1)
+  for (int64_t task = 0; task < N * chunks; ++task) {
+    int64_t n = task / chunks, j = task % chunks;
+    int64_t l0 = j * per, l1 = l0 + per < L ? l0 + per : L;
+    T *zn = z + n * L;
+    for (int64_t l = l0; l < l1; ++l) zn[l] = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      const T *xr = x + (n * C + c) * L;
+      T wc = w[c];
+#pragma omp simd
+      for (int64_t l = l0; l < l1; ++l) zn[l] += wc * xr[l];
+    }
+    for (int64_t l = l0; l < l1; ++l) zn[l] += bias[0];
+  }
+}
+
+/* grad_x[n, c, l] = w[c] gz[n, l];  part_w[n, c] = sum_l gz[n, l] x[n, c, l] (the caller sums over n) */
+void CAT(spatial_bwd, SUF)(const T *x, const T *w, const T *gz, T *gx, T *part_w, int64_t N, int64_t C,
+                           int64_t L, int64_t threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (N * C * L >= PARALLEL_MIN && threads > 1)
+  for (int64_t r = 0; r < N * C; ++r) {
+    int64_t n = r / C, c = r % C;
+    const T *xr = x + r * L, *g = gz + n * L;
+    T *o = gx + r * L;
+    T wc = w[c];
+    double s = 0;
+    for (int64_t b0 = 0; b0 < L; b0 += BLOCK) {
+      int64_t e = b0 + BLOCK < L ? b0 + BLOCK : L;
+      T acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t l = b0; l < e; ++l) { o[l] = wc * g[l]; acc += g[l] * xr[l]; }
+      s += acc;
+    }
+    part_w[r] = (T)s;
+  }
+}
+
+#endif
