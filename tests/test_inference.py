@@ -97,3 +97,38 @@ def test_jit_mode_and_onnx_export(tmp_path):
 
 def test_exported_from_package():
     assert dyrelu.prepare_for_inference is prepare_for_inference
+
+
+def test_native_site_and_inplace_only_where_the_input_is_fresh(monkeypatch):
+    """The one-call C kernel runs the A / B sites; it writes over its input only in a Sequential
+    chain after a conv / BN, never where the input is read again (ResNet's act after the sum)."""
+    from dyrelu.fused import _native
+
+    assert _native.library() is not None  # CI has gcc
+    calls = []
+    site = _native.site
+    monkeypatch.setattr(_native, "site", lambda *a, **k: calls.append(k.get("out") is not None) or site(*a, **k))
+    torch.manual_seed(0)
+    model = _randomise_bn(models.build_model("mbv2_035", act="dyrelu_b", num_classes=7))
+    prepared = prepare_for_inference(model)
+    sites = [m for m in prepared.modules() if isinstance(m, InferenceDyReLU)]
+    assert sites and all(m.inplace for m in sites)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(prepared(x), model(x), rtol=1e-4, atol=1e-5)
+    assert len(calls) == len(sites) and all(calls)
+
+    chain = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), dyrelu.DyReLU(4), nn.Conv2d(4, 4, 1), nn.Identity(),
+                          dyrelu.DyReLU(4))
+    prepared = prepare_for_inference(chain)
+    assert [m.inplace for m in prepared.modules() if isinstance(m, InferenceDyReLU)] == [True, True]
+    for first in (nn.ReLU(), nn.Identity()):  # no conv / BN before it: its input may be the caller's
+        prepared = prepare_for_inference(nn.Sequential(first, dyrelu.DyReLU(3)))
+        assert not prepared[1].inplace
+        x = torch.randn(1, 3, 8, 8)
+        keep = x.clone()
+        with torch.inference_mode():
+            prepared(x)
+        assert torch.equal(x, keep)
+    resnet = prepare_for_inference(models.build_model("resnet10", act="dyrelu_b", num_classes=3))
+    assert not any(m.inplace for m in resnet.modules() if isinstance(m, InferenceDyReLU) and m.channels == 512)
