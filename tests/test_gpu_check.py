@@ -31,7 +31,7 @@ def test_quick_cpu_run_end_to_end(tmp_path):
     assert proc.returncode == 0, (status, doc["failures"], proc.stdout[-2000:], proc.stderr[-2000:])
     assert status == {"a": "pass", "b": "pass", "c": "pass", "d": "pass", "e": "skip"}, doc["failures"]
     a = doc["sections"]["a"]
-    assert a["cases"] == 54 and a["deterministic_bitwise"] and a["backends"] == ["bn"]
+    assert a["cases"] == 54 and a["deterministic_bitwise"] and a["backends"] == ["bn", "native"]  # fp32: native, half: bn
     b = {(r["setting"], r["variant"]): r for r in doc["sections"]["b"]["rows"]}
     assert b[("mbv2_035 eager", "relu")]["speed_ratio"] == 1.0 and b[("mbv2_035 eager", "dyrelu_b_fused")]["img_s"] > 0
     c = doc["sections"]["c"]

@@ -54,7 +54,8 @@ def test_fresh_dyrelu_is_its_initial_function(variant, shape):
     act = dyrelu.DyReLU(16, variant=variant)
     pi = act.coefficients(x).pi
     expected = torch.relu(x) * (1 if pi is None else pi)
-    torch.testing.assert_close(act(x), expected, rtol=0, atol=0)
+    # exact for A and B; C's pi comes from the fused path's own 1x1-conv kernel (another summation order)
+    torch.testing.assert_close(act(x), expected, rtol=0 if pi is None else 1e-6, atol=0)
     k3 = dyrelu.DyReLU(16, variant=variant, k=3, init_a=(1.0, 0.25, -0.5), init_b=(0.0, 0.1, -0.2))
     pi = k3.coefficients(x).pi
     ref = torch.stack([x, 0.25 * x + 0.1, -0.5 * x - 0.2]).amax(0) * (1 if pi is None else pi)
