@@ -10,6 +10,7 @@ import io
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import warnings
 from pathlib import Path
@@ -567,6 +568,19 @@ def test_native_kernels_unavailable_fall_back_to_bn(monkeypatch, tmp_path):
     monkeypatch.setenv("DYRELU_FUSED_BACKEND", "native")
     with pytest.raises(RuntimeError, match="native CPU kernels did not build"):
         fused.select_backend(x)
+
+
+def test_native_kernels_build_into_temp_when_the_cache_cannot_be_written(monkeypatch, tmp_path):
+    nat = fused.function._native
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    monkeypatch.setattr(nat, "_state", {})
+    monkeypatch.setenv("DYRELU_NATIVE_CACHE", str(blocker / "native"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lib = nat.library()
+    assert lib is not None and nat.error() is None
+    assert lib._name.startswith(tempfile.gettempdir())
 
 
 def test_native_kernels_use_torch_threads_and_match_at_size(monkeypatch):

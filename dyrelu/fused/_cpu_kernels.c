@@ -34,6 +34,8 @@
 #define CAT(a, b) CAT_(a, b)
 /* below this many elements a kernel runs on the calling thread: a parallel region costs more */
 #define PARALLEL_MIN 32768
+/* rows shorter than this take a plain scalar loop */
+#define SHORT_ROW 16
 
 #define T float
 #define SUF f32
@@ -88,10 +90,10 @@ static inline __attribute__((always_inline)) void CAT(fwd_row, SUF)(
 
 void CAT(dyrelu_fwd, SUF)(const T *x, T *y, const T *a, const T *b, const T *pi, int64_t N,
                           int64_t C, int64_t L, int64_t K, int64_t W, int64_t threads) {
-  int64_t rows = N * C;
-#pragma omp parallel for schedule(static) num_threads(threads) if (rows * L >= PARALLEL_MIN && threads > 1)
-  for (int64_t r = 0; r < rows; ++r) {
-    int64_t n = r / C, c = r % C;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads) if (N * C * L >= PARALLEL_MIN && threads > 1)
+  for (int64_t n = 0; n < N; ++n)
+  for (int64_t c = 0; c < C; ++c) {
+    int64_t r = n * C + c;
     T ak[3], bk[3];
     CAT(load_coef, SUF)(a, b, n, c, K, W, ak, bk);
     const T *p = pi ? pi + n * L : NULL;
@@ -110,6 +112,24 @@ static inline __attribute__((always_inline)) void CAT(bwd_row, SUF)(
     const int KK) {
   T a0 = ak[0], a1 = KK > 1 ? ak[1] : 0, a2 = KK > 2 ? ak[2] : 0;
   T b0 = bk[0], b1 = KK > 1 ? bk[1] : 0, b2 = KK > 2 ? bk[2] : 0;
+  if (l1 - l0 < SHORT_ROW) { /* deep layers (L = 1..16): plain loop, no vector set-up per row */
+    T x0 = 0, x1 = 0, x2 = 0, g0 = 0, g1 = 0, g2 = 0;
+    for (int64_t l = l0; l < l1; ++l) {
+      T v = x[l], gv = g[l];
+      T best = v * a0 + b0;
+      int k = 0;
+      if (KK > 1) { T u = v * a1 + b1; if (u > best) { best = u; k = 1; } }
+      if (KK > 2) { T u = v * a2 + b2; if (u > best) { best = u; k = 2; } }
+      if (p) { gp[l] += gv * best; gv = gv * p[l]; }
+      if (k == 0) { gx[l] = gv * a0; x0 += gv * v; g0 += gv; }
+      else if (k == 1) { gx[l] = gv * a1; x1 += gv * v; g1 += gv; }
+      else { gx[l] = gv * a2; x2 += gv * v; g2 += gv; }
+    }
+    sx[0] += x0; sg[0] += g0;
+    if (KK > 1) { sx[1] += x1; sg[1] += g1; }
+    if (KK > 2) { sx[2] += x2; sg[2] += g2; }
+    return;
+  }
   for (int64_t s = l0; s < l1; s += BLOCK) {
     int64_t e = s + BLOCK < l1 ? s + BLOCK : l1;
     T x0 = 0, x1 = 0, x2 = 0, g0 = 0, g1 = 0, g2 = 0;
@@ -147,10 +167,10 @@ static inline __attribute__((always_inline)) void CAT(bwd_dispatch, SUF)(
 void CAT(dyrelu_bwd, SUF)(const T *g, const T *x, T *gx, const T *a, const T *b, T *sum_gx,
                           T *sum_g, int64_t N, int64_t C, int64_t L, int64_t K, int64_t W,
                           int64_t threads) {
-  int64_t rows = N * C;
-#pragma omp parallel for schedule(static) num_threads(threads) if (rows * L >= PARALLEL_MIN && threads > 1)
-  for (int64_t r = 0; r < rows; ++r) {
-    int64_t n = r / C, c = r % C;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads) if (N * C * L >= PARALLEL_MIN && threads > 1)
+  for (int64_t n = 0; n < N; ++n)
+  for (int64_t c = 0; c < C; ++c) {
+    int64_t r = n * C + c;
     T ak[3], bk[3];
     double sx[3] = {0, 0, 0}, sg[3] = {0, 0, 0};
     CAT(load_coef, SUF)(a, b, n, c, K, W, ak, bk);
@@ -195,6 +215,15 @@ void CAT(row_moments, SUF)(const T *x, T *mean, T *var, int64_t rows, int64_t L,
 #pragma omp parallel for schedule(static) num_threads(threads) if (rows * L >= PARALLEL_MIN && threads > 1)
   for (int64_t r = 0; r < rows; ++r) {
     const T *xr = x + r * L;
+    if (L < SHORT_ROW) {
+      double s = 0, q = 0;
+      for (int64_t l = 0; l < L; ++l) s += xr[l];
+      double m = s / (double)L;
+      for (int64_t l = 0; l < L; ++l) { double d = xr[l] - m; q += d * d; }
+      mean[r] = (T)m;
+      var[r] = (T)(q / (double)L);
+      continue;
+    }
     double s = 0;
     for (int64_t b0 = 0; b0 < L; b0 += BLOCK) {
       int64_t e = b0 + BLOCK < L ? b0 + BLOCK : L;
@@ -268,9 +297,10 @@ int CAT(dyrelu_site, SUF)(const T *x, T *y, const T *w1, const T *b1, const T *w
       acc += b2[j];
       coef[i] = offset[j] + scale[j] * (T)(1.0 / (1.0 + exp(-(double)acc)));
     }
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < N * C; ++r) {
-      int64_t n = r / C, c = r % C, wc = W == 1 ? 0 : c;
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c) {
+      int64_t r = n * C + c, wc = W == 1 ? 0 : c;
       T ak[3], bk[3];
       for (int64_t k = 0; k < K; ++k) {
         ak[k] = coef[n * G + k * W + wc];
@@ -308,9 +338,10 @@ void CAT(spatial_fwd, SUF)(const T *x, const T *w, const T *bias, T *z, int64_t 
 /* grad_x[n, c, l] = w[c] gz[n, l];  part_w[n, c] = sum_l gz[n, l] x[n, c, l] (the caller sums over n) */
 void CAT(spatial_bwd, SUF)(const T *x, const T *w, const T *gz, T *gx, T *part_w, int64_t N, int64_t C,
                            int64_t L, int64_t threads) {
-#pragma omp parallel for schedule(static) num_threads(threads) if (N * C * L >= PARALLEL_MIN && threads > 1)
-  for (int64_t r = 0; r < N * C; ++r) {
-    int64_t n = r / C, c = r % C;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads) if (N * C * L >= PARALLEL_MIN && threads > 1)
+  for (int64_t n = 0; n < N; ++n)
+  for (int64_t c = 0; c < C; ++c) {
+    int64_t r = n * C + c;
     const T *xr = x + r * L, *g = gz + n * L;
     T *o = gx + r * L;
     T wc = w[c];

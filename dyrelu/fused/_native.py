@@ -11,7 +11,7 @@ Build: ``$CC`` (default ``gcc``) ``-O3 -march=native -fopenmp -ffp-contract=off`
 ``$DYRELU_NATIVE_CACHE`` (default ``~/.cache/dyrelu/native``), keyed by the source, the flags and
 the CPU's instruction-set flags (so nodes of a cluster sharing a home directory never load a
 library built for another CPU); written to a temporary name and renamed, so concurrent ranks
-are safe. When there is no compiler or the build fails, ``available()`` is False, one warning
+are safe; into the temp directory when the cache directory cannot be written. When there is no compiler or the build fails, ``available()`` is False, one warning
 says why, and the ATen kernels (the ``bn`` backend) run instead. ``DYRELU_NATIVE=0`` turns the
 kernels off.
 """
@@ -60,6 +60,22 @@ def _cache_dir() -> str:
     return base
 
 
+def _compile(cc: str, path: str) -> None:
+    """Builds the library at ``path`` under a temporary name, then renames it (atomic)."""
+    out_dir = os.path.dirname(path)
+    os.makedirs(out_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *FLAGS, SOURCE, "-o", tmp, *LIBS], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def _build() -> ctypes.CDLL:
     cc = os.environ.get("CC", "gcc")
     if shutil.which(cc) is None:
@@ -67,20 +83,15 @@ def _build() -> ctypes.CDLL:
     with open(SOURCE, "rb") as f:
         src = f.read()
     key = hashlib.sha256(src + " ".join([cc] + FLAGS).encode() + _cpu_key().encode()).hexdigest()[:20]
-    out_dir = _cache_dir()
-    path = os.path.join(out_dir, f"dyrelu_cpu_{key}.so")
+    name = f"dyrelu_cpu_{key}.so"
+    path = os.path.join(_cache_dir(), name)
     if not os.path.exists(path):
-        os.makedirs(out_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-        os.close(fd)
         try:
-            proc = subprocess.run([cc, *FLAGS, SOURCE, "-o", tmp, *LIBS], capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{cc} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            _compile(cc, path)
+        except OSError:  # a read-only or full cache directory: build into the temp directory
+            path = os.path.join(tempfile.gettempdir(), f"dyrelu-native-{os.getuid()}", name)
+            if not os.path.exists(path):
+                _compile(cc, path)
     lib = ctypes.CDLL(path)
     p, i = ctypes.c_void_p, ctypes.c_int64
     for suf in DTYPES.values():

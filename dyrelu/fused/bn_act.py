@@ -248,10 +248,10 @@ def bn_dyrelu(x: Tensor, bn: nn.Module, act: nn.Module) -> Tensor:
     s = torch.rsqrt(var.to(cdt) + bn.eps)
     if bn.affine:
         s = s * bn.weight.to(cdt)
-    t = -mu.to(cdt) * s
-    if bn.affine:
-        t = t + bn.bias.to(cdt)
-    pooled = m * s + t  # DY-ReLU's context: the spatial mean of the BN output
+        t = torch.addcmul(bn.bias.to(cdt), mu.to(cdt), s, value=-1.0)
+    else:
+        t = -mu.to(cdt) * s
+    pooled = torch.addcmul(t, m, s)  # DY-ReLU's context: the spatial mean of the BN output
     autocast = torch.is_autocast_enabled(x.device.type)
     a, b = act.hyper(pooled if autocast else pooled.to(act.fc1.weight.dtype))
     a, b = a.to(cdt), b.to(cdt)
