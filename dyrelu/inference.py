@@ -145,6 +145,10 @@ class InferenceDyReLU(nn.Module):
             x3 = x.view(n, x.shape[1], -1)
             return _native.site(x3, self.w1, self.b1, self.w2, self.b2, self.offset, self.scale, self.k,
                                 self.width, out=x3 if self.inplace else None).view(x.shape)
+        pi = None
+        if self.spatial is not None:  # from x, before an in-place apply overwrites it
+            xs = x if x.dim() == 4 else x.reshape(n, x.shape[1], -1, 1)
+            pi = spatial_attention(self.spatial(xs), self.tau)
         pooled = x.mean(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x
         h = F.relu(F.linear(pooled, self.w1, self.b1))
         coef = torch.addcmul(self.offset, self.scale, torch.sigmoid(F.linear(h, self.w2, self.b2))).to(x.dtype)
@@ -164,9 +168,7 @@ class InferenceDyReLU(nn.Module):
             # -1 for the batch: a constant target shape, no shape arithmetic in an exported graph
             coef = coef.reshape((-1, groups, self.width) + (1,) * (x.dim() - 2))
             y = self._apply_broadcast(x, coef.unbind(1), self.dynamic_segments)
-        if self.spatial is not None:
-            xs = x if x.dim() == 4 else x.reshape(n, x.shape[1], -1, 1)
-            pi = spatial_attention(self.spatial(xs), self.tau)
+        if pi is not None:
             y = y * (pi if x.dim() == 4 else pi.reshape((n, 1) + tuple(x.shape[2:])))
         return y
 

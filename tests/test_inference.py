@@ -130,5 +130,15 @@ def test_native_site_and_inplace_only_where_the_input_is_fresh(monkeypatch):
         with torch.inference_mode():
             prepared(x)
         assert torch.equal(x, keep)
+    # variant C in place: pi comes from the input, before the apply overwrites it (a small tau makes
+    # pi depend strongly on the input, so a pi taken from the output would show)
+    torch.manual_seed(0)
+    site = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8),
+                         dyrelu.DyReLU(8, variant="C", tau=0.05, hyper_init="random"))
+    prepared = prepare_for_inference(_randomise_bn(site))
+    assert prepared[2].inplace
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(prepared(x), site(x), rtol=1e-4, atol=1e-5)
     resnet = prepare_for_inference(models.build_model("resnet10", act="dyrelu_b", num_classes=3))
     assert not any(m.inplace for m in resnet.modules() if isinstance(m, InferenceDyReLU) and m.channels == 512)
