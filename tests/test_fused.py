@@ -566,8 +566,17 @@ def test_native_kernels_unavailable_fall_back_to_bn(monkeypatch, tmp_path):
         y = m(x)
     torch.testing.assert_close(y, m.forward_reference(x), atol=1e-6, rtol=1e-6)
     monkeypatch.setenv("DYRELU_FUSED_BACKEND", "native")
-    with pytest.raises(RuntimeError, match="native CPU kernels did not build"):
+    with pytest.raises(RuntimeError, match="native CPU kernels are not available"):
         fused.select_backend(x)
+
+
+def test_native_kernels_switched_off(monkeypatch):
+    monkeypatch.setenv("DYRELU_NATIVE", "0")
+    monkeypatch.delenv("DYRELU_FUSED_BACKEND", raising=False)
+    assert fused.select_backend(torch.randn(2, 3)) == "bn"
+    monkeypatch.setenv("DYRELU_FUSED_BACKEND", "native")
+    with pytest.raises(RuntimeError, match="switched off by DYRELU_NATIVE=0"):
+        fused.select_backend(torch.randn(2, 3))
 
 
 def test_native_kernels_build_into_temp_when_the_cache_cannot_be_written(monkeypatch, tmp_path):

@@ -11,9 +11,9 @@ Build: ``$CC`` (default ``gcc``) ``-O3 -march=native -fopenmp -ffp-contract=off`
 ``$DYRELU_NATIVE_CACHE`` (default ``~/.cache/dyrelu/native``), keyed by the source, the flags and
 the CPU's instruction-set flags (so nodes of a cluster sharing a home directory never load a
 library built for another CPU); written to a temporary name and renamed, so concurrent ranks
-are safe; into the temp directory when the cache directory cannot be written. When there is no compiler or the build fails, ``available()`` is False, one warning
-says why, and the ATen kernels (the ``bn`` backend) run instead. ``DYRELU_NATIVE=0`` turns the
-kernels off.
+are safe; into the temp directory when the cache directory cannot be written. When there is no
+compiler or the build fails, ``library()`` returns None, one warning says why, and the ATen
+kernels (the ``bn`` backend) run instead. ``DYRELU_NATIVE=0`` turns the kernels off.
 """
 from __future__ import annotations
 
@@ -112,11 +112,11 @@ def _build() -> ctypes.CDLL:
 
 def library() -> Optional[ctypes.CDLL]:
     """The loaded kernels, or None (no compiler, build failed, or DYRELU_NATIVE=0)."""
+    if os.environ.get("DYRELU_NATIVE", "1") == "0":
+        return None
     lib = _state.get("lib")
     if lib is not None or "error" in _state:
         return lib
-    if os.environ.get("DYRELU_NATIVE", "1") == "0":
-        return None
     with _lock:
         if "lib" not in _state and "error" not in _state:
             try:
@@ -129,7 +129,9 @@ def library() -> Optional[ctypes.CDLL]:
 
 
 def error() -> Optional[str]:
-    """Why the kernels are unavailable (after a failed build), else None."""
+    """Why the kernels are unavailable (switched off, or a failed build), else None."""
+    if os.environ.get("DYRELU_NATIVE", "1") == "0":
+        return "switched off by DYRELU_NATIVE=0"
     return _state.get("error")
 
 

@@ -50,7 +50,7 @@ def select_backend(x: torch.Tensor) -> str:
             "(CUDA needs a GPU; CPU tensors need TRITON_INTERPRET=1 set before triton is imported)"
         )
     if forced == "native" and _native.library() is None:
-        raise RuntimeError(f"DYRELU_FUSED_BACKEND=native but the native CPU kernels did not build: {_native.error()}")
+        raise RuntimeError(f"DYRELU_FUSED_BACKEND=native but the native CPU kernels are not available: {_native.error()}")
     if forced != "auto":
         return forced
     if x.device.type == "cuda" and _triton.available(x.device):
