@@ -79,7 +79,7 @@ def _compile(cc: str, path: str) -> None:
 def _build() -> ctypes.CDLL:
     cc = os.environ.get("CC", "gcc")
     if shutil.which(cc) is None:
-        raise RuntimeError(f"no C compiler ({cc!r} not found on PATH)")
+        raise RuntimeError(f"no C compiler ({cc!r} not found)")
     with open(SOURCE, "rb") as f:
         src = f.read()
     key = hashlib.sha256(src + " ".join([cc] + FLAGS).encode() + _cpu_key().encode()).hexdigest()[:20]
