@@ -350,7 +350,9 @@ def main(argv=None):
             if "error" in r:
                 msg = r["error"]
             elif "img_s" in r:
-                msg = f"{r['img_s']:.1f} img/s, peak {r['peak_mem_mb']:.0f} MB"
+                # CUDA: peak allocated; CPU: growth of the RSS high-water mark over the steps
+                what = "peak memory" if args.device == "cuda" else "peak RSS growth"
+                msg = f"{r['img_s']:.1f} img/s, {what} {r['peak_mem_mb']:.0f} MB"
             else:
                 msg = "inference img/s " + ", ".join(f"{k}: " + " ".join(f"{w} {t['img_s']:.1f}" for w, t in row.items())
                                                for k, row in r.get("inference", {}).items())
