@@ -88,19 +88,45 @@ static inline __attribute__((always_inline)) void CAT(fwd_row, SUF)(
   }
 }
 
+static inline __attribute__((always_inline)) void CAT(fwd_dispatch, SUF)(
+    const T *x, T *y, const T *ak, const T *bk, const T *p, int64_t L, int has_b, int64_t K) {
+  if (K == 1) CAT(fwd_row, SUF)(x, y, ak, bk, p, L, has_b, 1);
+  else if (K == 2) CAT(fwd_row, SUF)(x, y, ak, bk, p, L, has_b, 2);
+  else CAT(fwd_row, SUF)(x, y, ak, bk, p, L, has_b, 3);
+}
+
+/* sum of xr[0:L) in float blocks of BLOCK, carried in double */
+static inline double CAT(row_sum, SUF)(const T *xr, int64_t L) {
+  double s = 0;
+  for (int64_t b0 = 0; b0 < L; b0 += BLOCK) {
+    int64_t e = b0 + BLOCK < L ? b0 + BLOCK : L;
+    T acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t l = b0; l < e; ++l) acc += xr[l];
+    s += acc;
+  }
+  return s;
+}
+
+/* task = (sample n, chunk j of positions [l0, l1)) of the position-chunked kernels */
+static inline void CAT(chunk_range, SUF)(int64_t task, int64_t chunks, int64_t L, int64_t *n, int64_t *j,
+                                         int64_t *l0, int64_t *l1) {
+  int64_t per = (L + chunks - 1) / chunks;
+  *n = task / chunks;
+  *j = task % chunks;
+  *l0 = *j * per;
+  *l1 = *l0 + per < L ? *l0 + per : L;
+}
+
 void CAT(dyrelu_fwd, SUF)(const T *x, T *y, const T *a, const T *b, const T *pi, int64_t N,
                           int64_t C, int64_t L, int64_t K, int64_t W, int64_t threads) {
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads) if (N * C * L >= PARALLEL_MIN && threads > 1)
   for (int64_t n = 0; n < N; ++n)
   for (int64_t c = 0; c < C; ++c) {
     int64_t r = n * C + c;
-    T ak[3], bk[3];
+    T ak[3] = {0, 0, 0}, bk[3] = {0, 0, 0}; /* K >= 1 fills them; the zeros quiet -Wmaybe-uninitialized */
     CAT(load_coef, SUF)(a, b, n, c, K, W, ak, bk);
-    const T *p = pi ? pi + n * L : NULL;
-    int has_b = b != NULL;
-    if (K == 1) CAT(fwd_row, SUF)(x + r * L, y + r * L, ak, bk, p, L, has_b, 1);
-    else if (K == 2) CAT(fwd_row, SUF)(x + r * L, y + r * L, ak, bk, p, L, has_b, 2);
-    else CAT(fwd_row, SUF)(x + r * L, y + r * L, ak, bk, p, L, has_b, 3);
+    CAT(fwd_dispatch, SUF)(x + r * L, y + r * L, ak, bk, pi ? pi + n * L : NULL, L, b != NULL, K);
   }
 }
 
@@ -188,11 +214,10 @@ void CAT(dyrelu_bwd, SUF)(const T *g, const T *x, T *gx, const T *a, const T *b,
 void CAT(dyrelu_bwd_pi, SUF)(const T *g, const T *x, T *gx, const T *a, const T *b, const T *pi,
                              T *grad_pi, T *part_gx, T *part_g, int64_t N, int64_t C, int64_t L,
                              int64_t K, int64_t W, int64_t chunks, int64_t threads) {
-  int64_t per = (L + chunks - 1) / chunks;
 #pragma omp parallel for schedule(static) num_threads(threads) if (N * C * L >= PARALLEL_MIN && threads > 1)
   for (int64_t task = 0; task < N * chunks; ++task) {
-    int64_t n = task / chunks, j = task % chunks;
-    int64_t l0 = j * per, l1 = l0 + per < L ? l0 + per : L;
+    int64_t n, j, l0, l1;
+    CAT(chunk_range, SUF)(task, chunks, L, &n, &j, &l0, &l1);
     T *gp = grad_pi + n * L;
     for (int64_t l = l0; l < l1; ++l) gp[l] = 0;
     for (int64_t c = 0; c < C; ++c) {
@@ -224,15 +249,7 @@ void CAT(row_moments, SUF)(const T *x, T *mean, T *var, int64_t rows, int64_t L,
       var[r] = (T)(q / (double)L);
       continue;
     }
-    double s = 0;
-    for (int64_t b0 = 0; b0 < L; b0 += BLOCK) {
-      int64_t e = b0 + BLOCK < L ? b0 + BLOCK : L;
-      T acc = 0;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t l = b0; l < e; ++l) acc += xr[l];
-      s += acc;
-    }
-    double m = s / (double)L;
+    double m = CAT(row_sum, SUF)(xr, L) / (double)L;
     T mt = (T)m;
     double q = 0;
     for (int64_t b0 = 0; b0 < L; b0 += BLOCK) {
@@ -266,16 +283,7 @@ int CAT(dyrelu_site, SUF)(const T *x, T *y, const T *w1, const T *b1, const T *w
   {
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < N * C; ++r) {
-      const T *xr = x + r * L;
-      double s = 0;
-      for (int64_t b0 = 0; b0 < L; b0 += BLOCK) {
-        int64_t e = b0 + BLOCK < L ? b0 + BLOCK : L;
-        T acc = 0;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t l = b0; l < e; ++l) acc += xr[l];
-        s += acc;
-      }
-      pooled[r] = (T)(s / (double)L);
+      pooled[r] = (T)(CAT(row_sum, SUF)(x + r * L, L) / (double)L);
     }
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < N * H; ++i) {
@@ -306,9 +314,7 @@ int CAT(dyrelu_site, SUF)(const T *x, T *y, const T *w1, const T *b1, const T *w
         ak[k] = coef[n * G + k * W + wc];
         bk[k] = coef[n * G + (K + k) * W + wc];
       }
-      if (K == 1) CAT(fwd_row, SUF)(x + r * L, y + r * L, ak, bk, NULL, L, 1, 1);
-      else if (K == 2) CAT(fwd_row, SUF)(x + r * L, y + r * L, ak, bk, NULL, L, 1, 2);
-      else CAT(fwd_row, SUF)(x + r * L, y + r * L, ak, bk, NULL, L, 1, 3);
+      CAT(fwd_dispatch, SUF)(x + r * L, y + r * L, ak, bk, NULL, L, 1, K);
     }
   }
   free(pooled);
@@ -318,11 +324,10 @@ int CAT(dyrelu_site, SUF)(const T *x, T *y, const T *w1, const T *b1, const T *w
 /* z[n, l] = bias[0] + sum_c w[c] x[n, c, l]: tasks (n, chunk of positions), channels outer. */
 void CAT(spatial_fwd, SUF)(const T *x, const T *w, const T *bias, T *z, int64_t N, int64_t C, int64_t L,
                            int64_t chunks, int64_t threads) {
-  int64_t per = (L + chunks - 1) / chunks;
 #pragma omp parallel for schedule(static) num_threads(threads) if (N * C * L >= PARALLEL_MIN && threads > 1)
   for (int64_t task = 0; task < N * chunks; ++task) {
-    int64_t n = task / chunks, j = task % chunks;
-    int64_t l0 = j * per, l1 = l0 + per < L ? l0 + per : L;
+    int64_t n, j, l0, l1;
+    CAT(chunk_range, SUF)(task, chunks, L, &n, &j, &l0, &l1);
     T *zn = z + n * L;
     for (int64_t l = l0; l < l1; ++l) zn[l] = 0;
     for (int64_t c = 0; c < C; ++c) {

@@ -149,6 +149,12 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+def _chunks(n: int, length: int) -> int:
+    """Position chunks per sample for the (sample, chunk) kernels: enough tasks for every thread,
+    at least 512 positions per chunk."""
+    return max(1, min(-(-length // 512), -(-2 * _threads() // n)))
+
+
 def forward(x3, a, b, pi, out=None):
     """max_k(a_k x + b_k) [* pi] on (N, C, L); a, b (N, K, W) contiguous in x's dtype; pi (N, L)."""
     n, c, l = x3.shape
@@ -171,15 +177,13 @@ def backward(g3, x3, a, b, pi, need_pi: bool):
         getattr(lib, f"dyrelu_bwd_{suf}")(g3.data_ptr(), x3.data_ptr(), gx.data_ptr(), a.data_ptr(), _ptr(b),
                                           s_gx.data_ptr(), s_g.data_ptr(), n, c, l, k, w, _threads())
         return gx, s_gx, s_g, None
-    threads = _threads()
-    # enough (n, chunk) tasks for every thread; at least 512 positions per chunk
-    chunks = max(1, min(-(-l // 512), -(-2 * threads // n)))
+    chunks = _chunks(n, l)
     part_gx = x3.new_empty(chunks, n, k, c)
     part_g = x3.new_empty(chunks, n, k, c)
     grad_pi = x3.new_empty(n, 1, l)
     getattr(lib, f"dyrelu_bwd_pi_{suf}")(g3.data_ptr(), x3.data_ptr(), gx.data_ptr(), a.data_ptr(), _ptr(b),
                                          pi.data_ptr(), grad_pi.data_ptr(), part_gx.data_ptr(), part_g.data_ptr(),
-                                         n, c, l, k, w, chunks, threads)
+                                         n, c, l, k, w, chunks, _threads())
     s_gx = part_gx[0] if chunks == 1 else part_gx.sum(0)
     s_g = part_g[0] if chunks == 1 else part_g.sum(0)
     return gx, s_gx, s_g, grad_pi if need_pi else None
@@ -213,9 +217,8 @@ def spatial_forward(x3, w, bias):
     """Variant C's logits z = sum_c w_c x + bias: (N, C, L) -> (N, L); w (C,), bias (1,) in x's dtype."""
     n, c, l = x3.shape
     z = x3.new_empty(n, l)
-    chunks = max(1, min(-(-l // 512), -(-2 * _threads() // n)))
     getattr(_state["lib"], f"spatial_fwd_{DTYPES[x3.dtype]}")(
-        x3.data_ptr(), w.data_ptr(), bias.data_ptr(), z.data_ptr(), n, c, l, chunks, _threads())
+        x3.data_ptr(), w.data_ptr(), bias.data_ptr(), z.data_ptr(), n, c, l, _chunks(n, l), _threads())
     return z
 
 

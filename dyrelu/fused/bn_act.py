@@ -83,6 +83,11 @@ def _triton_or_none(launch, *args):
         return None
 
 
+def _on_native(x3: Tensor) -> bool:
+    """Eager, and the native CPU kernels take this (N, C, L) tensor."""
+    return not torch.compiler.is_compiling() and select_backend(x3) == "native" and _native.ok(x3, 1)
+
+
 def _rows_ok(x3: Tensor) -> bool:
     """The CPU batch-norm-loop kernels apply (eager only)."""
     return not torch.compiler.is_compiling() and tk.bn_ok(x3)
@@ -102,8 +107,7 @@ def _moments_forward(x3: Tensor, cdt: torch.dtype) -> Tuple[Tensor, Tensor]:
         got = _triton_or_none(_triton_bn.row_moments, x3)
         if got is not None:
             return got
-    if x3.dtype == cdt and not torch.compiler.is_compiling() and select_backend(x3) == "native" \
-            and _native.ok(x3, 1):
+    if x3.dtype == cdt and _on_native(x3):
         return _native.row_moments(x3)
     if _rows_ok(x3):
         rows = n * c
@@ -185,8 +189,7 @@ class SpatialLogits(torch.autograd.Function):
 def _spatial_logits(x: Tensor, w: Tensor, bias: Tensor) -> Tensor:
     """conv1x1(x; w (C,), bias (1,)) with one output channel (native kernels where they apply)."""
     c = x.shape[1]
-    if (w.dtype == x.dtype == bias.dtype and not torch.compiler.is_compiling() and select_backend(x) == "native"
-            and _native.ok(_as3d(x), 1)):
+    if w.dtype == x.dtype == bias.dtype and _on_native(_as3d(x)):
         return SpatialLogits.apply(x, w, bias)
     return F.conv2d(x, w.view(1, c, 1, 1), bias)
 
