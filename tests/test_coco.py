@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from data import keypoints as kp
 from data.coco import (CocoFormatError, CocoImageError, CocoKeypoints, build_coco_datasets,
                        codec_check)
+from runs import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "tests" / "data" / "coco_sample"
@@ -409,12 +410,7 @@ def test_codec_check_script_detector_boxes(tmp_path, capsys):
 
 
 def _script_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("codec_check_script", REPO / "scripts" / "codec_check.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("codec_check")
 
 
 def test_codec_check_takes_train_overrides(capsys):

@@ -1,7 +1,6 @@
 """Complexity counts (dyrelu.flops + scripts/complexity.py) against the paper's tables."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,15 +11,13 @@ import dyrelu
 from dyrelu import DyReLU
 from dyrelu.flops import count_complexity
 from models import build_model
+from runs import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("complexity_script", ROOT / "scripts" / "complexity.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("complexity")
 
 
 # ---- the counting convention on one DY-ReLU --------------------------------------------------------

@@ -5,7 +5,6 @@ eager without a C compiler, and half dtypes), "torch" (broadcast ops, the torch.
 """
 from __future__ import annotations
 
-import importlib.util
 import io
 import os
 import subprocess
@@ -21,6 +20,7 @@ import torch
 import dyrelu.fused as fused
 from dyrelu import DyReLU
 from dyrelu.fused import piecewise_apply
+from runs import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_BACKENDS = ["native", "bn", "torch"]
@@ -635,10 +635,7 @@ def test_device_guard_names_the_tensor_device():
 
 # ---- the benchmark's outside baseline computes the same function --------------------------------------------
 def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_act", ROOT / "scripts" / "bench_act.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench_act")
 
 
 @pytest.mark.parametrize("shape,k", [((2, 8, 5, 7), 2), ((2, 8, 5, 7), 1), ((2, 8), 2)])
