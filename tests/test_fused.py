@@ -243,7 +243,9 @@ def test_auto_picks_triton_on_cuda_and_native_on_cpu(monkeypatch):
         expect = "triton" if fused.function._triton.HAS_TRITON else "torch"
         assert fused.select_backend(torch.randn(2, 3, device="cuda")) == expect
     monkeypatch.setenv("DYRELU_FUSED_BACKEND", "nope")
-    with pytest.raises(ValueError, match="DYRELU_FUSED_BACKEND"):
+    from dyrelu.errors import BadValueError  # a user error: one line and exit 2 from train.py
+
+    with pytest.raises(BadValueError, match="DYRELU_FUSED_BACKEND='nope' is not one of"):
         fused.select_backend(torch.randn(2, 3))
 
 

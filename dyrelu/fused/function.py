@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
+from ..errors import BadValueError
 from . import _native
 from . import _torch_kernels as tk
 from . import _triton
@@ -43,7 +44,7 @@ def select_backend(x: torch.Tensor) -> str:
         return "torch"
     forced = os.environ.get("DYRELU_FUSED_BACKEND", "auto") or "auto"
     if forced not in BACKENDS:
-        raise ValueError(f"DYRELU_FUSED_BACKEND={forced!r} is not one of {BACKENDS}")
+        raise BadValueError(f"DYRELU_FUSED_BACKEND={forced!r} is not one of {BACKENDS}")
     if forced == "triton" and not _triton.available(x.device):
         raise RuntimeError(
             f"DYRELU_FUSED_BACKEND=triton but Triton cannot run on {x.device} "
