@@ -78,3 +78,6 @@ def validate(cfg: DictConfig) -> None:
     for key in ("act", "head_act"):
         if key in cfg and cfg[key] is not None and cfg[key].name not in dyrelu.ACT_NAMES:
             raise ConfigError(f"{key}.name={cfg[key].name!r} is not a known activation; valid: {', '.join(dyrelu.ACT_NAMES)}")
+    import dyrelu.fused
+
+    dyrelu.fused.forced_backend()  # the environment's kernel override, before anything is built

@@ -24,7 +24,7 @@ def _doc_examples() -> list[tuple[str, list[str], int]]:
     examples = []
     for block in re.findall(r"```console\n(.*?)```", DOC.read_text(), re.S):
         lines = block.rstrip("\n").split("\n")
-        assert lines[0].startswith("$ python ") and lines[-2] == "$ echo $?", block
+        assert re.match(r"\$ ([A-Z_]+=\S+ )*python ", lines[0]) and lines[-2] == "$ echo $?", block
         examples.append((lines[0][2:], lines[1:-2], int(lines[-1])))
     return examples
 
@@ -44,16 +44,20 @@ def fake_run(tmp_path_factory) -> Path:
     return run
 
 
-def _run(argv: list[str], cwd: Path, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *argv], cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+def _run(argv: list[str], cwd: Path, timeout=300, extra_env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *argv], cwd=cwd, env={**env(), **(extra_env or {})}, capture_output=True,
+                          text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("command,shown,code", _doc_examples(), ids=[e[0][len("python "):] for e in _doc_examples()])
+@pytest.mark.parametrize("command,shown,code", _doc_examples(),
+                         ids=[e[0].split("python ", 1)[1] for e in _doc_examples()])
 def test_documented_mistake(tmp_path, fake_run, command, shown, code):
-    argv = shlex.split(command)[1:]
+    words = shlex.split(command)
+    extra_env = dict(w.split("=", 1) for w in words[:words.index("python")])  # VAR=value before python
+    argv = words[words.index("python") + 1:]
     argv = [str(ROOT / argv[0]), *(a.replace("<run>", str(fake_run)) for a in argv[1:])]
     # In an empty working directory: whatever the command leaves behind is visible.
-    p = _run(argv, tmp_path)
+    p = _run(argv, tmp_path, extra_env=extra_env)
     err = [line for line in p.stderr.splitlines() if line.strip()]
     assert p.returncode == code, p.stderr[-3000:]
     assert err and _matches(shown[0], err[0]), (shown[0], p.stderr[-3000:])

@@ -14,13 +14,14 @@ from .function import (
     BACKENDS,
     DyReLUApply,
     DyReLUApplyTraceable,
+    forced_backend,
     global_pool,
     piecewise_apply,
     select_backend,
 )
 
 __all__ = [
-    "supports", "forward", "piecewise_apply", "global_pool", "select_backend",
+    "supports", "forward", "piecewise_apply", "global_pool", "select_backend", "forced_backend",
     "DyReLUApply", "DyReLUApplyTraceable", "BACKENDS", "SUPPORTED_DTYPES",
 ]
 

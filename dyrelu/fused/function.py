@@ -39,12 +39,20 @@ from . import _triton
 BACKENDS = ("auto", "triton", "native", "bn", "torch")
 
 
-def select_backend(x: torch.Tensor) -> str:
-    if torch.compiler.is_compiling():
-        return "torch"
+def forced_backend() -> str:
+    """``DYRELU_FUSED_BACKEND`` ("auto" when unset), checked: a value outside BACKENDS is a user error.
+
+    train.py checks it with the config, before anything is built."""
     forced = os.environ.get("DYRELU_FUSED_BACKEND", "auto") or "auto"
     if forced not in BACKENDS:
         raise BadValueError(f"DYRELU_FUSED_BACKEND={forced!r} is not one of {BACKENDS}")
+    return forced
+
+
+def select_backend(x: torch.Tensor) -> str:
+    if torch.compiler.is_compiling():
+        return "torch"
+    forced = forced_backend()
     if forced == "triton" and not _triton.available(x.device):
         raise RuntimeError(
             f"DYRELU_FUSED_BACKEND=triton but Triton cannot run on {x.device} "
