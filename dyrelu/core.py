@@ -32,6 +32,8 @@ from .errors import BadValueError
 VARIANTS = ("A", "B", "C")
 IMPLS = ("auto", "reference", "fused")
 HYPER_INITS = ("zero", "random")
+#: How variant C's spatial logits z are normalised before the softmax (see DyReLU.spatial_pi).
+SPATIAL_NORMS = ("none", "bn", "std")
 
 
 @dataclass
@@ -97,6 +99,14 @@ def spatial_attention(z: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     return attn.clamp(max=1.0).reshape(z.shape).to(z.dtype)
 
 
+def standardise_logits(z: torch.Tensor) -> torch.Tensor:
+    """z (N, 1, *spatial) divided by its standard deviation over positions, per sample."""
+    zf = z.flatten(1)
+    dt = torch.promote_types(zf.dtype, torch.float32)
+    std = zf.to(dt).std(dim=1, correction=0) + 1e-5
+    return (z.to(dt) / std.reshape((-1,) + (1,) * (z.dim() - 1))).to(z.dtype)
+
+
 class DyReLU(nn.Module):
     """Dynamic ReLU, variants A (shared), B (per channel) and C (per channel and position).
 
@@ -122,6 +132,7 @@ class DyReLU(nn.Module):
         impl: str = "auto",
         hidden: Optional[int] = None,
         hyper_init: str = "zero",
+        spatial_norm: str = "none",
     ):
         super().__init__()
         variant = str(variant).upper()
@@ -131,6 +142,8 @@ class DyReLU(nn.Module):
             raise BadValueError(f"impl={impl!r} is not one of {IMPLS}")
         if hyper_init not in HYPER_INITS:
             raise BadValueError(f"hyper_init={hyper_init!r} is not one of {HYPER_INITS}")
+        if spatial_norm not in SPATIAL_NORMS:
+            raise BadValueError(f"spatial_norm={spatial_norm!r} is not one of {SPATIAL_NORMS}")
         k = int(k)
         if k < 1:
             raise BadValueError(f"k={k} must be >= 1")
@@ -163,6 +176,10 @@ class DyReLU(nn.Module):
         self.fc1 = nn.Linear(self.channels, self.hidden)
         self.fc2 = nn.Linear(self.hidden, (2 if self.use_bias else 1) * m * width)
         self.spatial = nn.Conv2d(self.channels, 1, kernel_size=1, bias=False) if variant == "C" else None
+        self.spatial_norm = spatial_norm if variant == "C" else "none"
+        # "bn": a BatchNorm over the one logit channel, as in the authors' later public code (DyHead's
+        # DYReLU); it makes pi independent of the spatial conv's scale.
+        self.spatial_bn = nn.BatchNorm2d(1) if self.spatial_norm == "bn" else None
         if hyper_init == "zero":
             # The paper calls alpha^k, beta^k the "initialization values" of a^k, b^k and says the
             # defaults correspond to static ReLU (Sec. 3.2): the residuals are zero at step 0, so a
@@ -182,7 +199,7 @@ class DyReLU(nn.Module):
         return (
             f"{self.channels}, variant={self.variant}, k={self.k}, reduction={self.reduction}, "
             f"hidden={self.hidden}, use_bias={self.use_bias}, dynamic_segments={self.dynamic_segments}, impl={self.impl}, "
-            f"hyper_init={self.hyper_init}"
+            f"hyper_init={self.hyper_init}" + (f", spatial_norm={self.spatial_norm}" if self.spatial is not None else "")
         )
 
     @torch.no_grad()
@@ -224,13 +241,26 @@ class DyReLU(nn.Module):
         b = init_b + self.lambda_b.to(dt) * db if db is not None else init_b.expand_as(a)
         return a, b
 
+    def spatial_pi(self, z: torch.Tensor) -> torch.Tensor:
+        """pi from the spatial conv's logits z (N, 1, H, W): the normalisation, then Eq. 4.
+
+        Every path (reference, fused, prepared) computes z its own way and then calls this, so the
+        normalisation is defined once. "std" divides z by its standard deviation over positions,
+        per sample (the softmax ignores the mean).
+        """
+        if self.spatial_bn is not None:
+            z = self.spatial_bn(z)
+        elif self.spatial_norm == "std":
+            z = standardise_logits(z)
+        return spatial_attention(z, self.tau)
+
     def attention(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """Spatial attention pi (N, 1, *spatial) of variant C (Eq. 4); None for A and B."""
         if self.spatial is None:
             return None
         xs = x if x.dim() == 4 else x.reshape(x.shape[0], x.shape[1], -1, 1)
         z = self.spatial(xs)  # (N, 1, *, *)
-        pi = spatial_attention(z, self.tau)
+        pi = self.spatial_pi(z)
         return pi if x.dim() == 4 else pi.reshape((x.shape[0], 1) + tuple(x.shape[2:]))
 
     @torch.no_grad()

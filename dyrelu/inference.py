@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import DyReLU, spatial_attention
+from .core import DyReLU, spatial_attention, standardise_logits
 from .fused import _native
 from .fused._torch_kernels import _consts
 
@@ -91,6 +91,15 @@ class InferenceDyReLU(nn.Module):
         self.register_buffer("static_a", init_a.clone())
         self.register_buffer("static_b", init_b.clone())
         self.spatial = copy.deepcopy(m.spatial) if m.spatial is not None else None
+        self.standardise = m.spatial_norm == "std"
+        if m.spatial_bn is not None:
+            # the logit BN in eval mode is z * s + t; the softmax ignores t, so s folds into the conv
+            bn = m.spatial_bn
+            s = torch.rsqrt(bn.running_var.detach() + bn.eps)
+            if bn.affine:
+                s = s * bn.weight.detach()
+            with torch.no_grad():
+                self.spatial.weight.mul_(s.to(self.spatial.weight.dtype).reshape(1, 1, 1, 1))
         self.register_buffer("tau", m.tau.detach().clone())
         self.requires_grad_(False)
 
@@ -148,7 +157,8 @@ class InferenceDyReLU(nn.Module):
         pi = None
         if self.spatial is not None:  # from x, before an in-place apply overwrites it
             xs = x if x.dim() == 4 else x.reshape(n, x.shape[1], -1, 1)
-            pi = spatial_attention(self.spatial(xs), self.tau)
+            z = self.spatial(xs)
+            pi = spatial_attention(standardise_logits(z) if self.standardise else z, self.tau)
         pooled = x.mean(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x
         h = F.relu(F.linear(pooled, self.w1, self.b1))
         coef = torch.addcmul(self.offset, self.scale, torch.sigmoid(F.linear(h, self.w2, self.b2))).to(x.dtype)

@@ -69,11 +69,10 @@ def _attention_native(module, x: torch.Tensor):
     """``module.attention(x)`` with the spatial 1x1 conv on the native CPU kernels (variant C)."""
     if module.spatial is None:
         return None
-    from ..core import spatial_attention
     from .bn_act import _spatial_logits
 
     w = module.spatial.weight
-    return spatial_attention(_spatial_logits(x, w.view(-1).to(x.dtype), x.new_zeros(1)), module.tau)
+    return module.spatial_pi(_spatial_logits(x, w.view(-1).to(x.dtype), x.new_zeros(1)))
 
 
 def forward(module, x: torch.Tensor) -> torch.Tensor:

@@ -266,14 +266,8 @@ def bn_dyrelu(x: Tensor, bn: nn.Module, act: nn.Module) -> Tensor:
         ws = w * s.to(w.dtype)
         bias = (w * t.to(w.dtype)).sum().reshape(1)
         z = _spatial_logits(x, ws if autocast else ws.to(x.dtype), bias if autocast else bias.to(x.dtype))
-        pi = _spatial_attention(z, act.tau)
+        pi = act.spatial_pi(z)
     return piecewise_apply(x, big_a, big_b, pi)
-
-
-def _spatial_attention(z: Tensor, tau: Tensor) -> Tensor:
-    from ..core import spatial_attention
-
-    return spatial_attention(z, tau)
 
 
 class BNDyReLU(nn.Module):
