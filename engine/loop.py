@@ -74,12 +74,25 @@ def autocast_factory(amp: str, device: torch.device):
     return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
 
 
-def tau_at(cfg, epoch: int, max_epochs: int) -> float:
-    """DY-ReLU-C's softmax temperature for ``epoch`` (trainer.tau_schedule)."""
+def tau_at(cfg, epoch: int, max_epochs: int) -> Optional[float]:
+    """DY-ReLU-C's softmax temperature for ``epoch`` (trainer.tau_schedule), or None to leave each
+    module at the ``tau`` it was built with (the default: no schedule, so ``act.tau`` holds).
+
+    An unset ``start`` is ``act.tau``; an unset ``end`` is ``start``. A ``start`` that contradicts an
+    ``act.tau`` is a user error rather than a silent override.
+    """
     ts = cfg.trainer.tau_schedule
+    if ts.start is None and ts.end is None:
+        return None
+    act_tau = cfg.act.get("tau") if "act" in cfg else None
+    if ts.start is not None and act_tau is not None and float(ts.start) != float(act_tau):
+        raise BadValueError(f"trainer.tau_schedule.start={ts.start} contradicts act.tau={act_tau}: "
+                            "set one of them (an unset start is act.tau)")
+    start = float(ts.start if ts.start is not None else (act_tau if act_tau is not None else 10.0))
+    end_value = start if ts.end is None else float(ts.end)
     end = max(1.0, float(ts.end_epoch_frac) * max_epochs)
     frac = min(1.0, epoch / end)
-    return float(ts.start) + frac * (float(ts.end) - float(ts.start))
+    return start + frac * (end_value - start)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,6 +458,8 @@ def begin_epoch(cfg, state: TrainState, epoch: int, data: Data, resumed_rng) -> 
     batches = iter(data.train_loader) if resuming else None
     seed_epoch(cfg, state, resumed_rng)
     tau = tau_at(cfg, epoch, int(cfg.trainer.max_epochs))
+    if tau is None:
+        return {}, batches if batches is not None else iter(data.train_loader)
     uses_tau = dyrelu.set_tau(state.model, tau)
     if state.ema is not None:
         dyrelu.set_tau(state.ema.module, tau)

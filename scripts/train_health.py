@@ -11,8 +11,10 @@ per layer to ``<out>/health.csv``:
 
 * ``dyrelu`` rows: mean slope of the first and second segment (``a1``, ``a2``) and intercept (``b1``),
   their spread across the samples of the batch (std over samples, averaged over channels:
-  ``a_spread``, ``b_spread``), and for DY-ReLU-C the attention's mean and its largest value
-  (``pi_mean``, ``pi_max``);
+  ``a_spread``, ``b_spread``), and for DY-ReLU-C the attention's mean, its largest value and the
+  share of positions it switches off, pi < 0.05 (``pi_mean``, ``pi_max``, ``pi_off``), the spatial conv's
+  weight norm (``spatial_w``) and the spread of the softmax's input over positions (``z_spread``: std
+  over positions of the normalised logits divided by tau, averaged over samples; 0 is a flat pi);
 * ``bn`` rows: how far the batch statistics are from the running statistics that evaluation uses
   (``bn_mean_shift`` = mean over channels of |batch mean - running mean| / running std,
   ``bn_var_ratio`` = mean of batch var / running var);
@@ -38,7 +40,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook  # noqa: E402
 
 import dyrelu  # noqa: E402
 
-FIELDS = ["step", "layer", "kind", "a1", "a2", "b1", "a_spread", "b_spread", "pi_mean", "pi_max",
+FIELDS = ["step", "layer", "kind", "a1", "a2", "b1", "a_spread", "b_spread", "pi_mean", "pi_max", "pi_off",
+          "spatial_w", "z_spread",
           "bn_mean_shift", "bn_var_ratio", "hyper_grad", "conv_grad", "hyper_norm", "conv_norm"]
 
 
@@ -82,7 +85,10 @@ class HealthProbe:
                    "b_spread": b.std(0).mean().item() if b.shape[0] > 1 else 0.0}
             if c.pi is not None:
                 pi = c.pi.float().flatten(1)
-                row.update(pi_mean=pi.mean().item(), pi_max=pi.max(1).values.mean().item())
+                row.update(pi_mean=pi.mean().item(), pi_max=pi.max(1).values.mean().item(),
+                           pi_off=(pi < 0.05).float().mean().item(),
+                           spatial_w=module.spatial.weight.float().norm().item(),
+                           z_spread=_softmax_input(module, args[0]).flatten(1).std(1).mean().item())
             self.rows.append(row)
         return hook
 
@@ -114,6 +120,19 @@ class HealthProbe:
                           "conv_norm": norm(self.conv, False)})
 
 
+def _softmax_input(module: dyrelu.DyReLU, x: torch.Tensor) -> torch.Tensor:
+    """z / tau as the softmax of Eq. 4 sees it (after the logit normalisation), without touching the
+    logit BatchNorm's running statistics."""
+    xs = x if x.dim() == 4 else x.reshape(x.shape[0], x.shape[1], -1, 1)
+    z = module.spatial(xs).float()
+    if module.spatial_bn is not None:
+        bn = module.spatial_bn
+        z = nn.functional.batch_norm(z, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+    elif module.spatial_norm == "std":
+        z = dyrelu.core.standardise_logits(z)
+    return z / module.tau.float()
+
+
 def summarise(rows: list[dict]) -> list[str]:
     """One line per recorded step: medians over layers."""
     lines = []
@@ -133,7 +152,10 @@ def summarise(rows: list[dict]) -> list[str]:
                 f"  spread a {med('dyrelu', 'a_spread'):.4f} (max {top('dyrelu', 'a_spread'):.3f}) b {med('dyrelu', 'b_spread'):.4f}"
                 f"  bn shift {med('bn', 'bn_mean_shift'):.3f} (max {top('bn', 'bn_mean_shift'):.2f}) var ratio {med('bn', 'bn_var_ratio'):.2f}")
         if any(r.get("pi_mean", "") != "" for r in at):
-            line += f"  pi mean {med('dyrelu', 'pi_mean'):.3f} max {med('dyrelu', 'pi_max'):.3f}"
+            line += (f"  pi mean {med('dyrelu', 'pi_mean'):.3f} max {med('dyrelu', 'pi_max'):.3f}"
+                     f" off {med('dyrelu', 'pi_off'):.2f} (max {top('dyrelu', 'pi_off'):.2f})"
+                     f"  |w_spatial| {med('dyrelu', 'spatial_w'):.2f} (max {top('dyrelu', 'spatial_w'):.2f})"
+                     f"  z/tau spread {med('dyrelu', 'z_spread'):.3f} (max {top('dyrelu', 'z_spread'):.3f})")
         if g:
             line += (f"  |grad| hyper {g['hyper_grad']:.3f} conv {g['conv_grad']:.3f}"
                      f"  |w| hyper {g['hyper_norm']:.2f} conv {g['conv_norm']:.2f}")
