@@ -78,16 +78,13 @@ def tau_at(cfg, epoch: int, max_epochs: int) -> Optional[float]:
     """DY-ReLU-C's softmax temperature for ``epoch`` (trainer.tau_schedule), or None to leave each
     module at the ``tau`` it was built with (the default: no schedule, so ``act.tau`` holds).
 
-    An unset ``start`` is ``act.tau``; an unset ``end`` is ``start``. A ``start`` that contradicts an
-    ``act.tau`` is a user error rather than a silent override.
+    An unset ``start`` is ``act.tau``; an unset ``end`` is ``start`` (engine/validate.py rejects a
+    ``start`` that contradicts ``act.tau``).
     """
     ts = cfg.trainer.tau_schedule
     if ts.start is None and ts.end is None:
         return None
     act_tau = cfg.act.get("tau") if "act" in cfg else None
-    if ts.start is not None and act_tau is not None and float(ts.start) != float(act_tau):
-        raise BadValueError(f"trainer.tau_schedule.start={ts.start} contradicts act.tau={act_tau}: "
-                            "set one of them (an unset start is act.tau)")
     start = float(ts.start if ts.start is not None else (act_tau if act_tau is not None else 10.0))
     end_value = start if ts.end is None else float(ts.end)
     end = max(1.0, float(ts.end_epoch_frac) * max_epochs)

@@ -25,6 +25,12 @@ def _hyper_lr_scale(optim_cfg) -> float:
     return float(optim_cfg.get("hyper_lr_scale", 1.0))
 
 
+def _spatial_lr_scale(optim_cfg) -> float:
+    """DY-ReLU-C's spatial convs: their own lr scale, or the hyper functions' when unset."""
+    scale = optim_cfg.get("spatial_lr_scale", None)
+    return _hyper_lr_scale(optim_cfg) if scale is None else float(scale)
+
+
 def _hyper_weight_decay(optim_cfg):
     wd = optim_cfg.get("hyper_weight_decay", None)
     return None if wd is None else float(wd)
@@ -34,29 +40,37 @@ def param_groups(model: nn.Module, optim_cfg) -> list[dict]:
     """Parameter groups with DY-ReLU's hyper functions (fc1, fc2, spatial of every dyrelu.DyReLU)
     apart: their lr is scaled by ``optim.hyper_lr_scale`` (through timm's per-group ``lr_scale``,
     which timm's schedulers multiply into every value they set) and their weight decay is
-    ``optim.hyper_weight_decay`` (null: the same as the rest). Biases and norm weights (1-d
-    parameters) get no decay when ``decay_norm_and_bias`` is false, in both groups, as timm does.
+    ``optim.hyper_weight_decay`` (null: the same as the rest). DY-ReLU-C's spatial convs (and
+    their logit BN) form a third group whose lr is scaled by ``optim.spatial_lr_scale`` (null: the
+    hyper functions' scale). Biases and norm weights (1-d parameters) get no decay when
+    ``decay_norm_and_bias`` is false, in every group, as timm does.
     """
     from dyrelu import DyReLU
 
-    hyper_ids = {id(p) for m in model.modules() if isinstance(m, DyReLU) for p in m.parameters()}
+    kinds = {}
+    for m in model.modules():
+        if isinstance(m, DyReLU):
+            kinds.update({id(p): "hyper" for p in m.parameters()})
+            for branch in (m.spatial, m.spatial_bn):
+                if branch is not None:
+                    kinds.update({id(p): "spatial" for p in branch.parameters()})
     wd = float(optim_cfg.weight_decay)
     hyper_wd = _hyper_weight_decay(optim_cfg)
     hyper_wd = wd if hyper_wd is None else hyper_wd
-    scale = _hyper_lr_scale(optim_cfg)
+    scales = {"base": 1.0, "hyper": _hyper_lr_scale(optim_cfg), "spatial": _spatial_lr_scale(optim_cfg)}
+    order = ("base", "hyper", "spatial")  # the rest first: param_groups[0]["lr"] (what the logs show) is the base lr
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        hyper = id(p) in hyper_ids
+        kind = kinds.get(id(p), "base")
         no_decay = not optim_cfg.decay_norm_and_bias and (p.ndim <= 1 or name.endswith(".bias"))
-        key = (hyper, no_decay)
+        key = (order.index(kind), no_decay)
         if key not in groups:
-            groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else (hyper_wd if hyper else wd),
-                           "lr_scale": scale if hyper else 1.0, "name": ("hyper" if hyper else "base") + ("_no_decay" if no_decay else "")}
+            groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else (wd if kind == "base" else hyper_wd),
+                           "lr_scale": scales[kind], "name": kind + ("_no_decay" if no_decay else "")}
         groups[key]["params"].append(p)
-    # The rest first, so param_groups[0]["lr"] (what the logs show) is the base lr.
-    return [groups[k] for k in sorted(groups, key=lambda k: (k[0], k[1]))]
+    return [groups[k] for k in sorted(groups)]
 
 
 def build_optimizer(model, optim_cfg, global_batch: int):
@@ -72,12 +86,13 @@ def build_optimizer(model, optim_cfg, global_batch: int):
     log.info("optimizer %s lr %.5g (base %.5g at batch %d, global batch %d) weight decay %.3g",
              name, lr, optim_cfg.lr, optim_cfg.base_batch_size, global_batch, optim_cfg.weight_decay)
     hyper_scale, hyper_wd = _hyper_lr_scale(optim_cfg), _hyper_weight_decay(optim_cfg)
-    if hyper_scale == 1.0 and hyper_wd is None:
+    spatial_scale = _spatial_lr_scale(optim_cfg)
+    if hyper_scale == 1.0 and spatial_scale == 1.0 and hyper_wd is None:
         # Today's groups exactly (so checkpoints' optimizer states keep loading).
         params, filter_bias_and_bn = model, not optim_cfg.decay_norm_and_bias
     else:
-        log.info("DY-ReLU hyper functions: lr x %.4g, weight decay %s", hyper_scale,
-                 "as the rest" if hyper_wd is None else f"{hyper_wd:.3g}")
+        log.info("DY-ReLU hyper functions: lr x %.4g (spatial convs x %.4g), weight decay %s", hyper_scale,
+                 spatial_scale, "as the rest" if hyper_wd is None else f"{hyper_wd:.3g}")
         params, filter_bias_and_bn = param_groups(model, optim_cfg), False
     # Every group starts at the base lr; build_scheduler applies each group's lr_scale from step 0.
     return create_optimizer_v2(params, opt=name, lr=lr, weight_decay=float(optim_cfg.weight_decay),

@@ -1,7 +1,7 @@
 """Check a composed config before anything is built: one clear line per bad value."""
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dyrelu.errors import BadValueError
 
@@ -53,6 +53,7 @@ _RULES = [
     ("optim.weight_decay", lambda v: _is_num(v) and v >= 0, "a number >= 0"),
     ("optim.momentum", lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
     ("optim.hyper_lr_scale", lambda v: _is_num(v) and v > 0, "a positive number"),
+    ("optim.spatial_lr_scale", lambda v: v is None or (_is_num(v) and v > 0), "null or a positive number"),
     ("optim.hyper_weight_decay", lambda v: v is None or (_is_num(v) and v >= 0), "null or a number >= 0"),
     ("sched.name", lambda v: v in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
     ("sched.warmup_epochs", lambda v: _is_num(v) and v >= 0, "a number >= 0"),
@@ -68,6 +69,7 @@ def validate(cfg: DictConfig) -> None:
         value = _get(cfg, key)
         if not ok(value):
             raise ConfigError(f"{key}={value!r} is not valid: expected {allowed}")
+    _check_tau_schedule(cfg)
     from models import list_models
     import dyrelu
 
@@ -81,3 +83,13 @@ def validate(cfg: DictConfig) -> None:
     import dyrelu.fused
 
     dyrelu.fused.forced_backend()  # the environment's kernel override, before anything is built
+
+
+def _check_tau_schedule(cfg: DictConfig) -> None:
+    """A schedule start that contradicts act.tau is a mistake, not a silent override."""
+    schedule = OmegaConf.select(cfg, "trainer.tau_schedule")
+    start = None if schedule is None else schedule.get("start")
+    act_tau = cfg.act.get("tau") if cfg.get("act") is not None else None
+    if start is not None and act_tau is not None and float(start) != float(act_tau):
+        raise ConfigError(f"trainer.tau_schedule.start={start} contradicts act.tau={act_tau}: "
+                          "set one of them (an unset start is act.tau)")

@@ -63,6 +63,23 @@ def compose(overrides=(), config_name="train"):
     return compose_config(overrides, config_name)
 
 
+def train_in_process(monkeypatch, run_dir, overrides=()):
+    """``engine.loop.run`` on ``train.py <overrides>`` in this process; returns (results, the model
+    it built), the model caught by a spy on the loop's model builder."""
+    from engine import loop
+
+    built = []
+    build = loop.build_model
+
+    def spy(*args, **kwargs):
+        model, complexity = build(*args, **kwargs)
+        built.append(model)
+        return model, complexity
+
+    monkeypatch.setattr(loop, "build_model", spy)
+    return loop.run(compose(overrides), run_dir), built[0]
+
+
 def wandb_offline_runs(folder) -> list[dict]:
     """What the offline W&B runs under ``folder`` recorded: group, job_type and the history keys.
 

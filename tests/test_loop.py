@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runs import ROOT, compose
+from runs import ROOT, compose, train_in_process
 
 # 40 training images of 32 px, batch 8: 5 steps per epoch; no augmentation or dropout, so
 # the training loss over the same images falls epoch after epoch.
@@ -37,20 +37,8 @@ def _rows(run_dir):
 
 def _train(monkeypatch, run_dir, *overrides):
     """Run the loop in this process; returns (results, metrics rows, the model it trained)."""
-    from engine import loop
-
-    built = []
-    build = loop.build_model
-
-    def spy(*args, **kwargs):
-        model, complexity = build(*args, **kwargs)
-        built.append(model)
-        return model, complexity
-
-    monkeypatch.setattr(loop, "build_model", spy)
-    cfg = compose([*TINY_RUN, *overrides])
-    res = loop.run(cfg, run_dir)
-    return res, _rows(run_dir), built[0]
+    res, model = train_in_process(monkeypatch, run_dir, [*TINY_RUN, *overrides])
+    return res, _rows(run_dir), model
 
 
 def _loss_fell(rows):

@@ -14,7 +14,8 @@ from engine.precise_bn import recalibrate_bn
 
 def _optim_cfg(**over):
     base = dict(name="sgd", lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4, base_batch_size=256,
-                scale_lr=False, decay_norm_and_bias=True, hyper_lr_scale=1.0, hyper_weight_decay=None)
+                scale_lr=False, decay_norm_and_bias=True, hyper_lr_scale=1.0, spatial_lr_scale=None,
+                hyper_weight_decay=None)
     return OmegaConf.create({**base, **over})
 
 
@@ -50,6 +51,19 @@ def test_hyper_functions_get_their_own_lr_scale_and_decay_through_the_schedule()
         sched.step_update(step)
         assert abs(hyper_group["lr"] - 0.1 * base["lr"]) < 1e-12, step
     assert base["lr"] > 1e-3  # the schedule really moved it
+
+
+def test_spatial_convs_get_their_own_lr_scale():
+    model = _net()
+    spatial = {id(m.spatial.weight) for m in model.modules() if isinstance(m, dyrelu.DyReLU)}
+    opt = build_optimizer(model, _optim_cfg(spatial_lr_scale=0.1), global_batch=256)
+    scale_of = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
+    for p in model.parameters():  # fc1/fc2 keep hyper_lr_scale (1.0), only the spatial conv moves
+        assert scale_of[id(p)] == (0.1 if id(p) in spatial else 1.0)
+    # Unset, it follows hyper_lr_scale.
+    opt = build_optimizer(model, _optim_cfg(hyper_lr_scale=0.5, spatial_lr_scale=None), global_batch=256)
+    assert {g["lr_scale"] for g in opt.param_groups} == {1.0, 0.5}
+    assert all(g["lr_scale"] == 0.5 for g in opt.param_groups for p in g["params"] if id(p) in spatial)
 
 
 def test_default_hyper_knobs_keep_todays_optimizer():

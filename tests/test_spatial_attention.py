@@ -93,31 +93,17 @@ def test_every_path_computes_the_same_attention(norm):
         torch.testing.assert_close(prepared(x), ref(x), atol=1e-5, rtol=1e-4)
 
 
-def test_act_tau_reaches_the_model_and_a_contradicting_schedule_is_an_error(tmp_path):
+def test_act_tau_reaches_the_model_and_a_contradicting_schedule_is_an_error(tmp_path, monkeypatch):
     """act.tau=100 is what every DY-ReLU-C holds while it trains (the schedule used to overwrite it
     with 10 at each epoch, silently); a schedule start that contradicts it stops the run."""
-    from dyrelu.errors import BadValueError
-    from engine import loop
-    from runs import compose
+    from engine.validate import ConfigError
+    from runs import train_in_process
 
     tiny = ["model=mbv2_035", "act=dyrelu_c", "data.train_per_class=2", "data.val_per_class=1",
             "data.batch_size=10", "data.num_workers=0", "data.image_size=36", "data.crop_size=32",
             "data.val_resize=32", "trainer.progress=false", "trainer.device=cpu", "logger=csv",
             "trainer.max_epochs=1", "trainer.limit_train_batches=1"]
-    seen = []
-    build = loop.build_model
-
-    def spy(*args, **kwargs):
-        model, complexity = build(*args, **kwargs)
-        seen.append(model)
-        return model, complexity
-
-    loop.build_model = spy
-    try:
-        loop.run(compose([*tiny, "act.tau=100"]), tmp_path / "a")
-        taus = {float(m.tau) for m in seen[0].modules() if isinstance(m, DyReLU) and m.variant == "C"}
-        assert taus == {100.0}
-        with pytest.raises(BadValueError, match="contradicts act.tau=100"):
-            loop.run(compose([*tiny, "act.tau=100", "trainer.tau_schedule.start=10"]), tmp_path / "b")
-    finally:
-        loop.build_model = build
+    _, model = train_in_process(monkeypatch, tmp_path / "a", [*tiny, "act.tau=100"])
+    assert {float(m.tau) for m in model.modules() if isinstance(m, DyReLU) and m.variant == "C"} == {100.0}
+    with pytest.raises(ConfigError, match="contradicts act.tau=100"):
+        train_in_process(monkeypatch, tmp_path / "b", [*tiny, "act.tau=100", "trainer.tau_schedule.start=10"])
