@@ -88,23 +88,23 @@ def piecewise_max(x: torch.Tensor, a: torch.Tensor, b: Optional[torch.Tensor]) -
     return y
 
 
-def spatial_attention(z: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+def spatial_attention(z: torch.Tensor, tau: torch.Tensor, standardise: bool = False) -> torch.Tensor:
     """pi = min(gamma * softmax(z / tau), 1) over all positions, gamma = positions / 3 (Eq. 4).
 
-    z: (N, 1, *spatial). Computed in (at least) float32, returned in z's dtype.
+    z: (N, 1, *spatial). ``standardise`` first divides z by its standard deviation over positions,
+    per sample (the softmax ignores the mean). Computed in (at least) float32, returned in z's dtype.
     """
-    zf = z.flatten(1)
+    zf = (standardise_logits(z) if standardise else z).flatten(1)
     dt = torch.promote_types(zf.dtype, torch.float32)
     attn = torch.softmax(zf.to(dt) / tau.to(dt), dim=1) * (zf.shape[1] / 3.0)
     return attn.clamp(max=1.0).reshape(z.shape).to(z.dtype)
 
 
 def standardise_logits(z: torch.Tensor) -> torch.Tensor:
-    """z (N, 1, *spatial) divided by its standard deviation over positions, per sample."""
+    """z (N, 1, *spatial) divided by its standard deviation over positions, per sample (float32 or wider)."""
     zf = z.flatten(1)
-    dt = torch.promote_types(zf.dtype, torch.float32)
-    std = zf.to(dt).std(dim=1, correction=0) + 1e-5
-    return (z.to(dt) / std.reshape((-1,) + (1,) * (z.dim() - 1))).to(z.dtype)
+    zf = zf.to(torch.promote_types(zf.dtype, torch.float32))
+    return (zf / (zf.std(dim=1, correction=0, keepdim=True) + 1e-5)).reshape(z.shape)
 
 
 class DyReLU(nn.Module):
@@ -245,14 +245,11 @@ class DyReLU(nn.Module):
         """pi from the spatial conv's logits z (N, 1, H, W): the normalisation, then Eq. 4.
 
         Every path (reference, fused, prepared) computes z its own way and then calls this, so the
-        normalisation is defined once. "std" divides z by its standard deviation over positions,
-        per sample (the softmax ignores the mean).
+        normalisation is defined once.
         """
         if self.spatial_bn is not None:
             z = self.spatial_bn(z)
-        elif self.spatial_norm == "std":
-            z = standardise_logits(z)
-        return spatial_attention(z, self.tau)
+        return spatial_attention(z, self.tau, standardise=self.spatial_norm == "std")
 
     def attention(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """Spatial attention pi (N, 1, *spatial) of variant C (Eq. 4); None for A and B."""

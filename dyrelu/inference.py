@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import DyReLU, spatial_attention, standardise_logits
+from .core import DyReLU, spatial_attention
 from .fused import _native
 from .fused._torch_kernels import _consts
 
@@ -158,7 +158,7 @@ class InferenceDyReLU(nn.Module):
         if self.spatial is not None:  # from x, before an in-place apply overwrites it
             xs = x if x.dim() == 4 else x.reshape(n, x.shape[1], -1, 1)
             z = self.spatial(xs)
-            pi = spatial_attention(standardise_logits(z) if self.standardise else z, self.tau)
+            pi = spatial_attention(z, self.tau, standardise=self.standardise)
         pooled = x.mean(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x
         h = F.relu(F.linear(pooled, self.w1, self.b1))
         coef = torch.addcmul(self.offset, self.scale, torch.sigmoid(F.linear(h, self.w2, self.b2))).to(x.dtype)
