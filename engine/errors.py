@@ -6,26 +6,18 @@
 * Preemption (``StopRequested``, raised once the checkpoint is saved) exits with code 124.
 * Anything else is a bug and keeps its full traceback.
 
-In a multirun sweep every job runs: a failing job records its one-line reason in
-``<job dir>/error.json`` (bugs also print their traceback and log it to the job's log file) and
-returns, and when the sweep is over :func:`finish_sweep` prints a summary naming each failed job
-and sets the exit code. The markers are files, so this works with launchers that run jobs in
-other processes (``submitit_local``, ``submitit_slurm``) as well as with the basic one.
+How a multirun goes on past a failed job and what it prints at the end is engine/sweep.py; how
+Hydra's own command-line errors become one line is engine/cli.py.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 import shutil
 import sys
-import traceback
-import uuid
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Optional
 
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from dyrelu.errors import USER_ERROR_EXIT_CODE, BadValueError, UserError
@@ -33,8 +25,6 @@ from dyrelu.errors import USER_ERROR_EXIT_CODE, BadValueError, UserError
 log = logging.getLogger("dyrelu")
 
 BUG_EXIT_CODE = 1
-ERROR_FILE = "error.json"
-SWEEP_ID_ENV = "DYRELU_SWEEP_ID"
 #: files Hydra itself writes into a run folder before the job starts
 _HYDRA_OWN = (".hydra",)
 
@@ -134,10 +124,13 @@ def exit_on_user_error(run_dir: Optional[Path] = None):
     except _stop_requested():
         sys.exit(PREEMPTED_EXIT_CODE)
     except OverrideError as exc:
-        # A bad override in a script's command line: Hydra's own message and exit code, exactly
-        # what train.py prints for the same override.
-        print(str(exc), file=sys.stderr)
-        sys.exit(1)
+        # A bad override in a script's command line: the line train.py prints for it (Hydra's
+        # exception is the context engine/config.py raised OverrideError in).
+        from .cli import hydra_error_line
+
+        line = hydra_error_line(exc.__context__, sys.argv[1:]) if exc.__context__ is not None else None
+        print(f"error: {line or ' '.join(p.strip() for p in str(exc).splitlines() if p.strip())}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT_CODE)
     except Exception as exc:
         err = user_error(exc)
         if err is None:
@@ -147,93 +140,3 @@ def exit_on_user_error(run_dir: Optional[Path] = None):
             remove_if_untouched(run_dir)
         print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT_CODE)
-
-
-
-# ---------------------------------------------------------------------------------------------
-# sweeps
-# ---------------------------------------------------------------------------------------------
-def run_sweep_job(fn: Callable[[], Any], job_dir: Path, num: int, overrides: str) -> Any:
-    """Run one job of a multirun. A failure is recorded in ``<job_dir>/error.json`` and the job
-    returns None, so the launcher goes on with the next job; preemption still exits 124."""
-    from .signals import PREEMPTED_EXIT_CODE
-
-    job_dir = Path(job_dir)
-    marker = job_dir / ERROR_FILE
-    marker.unlink(missing_ok=True)  # from an earlier sweep into the same folder
-    try:
-        return fn()
-    except _stop_requested():
-        sys.exit(PREEMPTED_EXIT_CODE)
-    except Exception as exc:
-        err = user_error(exc)
-        if err is not None:
-            kind, message = "user", one_line(err)
-            _to_log_files(f"{type(err).__name__}: {err}")
-            print(f"error: job {num} ({overrides or 'no overrides'}): {message}", file=sys.stderr)
-        else:
-            kind, message = "bug", f"{type(exc).__name__}: {one_line(exc)}"
-            # The whole traceback, on the console (or the launcher's .err file) and in the job's log.
-            traceback.print_exc()
-            log_files = [h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
-            _to_log_files("".join(traceback.format_exception(exc)))
-            if log_files:
-                message += f" (traceback in {log_files[0]})"
-        job_dir.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"sweep_id": os.environ.get(SWEEP_ID_ENV), "num": num, "overrides": overrides,
-                                      "kind": kind, "message": message}, indent=2))
-        return None
-
-
-class SweepSummary(Callback):
-    """Hydra callback (``hydra.callbacks`` in configs/train.yaml): remembers, in the process that
-    launches the sweep, where its jobs write, so that :func:`finish_sweep` can summarise them."""
-
-    sweep_dir: Optional[Path] = None
-    sweep_id: Optional[str] = None
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        SweepSummary.sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
-        SweepSummary.sweep_id = uuid.uuid4().hex
-        os.environ[SWEEP_ID_ENV] = SweepSummary.sweep_id  # inherited by jobs in other processes
-
-
-def sweep_failures(sweep_dir: Path, sweep_id: Optional[str]) -> list[dict]:
-    failures = []
-    for path in sorted(Path(sweep_dir).rglob(ERROR_FILE)):
-        if ".submitit" in path.parts:
-            continue
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if sweep_id is not None and record.get("sweep_id") not in (sweep_id, None):
-            continue
-        record["job_dir"] = str(path.parent)
-        failures.append(record)
-    return sorted(failures, key=lambda r: r.get("num", 0))
-
-
-def finish_sweep(exit_code: int) -> int:
-    """After ``hydra.main`` returned: print the failed jobs of the sweep (if one ran) and return
-    the exit code: 2 when every failure was a user error, 1 when any was a bug."""
-    if SweepSummary.sweep_dir is None or exit_code not in (0, None):
-        return exit_code or 0
-    failures = sweep_failures(SweepSummary.sweep_dir, SweepSummary.sweep_id)
-    if not failures:
-        return 0
-    lines = [f"sweep {SweepSummary.sweep_dir}: {len(failures)} job(s) failed:"]
-    for f in failures:
-        lines.append(f"  job {f['num']} ({f['overrides'] or 'no overrides'}): {f['message']}")
-    print("\n".join(lines), file=sys.stderr)
-    return BUG_EXIT_CODE if any(f["kind"] == "bug" for f in failures) else USER_ERROR_EXIT_CODE
-
-
-def cli(main: Callable[[], Any]) -> int:
-    """Run a ``hydra.main`` function from ``__main__`` and turn a finished sweep into its exit code."""
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return finish_sweep(code)
