@@ -4,7 +4,7 @@ The model, activation and task are rebuilt from the config stored in the checkpo
 key=value changes that stored config, with train.py's keys and syntax (e.g. data.root=/path,
 trainer.device=cpu, trainer.limit_val_batches=10, data=coco). The whole validation set is scored
 unless trainer.limit_val_batches is given. Prints the metrics once as a JSON line and writes them
-to <run>/eval.json; nothing else is written. `python eval.py --help` lists the options.
+to <run>/eval_<checkpoint>.json (eval_best.json, eval_last.json); nothing else is written. `python eval.py --help` lists the options.
 """
 from __future__ import annotations
 

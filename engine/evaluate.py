@@ -6,7 +6,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -51,6 +51,32 @@ def build_run(cfg: DictConfig, state: dict) -> LoadedRun:
     return LoadedRun(cfg, task, val_ds, model, state)
 
 
+def load_run(ckpt: str | Path, overrides: Sequence[str] = (),
+             prepare: Optional[Callable[[DictConfig], None]] = None) -> LoadedRun:
+    """The one way from a checkpoint to its run (eval.py and the scripts): the stored config,
+    changed by train.py-style ``overrides`` (engine/config.py) and then by ``prepare(cfg)``,
+    rebuilt with the checkpoint's weights."""
+    path = Path(ckpt)
+    if not path.is_file():
+        raise MissingPathError(f"ckpt={ckpt} does not exist (expected <run>/checkpoints/best.pt or last.pt)")
+    state = ckpt_io.load(path)
+    cfg = OmegaConf.create(state["config"])
+    if overrides:
+        from .config import apply_overrides as apply_train_overrides
+
+        apply_train_overrides(cfg, overrides)
+    if prepare is not None:
+        prepare(cfg)
+    return build_run(cfg, state)
+
+
+def result_path(ckpt: str | Path) -> Path:
+    """Where eval.py writes the metrics of ``ckpt``: <run>/eval_<checkpoint name>.json
+    (eval_best.json, eval_last.json), so evaluating another checkpoint keeps the first result."""
+    path = Path(ckpt).resolve()
+    return path.parent.parent / f"eval_{path.stem}.json"
+
+
 USAGE = """usage: python eval.py ckpt=<run>/checkpoints/best.pt [key=value ...]
 
 Rebuilds the model, activation and task from the config stored in the checkpoint and scores it on
@@ -61,7 +87,8 @@ of train.py's command line:
   trainer.device=cpu  data.batch_size=64  data.num_workers=4
   trainer.limit_val_batches=10       score only the first 10 batches (default: all)
   +key=value                         add a key the stored config does not have
-Prints the metrics as one JSON line and writes them to <run>/eval.json."""
+Prints the metrics as one JSON line and writes them to <run>/eval_<checkpoint>.json
+(eval_best.json for best.pt, eval_last.json for last.pt)."""
 
 # Groups a checkpoint's config may switch: the model, act and task are what was trained.
 _SWAPPABLE_GROUPS = ("data",)
@@ -97,7 +124,7 @@ def parse_command_line(argv: Sequence[str]) -> tuple[str, Optional[str], dict]:
             data = o.value()
         elif key.startswith("hydra.") or key.startswith("hydra/"):
             # eval.py has no Hydra run folder; accepted (and ignored) for older command lines.
-            log.warning("%s ignored: eval.py writes only <run>/eval.json", o.input_line)
+            log.warning("%s ignored: eval.py writes only <run>/eval_<checkpoint>.json", o.input_line)
         else:
             overrides[key] = (o.value(), o.is_add())
     if ckpt in (None, ""):
@@ -128,30 +155,28 @@ def apply_overrides(cfg: DictConfig, overrides: Mapping[str, tuple]) -> None:
 
 def evaluate_checkpoint(argv: Sequence[str]) -> dict:
     """eval.py: score a checkpoint on the whole validation set (unless trainer.limit_val_batches is
-    given), print the metrics once as JSON on stdout and write them to <run>/eval.json."""
+    given), print the metrics once as JSON on stdout and write them to <run>/eval_<checkpoint>.json."""
     ckpt, data, overrides = parse_command_line(argv)
     # The training run may have capped validation (trainer=smoke: 2 batches); an evaluation scores
     # everything unless this command asks otherwise.
     overrides.setdefault("trainer.limit_val_batches", (None, False))
-    path = Path(ckpt)
-    if not path.is_file():
-        raise MissingPathError(f"ckpt={ckpt} does not exist (expected <run>/checkpoints/best.pt or last.pt)")
-    state = ckpt_io.load(path)
-    cfg = OmegaConf.create(state["config"])
-    if data:
-        swap_data_group(cfg, data)
-    apply_overrides(cfg, overrides)
-    check_mandatory(cfg, f"python eval.py ckpt={ckpt}")  # e.g. data=imagenet without data.root
-    if cfg.data.name in DEMO_SETS and "data.root" in overrides and overrides["data.root"][0] is not None:
-        root = Path(str(overrides["data.root"][0])).expanduser()
-        if not root.is_dir():
+
+    def prepare(cfg: DictConfig) -> None:
+        if data:
+            swap_data_group(cfg, data)
+        apply_overrides(cfg, overrides)
+        check_mandatory(cfg, f"python eval.py ckpt={ckpt}")  # e.g. data=imagenet without data.root
+        root = overrides.get("data.root", (None,))[0]
+        if cfg.data.name in DEMO_SETS and root is not None and not Path(str(root)).expanduser().is_dir():
             # The demo builders generate a missing set, which an evaluation must not do quietly.
-            raise MissingPathError(f"data.root={overrides['data.root'][0]} does not exist; eval.py does not generate the "
+            raise MissingPathError(f"data.root={root} does not exist; eval.py does not generate the "
                                    f"{cfg.data.name} set (train.py does): leave data.root out to use the cached one")
+
+    run = load_run(ckpt, prepare=prepare)
     # The loop's module pulls in timm and torchvision (seconds): only once the command is known good.
     from .loop import autocast_factory, make_loader, resolve_device, use_channels_last
 
-    run = build_run(cfg, state)
+    cfg, state, path = run.cfg, run.state, Path(ckpt)
     device = resolve_device(cfg.trainer.device)
     channels_last = use_channels_last(cfg.trainer, device)
     model = run.model.to(device).eval()
@@ -165,8 +190,10 @@ def evaluate_checkpoint(argv: Sequence[str]) -> dict:
     metrics = run.task.evaluate(model, loader, device, autocast, channels_last)
     out = {"ckpt": str(path.resolve()), "epoch": state["epoch"], "task": run.task.name,
            "model": cfg.model.name, "act": cfg.act.name, "val_images": len(indices), **metrics}
-    run_dir = path.resolve().parent.parent
-    (run_dir / "eval.json").write_text(json.dumps(out, indent=2))
+    dest = result_path(path)
+    tmp = dest.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(out, indent=2))
+    tmp.replace(dest)
     print(json.dumps(out))
-    log.info("wrote %s", run_dir / "eval.json")
+    log.info("wrote %s", dest)
     return out

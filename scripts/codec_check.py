@@ -42,11 +42,8 @@ import json
 import logging
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the framework runs from the checkout; it is not installed
-    sys.path.insert(0, str(ROOT))
+from _bootstrap import ROOT  # the checkout on sys.path (the framework is not installed)
 
 SAMPLE_DIR = ROOT / "tests" / "data" / "coco_sample"
 SAMPLE = [f"data.root={SAMPLE_DIR}", "data.val_ann=person_keypoints_sample.json", "data.val_images=images"]

@@ -37,9 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the framework runs from the checkout; it is not installed
-    sys.path.insert(0, str(ROOT))
+from _bootstrap import ROOT  # the checkout on sys.path (the framework is not installed)
 
 CONFIGS = ROOT / "configs"
 TABLES = CONFIGS / "paper" / "tables.yaml"

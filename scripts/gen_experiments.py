@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bootstrap import ROOT  # noqa: E402,F401  the checkout on sys.path
 from make_tables import METRIC_NAMES, ROOT, load_specs  # noqa: E402
 
 OUT = ROOT / "configs" / "experiment"

@@ -45,9 +45,7 @@ import re
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the framework runs from the checkout; it is not installed
-    sys.path.insert(0, str(ROOT))
+import _bootstrap  # noqa: F401  the checkout on sys.path (the framework is not installed)
 
 A2_NAME = re.compile(r"^(.*?)blocks\.(\d+)\.conv_dw\.act$")
 
@@ -83,23 +81,15 @@ def parse_args(argv) -> argparse.Namespace:
 def load_run(ckpt: str, overrides):
     """(run_cfg, task, val_ds, model, state): the checkpoint's model and validation set, the stored
     config changed by ``overrides`` as ``train.py`` would change it."""
-    from omegaconf import OmegaConf
+    from engine.evaluate import load_run as load_checkpoint_run
 
-    from engine import checkpoint as ckpt_io
-    from engine.config import apply_overrides
-    from engine.evaluate import build_run
-
-    path = Path(ckpt)
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} does not exist (expected <run>/checkpoints/best.pt or last.pt)")
-    state = ckpt_io.load(path)
-    run = build_run(apply_overrides(OmegaConf.create(state["config"]), overrides), state)
+    run = load_checkpoint_run(ckpt, overrides)
     # The fused BN + DY-ReLU op computes the same function without calling DyReLU.forward, which
     # the recorder's hooks need: inspect the unfused pair.
     from models import set_fuse_bn_act
 
     set_fuse_bn_act(run.model, False)
-    return run.cfg, run.task, run.val_ds, run.model, state
+    return run.cfg, run.task, run.val_ds, run.model, run.state
 
 
 class Recorder:

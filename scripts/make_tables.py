@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,8 @@ from typing import Optional
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from _bootstrap import ROOT  # the checkout on sys.path (the framework is not installed)
+
 PAPER_YAML = ROOT / "configs" / "paper" / "tables.yaml"
 
 # ---------------------------------------------------------------------------------------------
@@ -599,8 +599,6 @@ def log_wandb(tables, texts, data, runs, out_dir: Path, project=None, entity=Non
     metric. Mode: --wandb-mode, else $WANDB_MODE, else online with an API key, offline without."""
     import wandb
 
-    if str(ROOT) not in sys.path:  # the framework runs from the checkout; it is not installed
-        sys.path.insert(0, str(ROOT))
     from engine.loggers import wandb_mode
 
     mode = mode or wandb_mode("auto")
