@@ -142,22 +142,20 @@ def _cls(table, rid, labels, paper, model, act, k=2, run=None, **kw) -> Row:
                act=cfg_act, act_overrides=over, **kw)
 
 
-def load_specs(path: Path | str = PAPER_YAML) -> dict:
-    """Every table of the paper and its supplement, from configs/paper/tables.yaml."""
-    P = yaml.safe_load(Path(path).read_text())
-    T: dict[str, Table] = {}
-
-    # Table 2: three variants on ImageNet, MobileNetV2 x0.35, 3 seeds
+def _table2(P: dict) -> Table:
+    """Table 2: three variants on ImageNet, MobileNetV2 x0.35, 3 seeds."""
     t = P["table2"]
     m = MODEL[t["model"]]
-    T["table2"] = Table("table2", "Table 2. DY-ReLU variants on ImageNet, MobileNetV2 ×0.35 (mean ± std over seeds)",
-                        ["top1", "top5", "params", "madds"], [0, 1, 2], [
-                            _cls("table2", r["act"], {"Activation": PRETTY_ACT[r["act"]]},
-                                 {"top1": r["top1"], "top1_std": r["std"]}, m, r["act"],
-                                 describe=f"{PRETTY_ACT[r['act']]}, {PRETTY_MODEL[m]}, ImageNet")
-                            for r in t["rows"]], paper_key="table2")
+    return Table("table2", "Table 2. DY-ReLU variants on ImageNet, MobileNetV2 ×0.35 (mean ± std over seeds)",
+                 ["top1", "top5", "params", "madds"], [0, 1, 2], [
+                     _cls("table2", r["act"], {"Activation": PRETTY_ACT[r["act"]]},
+                          {"top1": r["top1"], "top1_std": r["std"]}, m, r["act"],
+                          describe=f"{PRETTY_ACT[r['act']]}, {PRETTY_MODEL[m]}, ImageNet")
+                     for r in t["rows"]], paper_key="table2")
 
-    # Table 3: backbone x head variants on COCO keypoints, MobileNetV2 x0.5, 3 seeds
+
+def _table3(P: dict) -> Table:
+    """Table 3: backbone x head variants on COCO keypoints, MobileNetV2 x0.5, 3 seeds."""
     t = P["table3"]
     m = MODEL[t["backbone"]]
     rows = []
@@ -166,10 +164,12 @@ def load_specs(path: Path | str = PAPER_YAML) -> dict:
         rows.append(Row("table3", f"{b}-{h}", f"{b}-{h}", {"Backbone": PRETTY_ACT[b], "Head": PRETTY_ACT[h]},
                         {"ap": r["ap"], "ap_std": r["std"]}, task="kpt", model=m, act=b, head_act=h,
                         describe=f"backbone {PRETTY_ACT[b]}, head {PRETTY_ACT[h]}, {PRETTY_MODEL[m]}, COCO keypoints"))
-    T["table3"] = Table("table3", "Table 3. DY-ReLU variants on COCO keypoints, MobileNetV2 ×0.5 backbone (mean ± std over seeds)",
-                        ["ap", "params", "madds"], [0, 1, 2], rows, paper_key="table3")
+    return Table("table3", "Table 3. DY-ReLU variants on COCO keypoints, MobileNetV2 ×0.5 backbone (mean ± std over seeds)",
+                 ["ap", "params", "madds"], [0, 1, 2], rows, paper_key="table3")
 
-    # Table 4: ImageNet, three architectures, ReLU (ReLU/SE/HS) vs DY-ReLU-B K=2
+
+def _table4(P: dict) -> Table:
+    """Table 4: ImageNet, three architectures, ReLU (ReLU/SE/HS) vs DY-ReLU-B K=2."""
     rows = []
     for r in P["table4"]["rows"]:
         m, a = MODEL[r["model"]], r["act"]
@@ -177,10 +177,12 @@ def load_specs(path: Path | str = PAPER_YAML) -> dict:
         rows.append(_cls("table4", rid, {"Network": PRETTY_MODEL[m], "Activation": PRETTY_ACT[a]},
                          {k: r[k] for k in ("params", "madds", "top1", "top5")}, m, a,
                          describe=f"{PRETTY_ACT[a]}, {PRETTY_MODEL[m]}, ImageNet"))
-    T["table4"] = Table("table4", "Table 4. DY-ReLU-B (K=2) vs the baseline activations on ImageNet",
-                        ["top1", "top5", "params", "madds"], [0], rows, paper_key="table4")
+    return Table("table4", "Table 4. DY-ReLU-B (K=2) vs the baseline activations on ImageNet",
+                 ["top1", "top5", "params", "madds"], [0], rows, paper_key="table4")
 
-    # Table 5: related activations, MobileNetV2 x0.35 and x1.0
+
+def _table5(P: dict) -> Table:
+    """Table 5: related activations, MobileNetV2 x0.35 and x1.0."""
     rows = []
     for width, m in (("x035", "mbv2_035"), ("x100", "mbv2_100")):
         for r in P["table5"]["rows"]:
@@ -192,10 +194,12 @@ def load_specs(path: Path | str = PAPER_YAML) -> dict:
             rows.append(_cls("table5", f"{width}-{name}", {"Activation": PRETTY_ACT[cfg_a], "K": str(k) if a in ("maxout", "dyrelu_b") else "—"},
                              dict(r[width]), m, cfg_a, k=k, section=PRETTY_MODEL[m],
                              describe=f"{PRETTY_ACT[cfg_a]} K={k}, {PRETTY_MODEL[m]}, ImageNet"))
-    T["table5"] = Table("table5", "Table 5. DY-ReLU vs related activations on ImageNet, MobileNetV2 ×0.35 and ×1.0",
-                        ["top1", "params", "madds"], [0], rows, paper_key="table5")
+    return Table("table5", "Table 5. DY-ReLU vs related activations on ImageNet, MobileNetV2 ×0.35 and ×1.0",
+                 ["top1", "params", "madds"], [0], rows, paper_key="table5")
 
-    # Table 6: dynamic piecewise functions (K, intercept, dynamic segments)
+
+def _table6(P: dict) -> Table:
+    """Table 6: dynamic piecewise functions (K, intercept, dynamic segments)."""
     rows = []
     for r in P["table6"]["rows"]:
         if r["act"] == "relu":
@@ -210,10 +214,12 @@ def load_specs(path: Path | str = PAPER_YAML) -> dict:
                                          "intercept": "✓" if r["intercept"] else "", "function": r["function"]},
                          {"top1": r["top1"], "top5": r["top5"]}, "mbv2_035", r["act"], k=r["k"], act_overrides=over,
                          describe=f"{r['function']} ({PRETTY_ACT[r['act']]}), MobileNetV2 ×0.35, ImageNet"))
-    T["table6"] = Table("table6", "Table 6. Dynamic piecewise functions on ImageNet, MobileNetV2 ×0.35",
-                        ["top1", "top5", "params", "madds"], [0], rows, paper_key="table6")
+    return Table("table6", "Table 6. Dynamic piecewise functions on ImageNet, MobileNetV2 ×0.35",
+                 ["top1", "top5", "params", "madds"], [0], rows, paper_key="table6")
 
-    # Table 7: DY-ReLU-B at A1 (after expand), A2 (after depthwise), A3 (after projection)
+
+def _table7(P: dict) -> Table:
+    """Table 7: DY-ReLU-B at A1 (after expand), A2 (after depthwise), A3 (after projection)."""
     rows = []
     for r in P["table7"]["rows"]:
         pos = [p for p in ("a1", "a2", "a3") if r[p]]
@@ -225,10 +231,12 @@ def load_specs(path: Path | str = PAPER_YAML) -> dict:
         else:
             rows.append(_cls("table7", "none", labels, {"top1": r["top1"], "top5": r["top5"]}, "mbv2_035", "relu",
                              describe="no DY-ReLU (the ReLU baseline), MobileNetV2 ×0.35, ImageNet"))
-    T["table7"] = Table("table7", "Table 7. DY-ReLU-B at different layers (A1, A2, A3), ImageNet, MobileNetV2 ×0.35",
-                        ["top1", "top5", "params", "madds"], [0], rows, paper_key="table7")
+    return Table("table7", "Table 7. DY-ReLU-B at different layers (A1, A2, A3), ImageNet, MobileNetV2 ×0.35",
+                 ["top1", "top5", "params", "madds"], [0], rows, paper_key="table7")
 
-    # Table 8: reduction ratio R of the hyper function's first FC
+
+def _table8(P: dict) -> Table:
+    """Table 8: reduction ratio R of the hyper function's first FC."""
     rows = []
     for r in P["table8"]["rows"]:
         R = r["reduction"]
@@ -240,11 +248,13 @@ def load_specs(path: Path | str = PAPER_YAML) -> dict:
             rows.append(_cls("table8", f"r{R}", {"Activation": "DY-ReLU-B", "R": str(R)},
                              {k: r[k] for k in ("params", "madds", "top1", "top5")}, "mbv2_035", "dyrelu_b",
                              act_overrides={"reduction": int(R)}, describe=f"DY-ReLU-B R={R}, MobileNetV2 ×0.35, ImageNet"))
-    T["table8"] = Table("table8", "Table 8. Reduction ratio R of the hyper function, ImageNet, MobileNetV2 ×0.35",
-                        ["top1", "top5", "params", "madds"], [0], rows, paper_key="table8")
+    return Table("table8", "Table 8. Reduction ratio R of the hyper function, ImageNet, MobileNetV2 ×0.35",
+                 ["top1", "top5", "params", "madds"], [0], rows, paper_key="table8")
 
-    # Table 9: (a) alpha init, (b) beta init, (c) lambda_a. The default setting (alpha = (1, 0),
-    # beta = (0, 0), lambda_a = 1) is one run shown in all three sub-tables.
+
+def _table9(P: dict) -> Table:
+    """Table 9: (a) alpha init, (b) beta init, (c) lambda_a. The default setting (alpha = (1, 0),
+    beta = (0, 0), lambda_a = 1) is one run shown in all three sub-tables."""
     t, rows = P["table9"], []
     defaults = P["defaults_dyrelu"]
     for key, section, colnames in (("init_a", "(a) initialisation of α", ("α¹", "α²")),
@@ -263,10 +273,12 @@ def load_specs(path: Path | str = PAPER_YAML) -> dict:
                              run=run, act_overrides=over, section=section, note=r.get("note"),
                              describe="DY-ReLU-B with the paper's defaults" if is_default else
                              f"DY-ReLU-B {key}={over[key]}, MobileNetV2 ×0.35, ImageNet"))
-    T["table9"] = Table("table9", "Table 9. DY-ReLU-B hyper-parameters, ImageNet, MobileNetV2 ×0.35",
-                        ["top1", "top5"], [0], rows, paper_key="table9")
+    return Table("table9", "Table 9. DY-ReLU-B hyper-parameters, ImageNet, MobileNetV2 ×0.35",
+                 ["top1", "top5"], [0], rows, paper_key="table9")
 
-    # Table 10: COCO keypoints, DY-ReLU-C K=2 in backbone and head vs the static network
+
+def _table10(P: dict) -> Table:
+    """Table 10: COCO keypoints, DY-ReLU-C K=2 in backbone and head vs the static network."""
     rows = []
     for r in P["table10"]["rows"]:
         m, a = MODEL[r["backbone"]], r["act"]
@@ -275,10 +287,12 @@ def load_specs(path: Path | str = PAPER_YAML) -> dict:
                         {k: r[k] for k in ("params", "madds", "ap", "ap50", "ap75", "apm", "apl")}, task="kpt",
                         model=m, act=cfg_a, head_act=cfg_a,
                         describe=f"{PRETTY_ACT[a]} in backbone and head, {PRETTY_MODEL[m]}, COCO keypoints"))
-    T["table10"] = Table("table10", "Table 10. DY-ReLU-C (K=2, backbone and head) vs the baseline on COCO keypoints (val2017)",
-                         ["ap", "ap50", "ap75", "apm", "apl", "params", "madds"], [0], rows, paper_key="table10")
+    return Table("table10", "Table 10. DY-ReLU-C (K=2, backbone and head) vs the baseline on COCO keypoints (val2017)",
+                 ["ap", "ap50", "ap75", "apm", "apl", "params", "madds"], [0], rows, paper_key="table10")
 
-    # Supplementary Table 1: related activations, MobileNetV2 x1.0
+
+def _supp_table1(P: dict) -> Table:
+    """Supplementary Table 1: related activations, MobileNetV2 x1.0."""
     rows = []
     for r in P["supplementary_table1"]["rows"]:
         a, k = r["act"], r["k"]
@@ -286,19 +300,29 @@ def load_specs(path: Path | str = PAPER_YAML) -> dict:
         rows.append(_cls("supp_table1", name, {"Activation": PRETTY_ACT[a], "K": str(k) if a in ("maxout", "dyrelu_b") else "—"},
                          {k2: r[k2] for k2 in ("params", "madds", "top1", "top5")}, "mbv2_100", a, k=k,
                          describe=f"{PRETTY_ACT[a]} K={k}, MobileNetV2 ×1.0, ImageNet"))
-    T["supp_table1"] = Table("supp_table1", "Supplementary Table 1. Related activations on ImageNet, MobileNetV2 ×1.0",
-                             ["top1", "top5", "params", "madds"], [0], rows, paper_key="supplementary_table1")
+    return Table("supp_table1", "Supplementary Table 1. Related activations on ImageNet, MobileNetV2 ×1.0",
+                 ["top1", "top5", "params", "madds"], [0], rows, paper_key="supplementary_table1")
 
-    # Supplementary Table 2: all 16 backbone x head combinations, COCO keypoints, MobileNetV2 x0.5
+
+def _supp_table2(P: dict) -> Table:
+    """Supplementary Table 2: all 16 backbone x head combinations, COCO keypoints, MobileNetV2 x0.5."""
     t, rows = P["supplementary_table2"], []
     for b, aps in t["rows"].items():
         for h, ap in zip(t["heads"], aps):
             rows.append(Row("supp_table2", f"{b}-{h}", f"{b}-{h}", {"Backbone": PRETTY_ACT[b], "Head": PRETTY_ACT[h]},
                             {"ap": ap}, task="kpt", model="mbv2_050", act=b, head_act=h,
                             describe=f"backbone {PRETTY_ACT[b]}, head {PRETTY_ACT[h]}, MobileNetV2 ×0.5, COCO keypoints"))
-    T["supp_table2"] = Table("supp_table2", "Supplementary Table 2. Backbone × head activations on COCO keypoints, "
-                             "MobileNetV2 ×0.5 (AP: ours / paper (Δ))", ["ap"], [0], rows, layout="matrix",
-                             paper_key="supplementary_table2")
+    return Table("supp_table2", "Supplementary Table 2. Backbone × head activations on COCO keypoints, "
+                 "MobileNetV2 ×0.5 (AP: ours / paper (Δ))", ["ap"], [0], rows, layout="matrix",
+                 paper_key="supplementary_table2")
+
+
+# The tables in paper order, each built from its part of tables.yaml.
+_BUILDERS = (_table2, _table3, _table4, _table5, _table6, _table7, _table8, _table9, _table10, _supp_table1, _supp_table2)
+
+
+def _add_notes(T: dict, P: dict) -> None:
+    """The paper's notes of each table (tables.yaml), then ours."""
     for t in T.values():
         t.notes = list((P.get(t.paper_key) or {}).get("notes") or [])
     T["table5"].notes.append("PReLU here is the channel-shared one: the paper's x1.0 number (73.3) is the "
@@ -307,6 +331,13 @@ def load_specs(path: Path | str = PAPER_YAML) -> dict:
         T[tid].notes.append("K=3 DY-ReLU starts at alpha = (1, 0, 0), beta = (0, 0, 0) (the paper gives the K=2 init only).")
     T["table9"].notes.append("The default setting (alpha = (1, 0), beta = (0, 0), lambda_a = 1) is one run ('default'), "
                              "shown in all three sub-tables.")
+
+
+def load_specs(path: Path | str = PAPER_YAML) -> dict:
+    """Every table of the paper and its supplement, from configs/paper/tables.yaml."""
+    P = yaml.safe_load(Path(path).read_text())
+    T = {t.id: t for t in (build(P) for build in _BUILDERS)}
+    _add_notes(T, P)
     return T
 
 
