@@ -187,6 +187,10 @@ def evaluate_checkpoint(argv: Sequence[str]) -> dict:
         indices = indices[: cfg.trainer.limit_val_batches * cfg.data.batch_size]
     loader = make_loader(run.val_ds, indices, int(cfg.data.batch_size), int(cfg.data.num_workers), 0, run.task.collate_fn())
     autocast, _ = autocast_factory(cfg.trainer.amp, device)
+    if cfg.trainer.progress:
+        from tqdm import tqdm
+
+        loader = tqdm(loader, total=len(loader), desc="eval", leave=False, mininterval=1.0, dynamic_ncols=True)
     metrics = run.task.evaluate(model, loader, device, autocast, channels_last)
     out = {"ckpt": str(path.resolve()), "epoch": state["epoch"], "task": run.task.name,
            "model": cfg.model.name, "act": cfg.act.name, "val_images": len(indices), **metrics}

@@ -55,9 +55,15 @@ def wandb_mode(mode: str | None = "auto") -> str:
         return "offline"
 
 
+def wandb_sync_hint(folders) -> str:
+    """What to run to upload offline W&B runs (training and make_tables.py print it)."""
+    return "W&B ran offline; to upload: wandb sync " + " ".join(str(f) for f in folders)
+
+
 class RunLogger:
     def __init__(self, cfg, run_dir: Path, resume_epoch: int, enabled: bool, config_dict: dict):
         self.enabled = enabled
+        self.run_dir = Path(run_dir)
         self.csv = CsvLogger(run_dir / "metrics.csv", resume_epoch) if enabled else None
         self.wandb = None
         self.tb = None
@@ -122,9 +128,21 @@ class RunLogger:
             self.wandb.log_artifact(art)
 
     def finish(self, exit_code: int = 0) -> None:
+        """End of the run (also a stopped or failed one): metrics.png from metrics.csv, close the backends."""
+        if self.csv is not None and self.csv.path.exists():
+            from .plots import plot_metrics
+
+            try:
+                plot_metrics(self.csv.path)
+            except Exception as exc:  # a picture must never hide how the run ended
+                log.warning("could not draw %s: %s", self.csv.path.with_name("metrics.png"), exc)
         if self.wandb is not None:
+            offline = self.wandb.settings.mode == "offline" or bool(getattr(self.wandb, "offline", False))
+            sync_dir = Path(self.wandb.dir).parent  # <run>/wandb/offline-run-<time>-<id>
             self.wandb.finish(exit_code=exit_code)  # lets a multirun start its next W&B run
             self.wandb = None
+            if offline:
+                log.info(wandb_sync_hint([sync_dir]))
         if self.tb is not None:
             self.tb.close()
             self.tb = None

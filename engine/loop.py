@@ -224,8 +224,12 @@ def train_one_epoch(state: TrainState, loader, num_steps: int, *, preempt, on_st
     return state.epoch_loss_sum / max(state.epoch_seen, 1), seen * dist.world_size, time.perf_counter() - t0
 
 
-def evaluate(model, task: Task, loader, *, device, autocast, channels_last) -> dict:
+def evaluate(model, task: Task, loader, *, device, autocast, channels_last, progress: bool = False, desc: str = "val") -> dict:
     model.eval()
+    if progress:  # trainer.progress, on rank 0: a bar over the validation batches like training's
+        from tqdm import tqdm
+
+        loader = tqdm(loader, total=len(loader), desc=desc, leave=False, mininterval=1.0, dynamic_ncols=True)
     return task.evaluate(model, loader, device, autocast, channels_last)
 
 
@@ -469,10 +473,11 @@ def evaluate_epoch(cfg, state: TrainState, data: Data, val_batches) -> bool:
     """Precise BN if asked, then the metrics of the model (and of its EMA); True if best improved."""
     if cfg.trainer.precise_bn_batches:
         recalibrate_bn_stats(state, data.train_loader, data.sampler, min(int(cfg.trainer.precise_bn_batches), data.steps_per_epoch))
-    kw = dict(device=state.device, autocast=state.autocast, channels_last=state.channels_last)
-    state.metrics = evaluate(state.model, state.task, val_batches, **kw)
+    kw = dict(device=state.device, autocast=state.autocast, channels_last=state.channels_last,
+              progress=bool(cfg.trainer.progress) and state.dist.is_main)
+    state.metrics = evaluate(state.model, state.task, val_batches, desc=f"val {state.epoch + 1}", **kw)
     if state.ema is not None:
-        ema_metrics = evaluate(state.ema.module, state.task, val_batches, **kw)
+        ema_metrics = evaluate(state.ema.module, state.task, val_batches, desc=f"val {state.epoch + 1} EMA", **kw)
         state.metrics.update({f"{k}_ema": v for k, v in ema_metrics.items()})
     value = state.metrics[state.task.primary_metric]
     improved = value > state.best

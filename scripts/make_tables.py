@@ -354,6 +354,14 @@ class Run:
     mtime: float
     config: Optional[dict] = None
 
+    @property
+    def is_demo(self) -> bool:
+        """Trained on a generated demo set: never set beside the paper's ImageNet / COCO numbers."""
+        from engine.sweep import DEMO_DATA
+
+        data = ((self.config or {}).get("data") or {}).get("name") or (self.results or {}).get("data")
+        return data in DEMO_DATA
+
 
 def _read_config(run_dir: Path) -> Optional[dict]:
     p = run_dir / ".hydra" / "config.yaml"
@@ -386,10 +394,17 @@ def gather(dirs) -> list:
                 print(f"warning: skipping unreadable {p}: {exc}", file=sys.stderr)
                 continue
             cfg = _read_config(run_dir)
-            table, row = res.get("table"), res.get("row")
+            if res.get("status", "completed") != "completed":
+                print(f"note: {run_dir} {res.get('status')} ({res.get('reason', 'no reason given')}); skipped", file=sys.stderr)
+                res = None  # shown as incomplete, never as a number
+            elif (run_dir / "error.json").is_file():
+                print(f"note: {run_dir} failed (see its error.json); skipped", file=sys.stderr)
+                res = None
+            table, row = (res or {}).get("table"), (res or {}).get("row")
             if (table is None or row is None) and cfg:
                 table, row = table or cfg.get("table"), row or cfg.get("row")
-            runs.append(Run(run_dir, table, row, res.get("seed"), res, p.stat().st_mtime, cfg))
+            seed = res.get("seed") if res else (cfg or {}).get("seed")
+            runs.append(Run(run_dir, table, row, seed, res, p.stat().st_mtime, cfg))
         for p in sorted(d.rglob("config.yaml")):
             if p.parent.name != ".hydra" or ".submitit" in p.parts:
                 continue
@@ -551,14 +566,21 @@ def _md_table(header, lines) -> list:
     return out
 
 
-def render_table(table: Table, cells: dict, best: bool = False) -> str:
+DEMO_NOTE = ("Demo data (`data=demo` / `coco_demo`): a generated stand-in that tests the pipeline. Its numbers are "
+             "not comparable with the paper's ImageNet / COCO results, so the paper's column and Δ are left out.")
+
+
+def render_table(table: Table, cells: dict, best: bool = False, demo: bool = False) -> str:
+    """The table in the paper's layout; ``demo``: runs on demo data, our columns alone."""
     metric_note = " (best epoch)" if best else " (final epoch)"
     done = sum(1 for r in table.runs() if cells[r].status == "done")
-    lines = [f"## {table.title}", "",
+    lines = [f"## {table.title}" + (" — demo data" if demo else ""), "",
              f"Runs found: {done}/{len(table.runs())} entries (configs/experiment/{table.id}/); "
              f"sweep: `bash scripts/{table.id}.sh`; seeds per entry: {','.join(map(str, table.seeds))}. "
-             f"Accuracy/AP in %{metric_note}; params and MAdds in millions; Δ = ours − paper.", ""]
-    if table.notes:
+             f"Accuracy/AP in %{metric_note}; params and MAdds in millions" + ("." if demo else "; Δ = ours − paper."), ""]
+    if demo:
+        lines += [f"**{DEMO_NOTE}**", ""]
+    elif table.notes:
         lines += [f"- {n}" for n in table.notes] + [""]
     if table.layout == "matrix":
         heads = list(dict.fromkeys(r.labels["Head"] for r in table.rows))
@@ -569,7 +591,8 @@ def render_table(table: Table, cells: dict, best: bool = False) -> str:
             for h in heads:
                 r = next(x for x in table.rows if x.labels["Backbone"] == b and x.labels["Head"] == h)
                 c = cells[r.run]
-                line.append(f"{_ours(c, 'ap')} / {_paper(r, 'ap')} ({_delta(c, r, 'ap')})" + (f" [from {c.reused}]" if c.reused else ""))
+                cell = _ours(c, "ap") if demo else f"{_ours(c, 'ap')} / {_paper(r, 'ap')} ({_delta(c, r, 'ap')})"
+                line.append(cell + (f" [from {c.reused}]" if c.reused else ""))
             body.append(line)
         lines += _md_table(["Backbone \\ Head"] + heads, body)
         return "\n".join(lines) + "\n"
@@ -584,7 +607,7 @@ def render_table(table: Table, cells: dict, best: bool = False) -> str:
             has_paper = any(r.paper.get(metric) is not None or (r.note and metric in r.paper) for r in rows)
             name = METRIC_NAMES[metric]
             cols.append((metric, "ours", f"{name} ours"))
-            if has_paper:
+            if has_paper and not demo:
                 cols.append((metric, "paper", f"{name} paper"))
                 if metric not in COMPLEXITY:
                     cols.append((metric, "delta", f"Δ {name}"))
@@ -630,9 +653,10 @@ def log_wandb(tables, texts, data, runs, out_dir: Path, project=None, entity=Non
     metric. Mode: --wandb-mode, else $WANDB_MODE, else online with an API key, offline without."""
     import wandb
 
-    from engine.loggers import wandb_mode
+    from engine.loggers import wandb_mode, wandb_sync_hint
 
     mode = mode or wandb_mode("auto")
+    offline_dirs = []
     for table in tables:
         cfgs = [r.config for r in runs if r.table == table.id and r.config]
         wcfg = ((cfgs[0].get("logger") or {}).get("wandb") or {}) if cfgs else {}
@@ -653,7 +677,11 @@ def log_wandb(tables, texts, data, runs, out_dir: Path, project=None, entity=Non
                 wt.add_data(r["row"], m, o["mean"], o["std"], paper, delta, r["status"],
                             ",".join(map(str, r["seeds"])))
         run.log({f"{table.id}/table": wt})
+        if mode == "offline":
+            offline_dirs.append(Path(run.dir).parent)
         run.finish()
+    if offline_dirs:
+        print(wandb_sync_hint(offline_dirs), file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -689,7 +717,10 @@ def main(argv=None) -> int:
     known = {(t.id, r) for t in specs.values() for r in t.runs()}
     for r in runs:
         if r.table is not None and (r.table, r.row) not in known:
-            print(f"note: {r.dir}: table={r.table} row={r.row} is not a row of the paper's tables; ignored", file=sys.stderr)
+            print(f"note: {r.dir}: table={r.table} row={r.row} is not a row of the paper's tables", file=sys.stderr)
+    paper_runs = [r for r in runs if not r.is_demo]
+    demo_runs = [r for r in runs if r.is_demo]
+    other_runs = [r for r in runs if (r.table, r.row) not in known]
     if args.tables:
         wanted = [t.strip() for t in args.tables.split(",") if t.strip()]
         bad = [t for t in wanted if t not in specs]
@@ -698,18 +729,26 @@ def main(argv=None) -> int:
     elif args.all:
         wanted = list(specs)
     else:
-        wanted = [t for t in specs if any(r.table == t for r in runs)]
-    if not wanted:
-        print(f"no runs of the paper's tables under {', '.join(args.dirs)} (results.json with table/row keys)", file=sys.stderr)
+        wanted = [t for t in specs if any(r.table == t for r in paper_runs)]
+    wanted_demo = [t for t in (wanted if args.tables else specs) if any(r.table == t for r in demo_runs)]
+    if not runs:
+        print(f"no runs under {', '.join(args.dirs)} (no results.json or .hydra/config.yaml found)", file=sys.stderr)
         return 1
 
     texts, js = {}, []
     for tid in wanted:
-        cells = collect(runs, specs[tid], best=args.best, reuse=args.reuse)
+        cells = collect(paper_runs, specs[tid], best=args.best, reuse=args.reuse)
         texts[tid] = render_table(specs[tid], cells, best=args.best)
         js.append(table_json(specs[tid], cells))
+    parts = [texts[t] for t in wanted]
+    for tid in wanted_demo:
+        cells = collect(demo_runs, specs[tid], best=args.best, reuse=args.reuse)
+        parts.append(render_table(specs[tid], cells, best=args.best, demo=True))
+        js.append({**table_json(specs[tid], cells), "demo": True})
+    if other_runs and not args.tables:
+        parts.append(render_other_runs(other_runs))
     md = "# DY-ReLU: our runs beside the paper\n\nSweep folders: " + ", ".join(f"`{d}`" for d in args.dirs) + "\n\n"
-    md += "\n".join(texts[t] for t in wanted)
+    md += "\n".join(parts)
     print(md)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -717,12 +756,26 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(js, indent=2))
     to_wandb = wanted if args.wandb else [] if args.wandb is False else [t for t in wanted if any(
-        _logged_to_wandb(r.config) for r in runs if r.table == t)]
+        _logged_to_wandb(r.config) for r in paper_runs if r.table == t)]
     if to_wandb:
-        log_wandb([specs[t] for t in to_wandb], texts, {j["table"]: j for j in js}, runs, out.resolve().parent, args.wandb_project,
-                  args.wandb_entity, args.wandb_mode)
+        log_wandb([specs[t] for t in to_wandb], texts, {j["table"]: j for j in js if not j.get("demo")}, paper_runs,
+                  out.resolve().parent, args.wandb_project, args.wandb_entity, args.wandb_mode)
     return 0
 
+
+OTHER_HINT = ("These runs are of no paper table (they carry no `table`/`row` of configs/paper/tables.yaml), so they are "
+              "shown with our columns alone. To put runs beside the paper, run a table's sweep: "
+              "`bash scripts/table2.sh data.root=$IMAGENET` (docs/tables.md lists every table's command).")
+
+
+def render_other_runs(runs) -> str:
+    """Runs that fill no paper table: the sweep summary's columns (engine/sweep.py), and a hint."""
+    from engine.sweep import read_run, render_markdown
+
+    rows = [read_run(r.dir) for r in sorted(runs, key=lambda r: str(r.dir))]
+    md = render_markdown(rows, "Runs of no paper table")
+    head, _, rest = md.partition("\n\n")
+    return f"{head}\n\n{OTHER_HINT}\n\n{rest}"
 
 if __name__ == "__main__":
     sys.exit(main())
