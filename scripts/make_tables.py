@@ -747,7 +747,7 @@ def main(argv=None) -> int:
         js.append({**table_json(specs[tid], cells), "demo": True})
     if other_runs and not args.tables:
         parts.append(render_other_runs(other_runs))
-    md = "# DY-ReLU: our runs beside the paper\n\nSweep folders: " + ", ".join(f"`{d}`" for d in args.dirs) + "\n\n"
+    md = ("# DY-ReLU: our runs beside the paper" if wanted else "# DY-ReLU: our runs") + "\n\nSweep folders: " + ", ".join(f"`{d}`" for d in args.dirs) + "\n\n"
     md += "\n".join(parts)
     print(md)
     out = Path(args.out)
