@@ -69,10 +69,40 @@ def test_documented_mistake(tmp_path, fake_run, command, shown, code):
         assert list(tmp_path.iterdir()) == [], "a failed start left files behind"
 
 
-def test_every_exit_code_of_the_page_is_2_or_1():
-    """Mistakes exit 2, Hydra's own command-line errors 1; the page shows both kinds."""
+def test_every_mistake_of_the_page_exits_2():
+    """Mistakes exit 2, Hydra's own command-line errors included; 1 is kept for bugs."""
     codes = {code for _, _, code in _doc_examples()}
-    assert codes == {1, 2}
+    assert codes == {2}
+
+
+@pytest.mark.parametrize("overrides", [["+model.dynamic_stem_last=false"], ["task=kpt", "+model.in_chans=3"], ["++act.k=3"],
+                                       ["model=resnet18", "+model.zero_init_residual=true"]])
+def test_added_keys_that_the_builder_takes_are_accepted(overrides):
+    from engine.cli import check_added_keys
+
+    check_added_keys(compose(overrides), overrides)
+
+
+@pytest.mark.parametrize("overrides,shown", [
+    (["+act.tau=100"], "+act.tau=100: act (dyrelu_b) has no key tau"),
+    (["++act.tau=100"], "++act.tau=100: act (dyrelu_b) has no key tau"),
+    (["+trainer.foo=1"], "+trainer.foo=1: trainer has no key foo"),
+    (["model=mbv3_small", "+model.dropuot=0.1"], "(did you mean +model.dropout?)"),
+])
+def test_added_keys_nothing_reads_are_rejected(overrides, shown):
+    from dyrelu.errors import BadNameError
+    from engine.cli import check_added_keys
+
+    with pytest.raises(BadNameError) as e:
+        check_added_keys(compose(overrides), overrides)
+    assert shown in str(e.value) and "\n" not in str(e.value)
+
+
+def test_group_typos_in_a_sweep_are_one_line_too(tmp_path):
+    p = _run([str(ROOT / "train.py"), "-m", "act=relu,dyrelu_d", f"hydra.sweep.dir={tmp_path / 'sw'}"], tmp_path)
+    err = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 2 and len(err) == 1, p.stderr[-3000:]
+    assert err[0].startswith("error: act=dyrelu_d: no such act config (did you mean act=dyrelu_")
 
 
 # ---- sweeps ----------------------------------------------------------------------------------
@@ -88,6 +118,14 @@ def _check_sweep(p, sweep_dir):
     record = json.loads((bad / "error.json").read_text())
     assert record["kind"] == "user" and record["message"] == "optim.lr='abc' is not valid: expected a positive number"
     assert (good / "results.json").is_file() and not (good / "error.json").exists()  # the job after the failure ran
+    # The table of the sweep: printed, and written as Markdown and CSV from the job folders.
+    md = (sweep_dir / "summary.md").read_text()
+    assert md.strip() in p.stdout
+    rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| job")]
+    assert len(rows) == 2 and "optim.lr=abc" in rows[0] and "failed: optim.lr='abc' is not valid" in rows[0]
+    cells = [c.strip() for c in rows[1].split("|")[1:-1]]
+    assert cells[1] == "optim.lr=0.08" and cells[-1] == "completed" and float(cells[4]) > 0 and float(cells[5]) > 0
+    assert (sweep_dir / "summary.csv").read_text().count("\n") == 3
     summary = p.stderr[p.stderr.index("sweep "):].splitlines()
     assert summary[0] == f"sweep {sweep_dir.resolve()}: 1 job(s) failed:"
     assert summary[1].startswith("  job 0 (") and "optim.lr=abc" in summary[1]
@@ -151,7 +189,7 @@ def test_a_bug_in_a_sweep_job_keeps_its_traceback_and_the_sweep_goes_on(tmp_path
 
 
 # ---- eval.py -------------------------------------------------------------------------------------
-def test_eval_scores_the_whole_validation_set_once_and_writes_only_eval_json(tmp_path):
+def test_eval_scores_the_whole_validation_set_once_and_writes_one_file_per_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     run_train(run_dir, "trainer=smoke", *TINY)  # smoke: validation capped at 2 batches of 16
     cwd = tmp_path / "cwd"
@@ -163,12 +201,17 @@ def test_eval_scores_the_whole_validation_set_once_and_writes_only_eval_json(tmp
     assert len(printed) == 1  # the result, once
     out = json.loads(printed[0])
     assert out["val_images"] == out["val_samples"] == 40  # 10 classes x 4: all of them, not the smoke run's 32
-    assert out == json.loads((run_dir / "eval.json").read_text())
+    assert out == json.loads((run_dir / "eval_best.json").read_text())
     assert list(cwd.iterdir()) == []  # no outputs/eval/<time>/ folder
+    assert (run_dir / "metrics.png").stat().st_size > 0  # the run drew its metrics at the end
 
-    p = _run([str(ROOT / "eval.py"), ckpt, "trainer.limit_val_batches=1", "data.num_workers=0"], cwd)
+    p = _run([str(ROOT / "eval.py"), f"ckpt={run_dir}/checkpoints/last.pt", "trainer.limit_val_batches=1",
+              "data.num_workers=0"], cwd)
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads(p.stdout)["val_images"] == 16
+    # Another checkpoint's result lands beside the first one, which is kept.
+    assert json.loads((run_dir / "eval_last.json").read_text())["val_images"] == 16
+    assert json.loads((run_dir / "eval_best.json").read_text()) == out
 
 
 # ---- COCO-format data from explicit paths ---------------------------------------------------------

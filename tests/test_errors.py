@@ -2,7 +2,6 @@
 markers and summary, eval.py's argument checks, and no FutureWarning from the fvcore import."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -115,38 +114,6 @@ def test_missing_mandatory_values_name_the_key_and_the_fix():
     assert str(e.value) == "data.root is not set (???): run python train.py data.root=/path/to/dataset"
     errors.check_mandatory(compose(["data=imagenet", "data.root=/x"]), "python train.py")
     errors.check_mandatory(compose(["task=kpt", "data=coco"]), "python train.py")  # explicit paths may do
-
-
-def test_sweep_jobs_record_failures_and_the_summary_names_them(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(errors.SweepSummary, "sweep_dir", tmp_path)
-    monkeypatch.setattr(errors.SweepSummary, "sweep_id", "this-sweep")
-    monkeypatch.setenv(errors.SWEEP_ID_ENV, "this-sweep")
-
-    def bad():
-        raise BadValueError("optim.lr='abc' is not valid: expected a positive number")
-
-    assert errors.run_sweep_job(bad, tmp_path / "0_optim.lr=abc", 0, "optim.lr=abc") is None
-    assert errors.run_sweep_job(lambda: 61.5, tmp_path / "1_optim.lr=0.1", 1, "optim.lr=0.1") == 61.5
-    stale = tmp_path / "old" / errors.ERROR_FILE  # left by an earlier sweep into the same folder
-    stale.parent.mkdir()
-    stale.write_text(json.dumps({"sweep_id": "earlier", "num": 5, "overrides": "", "kind": "bug", "message": "x"}))
-    capsys.readouterr()
-    assert errors.finish_sweep(0) == 2
-    assert capsys.readouterr().err.splitlines() == [
-        f"sweep {tmp_path}: 1 job(s) failed:",
-        "  job 0 (optim.lr=abc): optim.lr='abc' is not valid: expected a positive number",
-    ]
-
-    def bug():
-        raise KeyError("deep inside")
-
-    errors.run_sweep_job(bug, tmp_path / "2_act=x", 2, "act=x")
-    assert "Traceback" in capsys.readouterr().err
-    assert errors.finish_sweep(0) == 1  # a bug outranks the user errors
-    assert json.loads((tmp_path / "2_act=x" / errors.ERROR_FILE).read_text())["kind"] == "bug"
-    # A rerun of a job clears its old marker.
-    errors.run_sweep_job(lambda: 1.0, tmp_path / "2_act=x", 2, "act=x")
-    assert not (tmp_path / "2_act=x" / errors.ERROR_FILE).exists()
 
 
 def test_eval_arguments():

@@ -43,7 +43,7 @@ def test_smoke_run_writes_the_run_folder_and_eval_matches(tmp_path):
     ev = subprocess.run([sys.executable, str(ROOT / "eval.py"), f"ckpt={run_dir}/checkpoints/best.pt",
                          "trainer.limit_val_batches=2"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert ev.returncode == 0, ev.stderr[-2000:]
-    out = json.loads((run_dir / "eval.json").read_text())
+    out = json.loads((run_dir / "eval_best.json").read_text())
     assert abs(out["top1"] - res["best_top1"]) < 0.01
 
     # The same command again with more epochs resumes from last.pt and says so.
