@@ -66,14 +66,18 @@ def _missing_option_line(exc, argv: Sequence[str]) -> str:
     return f"{typed}: no such {group} config{hint}; valid: {_listing(options, f'configs/{group}/')}"
 
 
-def _unknown_key_line(message: str, argv: Sequence[str]) -> Optional[str]:
-    """``Could not override 'optim.learning_rate'`` -> one line with the node's keys."""
+def _unknown_key_line(message: str, argv: Sequence[str], list_keys: bool) -> Optional[str]:
+    """``Could not override 'optim.learning_rate'`` -> one line with the node's keys (those of the
+    config train.py composes for the other overrides; ``list_keys=False``: a stored config's key,
+    whose node is not composed here)."""
     m = re.match(r"Could not override '([^']+)'\.", message)
     if not m or "@" in m.group(1):
         return None
     key = m.group(1)
     typed = next((a for a in _command_overrides(argv) if a.split("=", 1)[0] == key), key)
     parent, _, leaf = key.rpartition(".")
+    if not list_keys:
+        return f"{typed}: {parent or 'the config'} has no key {leaf} (add a new key with +{key}=...)"
     from .config import OverrideError, compose
 
     others = [a for a in _command_overrides(argv) if a != typed]
@@ -89,7 +93,7 @@ def _unknown_key_line(message: str, argv: Sequence[str]) -> Optional[str]:
     return f"{typed}: {parent or 'the config'} has no key {leaf}{hint}; valid keys: {_listing(keys, parent or 'the config')}"
 
 
-def hydra_error_line(exc: BaseException, argv: Sequence[str]) -> Optional[str]:
+def hydra_error_line(exc: BaseException, argv: Sequence[str], list_keys: bool = True) -> Optional[str]:
     """The one line to print for a Hydra error about the command line; None for anything else."""
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 
@@ -102,9 +106,20 @@ def hydra_error_line(exc: BaseException, argv: Sequence[str]) -> Optional[str]:
         m = re.search(r"An item is already at '([^']+)'", text)
         if m:
             return f"+{m.group(1)}: {m.group(1)} is already in the config; set it without the +: {m.group(1)}=..."
-        line = _unknown_key_line(text, argv)
+        line = _unknown_key_line(text, argv, list_keys)
         return line or " ".join(part.strip() for part in text.splitlines() if part.strip())
     return None
+
+
+def _remove_unstarted_sweep() -> None:
+    """A multirun whose first job's config failed to compose leaves only Hydra's multirun.yaml."""
+    from .errors import remove_if_untouched
+    from .sweep import SweepSummary
+
+    folder = SweepSummary.sweep_dir
+    if folder is not None and folder.is_dir() and [p.name for p in folder.iterdir()] == ["multirun.yaml"]:
+        (folder / "multirun.yaml").unlink()
+        remove_if_untouched(folder)
 
 
 def cli(main: Callable[[], Any], argv: Optional[Sequence[str]] = None) -> int:
@@ -123,6 +138,7 @@ def cli(main: Callable[[], Any], argv: Optional[Sequence[str]] = None) -> int:
         line = hydra_error_line(exc, argv)
         if line is None:
             raise
+        _remove_unstarted_sweep()
         print(f"error: {line}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
     return finish_sweep(code)

@@ -128,7 +128,7 @@ def exit_on_user_error(run_dir: Optional[Path] = None):
         # exception is the context engine/config.py raised OverrideError in).
         from .cli import hydra_error_line
 
-        line = hydra_error_line(exc.__context__, sys.argv[1:]) if exc.__context__ is not None else None
+        line = hydra_error_line(exc.__context__, (), list_keys=False) if exc.__context__ is not None else None
         print(f"error: {line or ' '.join(p.strip() for p in str(exc).splitlines() if p.strip())}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT_CODE)
     except Exception as exc:
