@@ -14,10 +14,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 #: (column, label) drawn in each panel when metrics.csv has them
 LOSSES = (("train_loss", "train loss"), ("val_loss", "val loss"), ("val_loss_ema", "val loss (EMA)"))
-SCORES = (("top1", "top-1 %"), ("top5", "top-5 %"), ("top1_ema", "top-1 % (EMA)"), ("ap", "AP %"), ("ap_ema", "AP % (EMA)"))
+SCORES = (("top1", "top-1"), ("top5", "top-5"), ("top1_ema", "top-1 (EMA)"), ("ap", "AP"), ("ap_ema", "AP (EMA)"))
 
 
 def _column(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -43,17 +44,20 @@ def plot_metrics(csv_path: Path, out: Optional[Path] = None) -> Optional[Path]:
         return None
     out = Path(out) if out is not None else csv_path.with_name("metrics.png")
     fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, series, title in ((ax_loss, LOSSES, "loss"), (ax_score, SCORES, "accuracy")):
+    score_title = "AP (%)" if any(r.get("ap") for r in rows) else "accuracy (%)"
+    for ax, series, title in ((ax_loss, LOSSES, "loss"), (ax_score, SCORES, score_title)):
         for key, label in series:
             xs, ys = _column(rows, key)
             if xs:
                 ax.plot(xs, ys, marker="o", markersize=3, label=label)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
-    fig.suptitle(csv_path.parent.name, fontsize=9)
+    name = csv_path.parent.name  # sweep job folders are named after all their overrides
+    fig.suptitle(name if len(name) <= 90 else name[:87] + "...", fontsize=9)
     fig.tight_layout()
     tmp = out.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=100)
