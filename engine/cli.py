@@ -52,17 +52,23 @@ def _command_overrides(argv: Sequence[str]) -> list[str]:
 def _missing_option_line(exc, argv: Sequence[str]) -> str:
     """``act=dyrelu_d`` -> one line with the group's options and the closest one."""
     missing = str(exc.missing_cfg_file or "")
-    group, _, option = missing.partition("/")
+    if exc.options:  # Hydra's own list, for the group the option was looked up in (hydra/launcher too)
+        group, _, option = missing.rpartition("/")
+    else:  # a nested option (experiment=table2/relu): Hydra lists none
+        group, _, option = missing.partition("/")
     typed = f"{group}={option}"
     for arg in _command_overrides(argv):
         key, _, value = arg.lstrip("+~").partition("=")
         if key.split("@")[0] == group and option in value.split(","):
             typed = f"{key}={option}"
             break
-    if not (CONFIG_DIR / group).is_dir():
+    options = sorted(exc.options) if exc.options else group_options(group) if (CONFIG_DIR / group).is_dir() else []
+    if not options:
         return f"{typed}: no config {missing}.yaml"
-    options = group_options(group)
     hint = _did_you_mean(option, options, prefix=typed.split("=")[0] + "=")
+    sub = option.rpartition("/")[0]
+    if sub and any(o.startswith(sub + "/") for o in options):  # experiment=table2/...: that table's entries
+        options = [o for o in options if o.startswith(sub + "/")]
     return f"{typed}: no such {group} config{hint}; valid: {_listing(options, f'configs/{group}/')}"
 
 
