@@ -13,7 +13,7 @@ from torch import nn
 
 import dyrelu
 import models
-from dyrelu.fused import bn_act
+from dyrelu.fused import bn_act, ops
 from dyrelu.fused.bn_act import BNDyReLU, bn_dyrelu, supports_bn_act
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -261,8 +261,10 @@ def test_triton_failure_falls_back(monkeypatch):
     def boom(*args):
         raise RuntimeError("no kernel image for this GPU")
 
-    monkeypatch.setattr(bn_act, "_TRITON_FAILED", [])
-    monkeypatch.setattr(bn_act, "select_backend", lambda x: "triton")
+    monkeypatch.setattr(ops, "_TRITON_BN_FAILED", [])
+    monkeypatch.setattr(dyrelu.fused.backend, "choose", lambda x: "triton")  # (the apply kernels then fall back too)
+    monkeypatch.setattr(dyrelu.fused._triton, "_FAILED", {})
+    monkeypatch.setattr(dyrelu.fused._triton, "_OK", set())
     monkeypatch.setattr(_triton_bn, "available", lambda device: True)
     monkeypatch.setattr(_triton_bn, "row_moments", boom)
     bn, act = _pair("B", 2, True)
@@ -271,9 +273,9 @@ def test_triton_failure_falls_back(monkeypatch):
     with pytest.warns(RuntimeWarning, match="no kernel image"):
         got = bn_dyrelu(x, bn, act)
     _close(got, want, 1e-5)
-    assert bn_act._TRITON_FAILED and not bn_act._use_triton(x)
+    assert ops._TRITON_BN_FAILED and not ops._use_triton_bn(x)
     monkeypatch.setenv("DYRELU_FUSED_BACKEND", "triton")
-    monkeypatch.setattr(bn_act, "_TRITON_FAILED", [])
+    monkeypatch.setattr(ops, "_TRITON_BN_FAILED", [])
     with pytest.raises(RuntimeError, match="no kernel image"):
         bn_dyrelu(x, bn, act)
 
