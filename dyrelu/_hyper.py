@@ -56,7 +56,7 @@ def hyper(pooled: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Opti
     return a, b
 
 
-def hyper_backward(ga: Tensor, gb: Optional[Tensor], pooled: Tensor, w1: Tensor, b1: Optional[Tensor],
+def hyper_backward(ga: Optional[Tensor], gb: Optional[Tensor], pooled: Tensor, w1: Tensor, b1: Optional[Tensor],
                    w2: Tensor, b2: Optional[Tensor], lambda_a: Tensor, lambda_b: Tensor,
                    segments: int, width: int, use_bias: bool):
     """Gradients of ``hyper`` (a, b) with respect to (pooled, w1, b1, w2, b2), given ga, gb (N, K, W).
@@ -70,13 +70,14 @@ def hyper_backward(ga: Tensor, gb: Optional[Tensor], pooled: Tensor, w1: Tensor,
     logits = F.linear(h, w2, b2)
     dt = coef_dtype(logits.dtype)
     sig = torch.sigmoid(logits.to(dt))
-    n = ga.shape[0]
-    dtheta_a = ga[:, :segments].to(dt) * lambda_a.to(dt)
-    if use_bias:
-        gbm = gb[:, :segments].to(dt) * lambda_b.to(dt) if gb is not None else torch.zeros_like(dtheta_a)
-        dtheta = torch.stack([dtheta_a, gbm], 1)
-    else:
-        dtheta = dtheta_a[:, None]
+    n = pooled.shape[0]
+
+    def part(g, lam):  # d theta of one half; an absent gradient is zero
+        if g is None:
+            return torch.zeros((n, segments, width), dtype=dt, device=pooled.device)
+        return g[:, :segments].to(dt) * lam.to(dt)
+
+    dtheta = torch.stack([part(ga, lambda_a), part(gb, lambda_b)], 1) if use_bias else part(ga, lambda_a)[:, None]
     dlogits = (dtheta.reshape(n, -1) * (2.0 * sig * (1.0 - sig))).to(w2.dtype)
     gw2 = dlogits.t() @ h
     gb2 = dlogits.sum(0) if b2 is not None else None

@@ -25,9 +25,21 @@ def _act(c, variant="B", k=2, use_bias=True, dyn=None, dtype=DT, seed=0):
     return m.to(dtype)
 
 
-def _hyper_args(m, grad=False):
-    ws = [p.detach().clone().requires_grad_(grad) for p in (m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias)]
-    return ws + [m.init_a, m.init_b, m.lambda_a, m.lambda_b, m.dynamic_segments, m.coef_width, m.use_bias]
+def _weights(m, grad=False):
+    return [p.detach().clone().requires_grad_(grad) for p in (m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias)]
+
+
+def _consts(m):
+    return [m.init_a, m.init_b, m.lambda_a, m.lambda_b]
+
+
+def _ints(m):
+    return [m.dynamic_segments, m.coef_width, m.use_bias]
+
+
+def _coefs_args(m, x, grad=False):
+    sw = None if m.spatial is None else m.spatial.weight.detach().clone().requires_grad_(grad)
+    return (x, *_weights(m, grad), *_consts(m), sw, *_ints(m))
 
 
 # ---- opcheck: schema, fake implementation, autograd registration, AOT dispatch ------------------------
@@ -43,8 +55,8 @@ def _opcheck(op, args):
 def test_opcheck_coefs_and_apply(variant, k, use_bias, dyn, shape, dtype):
     m = _act(shape[1], variant, k, use_bias, dyn, dtype)
     x = torch.randn(shape, dtype=dtype, requires_grad=True)
-    _opcheck(torch.ops.dyrelu.coefs.default, (x, *_hyper_args(m, grad=True)))
-    a, b, _ = torch.ops.dyrelu.coefs(x.detach(), *_hyper_args(m))
+    _opcheck(torch.ops.dyrelu.coefs.default, _coefs_args(m, x, grad=True))
+    a, b, _, _ = torch.ops.dyrelu.coefs(*_coefs_args(m, x.detach()))
     pi = torch.rand((shape[0], 1) + shape[2:], dtype=dtype, requires_grad=True) if variant == "C" else None
     for bb in (b, None):
         _opcheck(torch.ops.dyrelu.apply.default, (x, a.clone().requires_grad_(), bb, pi))
@@ -62,39 +74,39 @@ def test_opcheck_bn_ops(layout):
     x.requires_grad_()
     _opcheck(torch.ops.dyrelu.moments.default, (x,))
     _opcheck(torch.ops.dyrelu.pool.default, (x,))
-    mm, var = torch.ops.dyrelu.moments(x.detach())
+    mm, var, mu_b = torch.ops.dyrelu.moments(x.detach())
     weight, bias = torch.rand(6) + 0.5, torch.randn(6)
-    for mu in (None, torch.randn(6)):
+    sw = m.spatial.weight.detach().clone().requires_grad_()
+    for mu, xs, sws in ((None, x, sw), (torch.randn(6), None, None)):
         args = (mm.clone().requires_grad_(), mu, var.clone().requires_grad_(), weight.clone().requires_grad_(),
-                bias.clone().requires_grad_(), 1e-5, *_hyper_args(m, grad=True))
+                bias.clone().requires_grad_(), 1e-5, *_weights(m, grad=True), *_consts(m), xs, sws, *_ints(m))
         _opcheck(torch.ops.dyrelu.bn_coefs.default, args)
-    s, t = torch.rand(6) + 0.5, torch.randn(6)
-    w = m.spatial.weight.detach().float().clone().requires_grad_()
-    for st in ((None, None), (s.requires_grad_(), t.requires_grad_())):
-        _opcheck(torch.ops.dyrelu.spatial_logits.default, (x, w, *st))
     rm, rv, nbt = torch.zeros(6), torch.ones(6), torch.tensor(0)
     for cumulative in (False, True):
-        _opcheck(torch.ops.dyrelu.running_update.default, (rm, rv, nbt, mm, var, 0.1, cumulative, 60))
+        _opcheck(torch.ops.dyrelu.running_update.default, (rm, rv, nbt, mu_b, var, 0.1, cumulative, 60))
 
 
 # ---- gradients of the hand-written backward ops, float64 -----------------------------------------------
-@pytest.mark.parametrize("variant,k,use_bias,dyn", [("B", 2, True, None), ("A", 2, True, None), ("B", 3, False, 2)])
+@pytest.mark.parametrize("variant,k,use_bias,dyn", [("B", 2, True, None), ("A", 2, True, None), ("B", 3, False, 2),
+                                                    ("C", 2, True, None)])
 def test_gradcheck_coefs(variant, k, use_bias, dyn):
     m = _act(4, variant, k, use_bias, dyn)
-    w1, b1, w2, b2, *rest = _hyper_args(m, grad=True)
     x = torch.randn(2, 4, 3, 2, dtype=DT, requires_grad=True)
+    args = list(_coefs_args(m, x, grad=True))
+    sw = args[9]
+    inputs = [x, *args[1:5]] + ([sw] if sw is not None else [])
 
-    def f(x, w1, b1, w2, b2):
-        a, b, _ = torch.ops.dyrelu.coefs(x, w1, b1, w2, b2, *rest)
-        return a, b
+    def f(x, w1, b1, w2, b2, *maybe_sw):
+        a, b, _, z = torch.ops.dyrelu.coefs(x, w1, b1, w2, b2, *args[5:9], *(maybe_sw or [None]), *args[10:])
+        return (a, b, z) if maybe_sw else (a, b)
 
-    assert torch.autograd.gradcheck(f, (x, w1, b1, w2, b2))
+    assert torch.autograd.gradcheck(f, tuple(inputs))
 
 
 @pytest.mark.parametrize("variant,affine,batch", [("B", True, True), ("A", True, False), ("C", False, True)])
-def test_gradcheck_bn_coefs_and_spatial_logits(variant, affine, batch):
+def test_gradcheck_bn_coefs(variant, affine, batch):
     m = _act(4, variant)
-    w1, b1, w2, b2, *rest = _hyper_args(m, grad=True)
+    w1, b1, w2, b2 = _weights(m, grad=True)
     mm = torch.randn(3, 4, dtype=DT, requires_grad=True)
     var = (torch.rand(4, dtype=DT) + 0.5).requires_grad_()
     weight = (torch.rand(4, dtype=DT) + 0.5).requires_grad_() if affine else None
@@ -110,8 +122,8 @@ def test_gradcheck_bn_coefs_and_spatial_logits(variant, affine, batch):
         weight_ = next(it) if affine else None
         bias_ = next(it) if affine else None
         w1_, b1_, w2_, b2_, x_, ws_ = (next(it) for _ in range(6))
-        big_a, big_b, s, t = torch.ops.dyrelu.bn_coefs(mm_, mu, var_, weight_, bias_, 1e-3, w1_, b1_, w2_, b2_, *rest)
-        z = torch.ops.dyrelu.spatial_logits(x_, ws_, s, t)
+        big_a, big_b, z = torch.ops.dyrelu.bn_coefs(mm_, mu, var_, weight_, bias_, 1e-3, w1_, b1_, w2_, b2_,
+                                                    *_consts(m), x_, ws_, *_ints(m))
         return big_a, big_b, z
 
     assert torch.autograd.gradcheck(f, tuple(inputs))
@@ -173,11 +185,10 @@ def test_compile_fullgraph_runs_the_registered_ops():
     compiled = torch.compile(net, backend=backend, fullgraph=True)
     y, g = _grads(compiled, x)
     fw, bw = graphs[0], graphs[-1]
-    for op in ("dyrelu.coefs", "dyrelu.bn_coefs", "dyrelu.apply", "dyrelu.moments", "dyrelu.spatial_logits",
-               "dyrelu.running_update"):
+    for op in ("dyrelu.coefs", "dyrelu.bn_coefs", "dyrelu.apply", "dyrelu.moments", "dyrelu.running_update"):
         assert f"torch.ops.{op}" in fw, op
     for op in ("dyrelu.apply_backward", "dyrelu.bn_coefs_backward", "dyrelu.coefs_backward",
-               "dyrelu.moments_backward", "dyrelu.spatial_logits_backward"):
+               "dyrelu.moments_backward"):
         assert f"torch.ops.{op}" in bw, op
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     for a, b in zip(g, g_ref):
@@ -191,7 +202,7 @@ def test_torch_export_sees_the_registered_ops():
     x = torch.randn(2, 3, 7, 6)
     ep = torch.export.export(net, (x,))
     code = ep.graph_module.code
-    for op in ("dyrelu.coefs", "dyrelu.bn_coefs", "dyrelu.apply", "dyrelu.spatial_logits", "dyrelu.pool"):
+    for op in ("dyrelu.coefs", "dyrelu.bn_coefs", "dyrelu.apply", "dyrelu.pool"):
         assert f"torch.ops.{op}" in code, op
     with torch.no_grad():
         torch.testing.assert_close(ep.module()(x), _reference(net)(x), atol=1e-5, rtol=1e-5)

@@ -1,8 +1,8 @@
 """Fast path of DyReLU: the same function as ``DyReLU.forward_reference``, as registered ops.
 
 ``supports(module, x)`` says whether the fast path applies; ``forward(module, x)`` runs it: one
-``dyrelu::coefs`` op (pool, FC1, ReLU, FC2, 2 sigmoid - 1, the coefficients of Eq. 3), for
-variant C ``dyrelu::spatial_logits`` then ``module.spatial_pi`` (the module owns pi's math), and one
+``dyrelu::coefs`` op (pool, FC1, ReLU, FC2, 2 sigmoid - 1, the coefficients of Eq. 3, and variant
+C's spatial logits z), for C ``module.spatial_pi(z)`` (the module owns pi's math), and one
 ``dyrelu::apply`` op. Eager mode, torch.compile, CUDA graphs and torch.export run these same ops;
 each picks its kernels at run time (``backend.py``: Triton on CUDA, C kernels or ATen loops on the
 CPU). See ops.py, and docs/performance.md for what it costs.
@@ -11,8 +11,6 @@ This package imports ``dyrelu._hyper``, never ``dyrelu.core`` (core imports this
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from . import backend, ops
@@ -20,7 +18,7 @@ from .function import BACKENDS, forced_backend, global_pool, piecewise_apply, se
 from .._hyper import in_export_context
 
 __all__ = [
-    "supports", "forward", "attention", "piecewise_apply", "global_pool", "select_backend", "forced_backend",
+    "supports", "forward", "pi_from_logits", "piecewise_apply", "global_pool", "select_backend", "forced_backend",
     "BACKENDS", "SUPPORTED_DTYPES", "backend", "ops",
 ]
 
@@ -55,13 +53,9 @@ def supports(module, x: torch.Tensor) -> bool:
     return True
 
 
-def attention(module, x: torch.Tensor, s: Optional[torch.Tensor] = None,
-              t: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
-    """Variant C's pi (N, 1, *spatial) from the registered logits op (on the BN output s x + t when
-    given) and ``module.spatial_pi``; None for A and B."""
-    if module.spatial is None:
-        return None
-    z = torch.ops.dyrelu.spatial_logits(x, module.spatial.weight, s, t)
+def pi_from_logits(module, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Variant C's pi (N, 1, *spatial) from its logits z through ``module.spatial_pi`` (the module owns
+    that math: normalisation, softmax, cutoff)."""
     if x.dim() == 4:
         return module.spatial_pi(z)
     # other ranks: spatial_pi sees (N, 1, L, 1), as the reference's attention does
@@ -71,8 +65,9 @@ def attention(module, x: torch.Tensor, s: Optional[torch.Tensor] = None,
 def forward(module, x: torch.Tensor) -> torch.Tensor:
     """The module's output on ``x`` through the registered ops (caller checked ``supports``)."""
     module._check(x)
-    a, b, _ = torch.ops.dyrelu.coefs(x, module.fc1.weight, module.fc1.bias, module.fc2.weight, module.fc2.bias,
-                                     module.init_a, module.init_b, module.lambda_a, module.lambda_b,
-                                     module.dynamic_segments, module.coef_width, module.use_bias)
-    pi = attention(module, x)
+    spatial_w = None if module.spatial is None else module.spatial.weight
+    a, b, _, z = torch.ops.dyrelu.coefs(x, module.fc1.weight, module.fc1.bias, module.fc2.weight, module.fc2.bias,
+                                        module.init_a, module.init_b, module.lambda_a, module.lambda_b, spatial_w,
+                                        module.dynamic_segments, module.coef_width, module.use_bias)
+    pi = None if spatial_w is None else pi_from_logits(module, x, z)
     return torch.ops.dyrelu.apply(x, a, b if module.has_intercept else None, pi)

@@ -14,8 +14,8 @@ Variant C's spatial conv on z is a conv on x with weights w s and bias sum(w t).
 
 A training site is four registered ops (ops.py): ``dyrelu::moments`` (the statistics),
 ``dyrelu::running_update`` (on the device, no host sync), ``dyrelu::bn_coefs`` (s, t, the pooled
-context, the hyper function and the folding above, in one op) and ``dyrelu::apply``; variant C
-adds ``dyrelu::spatial_logits`` and ``DyReLU.spatial_pi``.
+context, the hyper function and the folding above, and for variant C the spatial logits, in one
+op) and ``dyrelu::apply``; variant C adds ``DyReLU.spatial_pi`` (the module's own ops).
 
 Backward: the apply's per-(n, c, k) sums of g x and g (already computed for grad a, b) give
 grad A, B; ``dyrelu::bn_coefs_backward`` turns them into grad gamma, beta, m and var by hand on
@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .._hyper import in_export_context
-from . import attention, supports
+from . import pi_from_logits, supports
 
 __all__ = ["bn_dyrelu", "supports_bn_act", "BNDyReLU", "moments"]
 
@@ -46,7 +46,8 @@ Tensor = torch.Tensor
 
 def moments(x: Tensor) -> Tuple[Tensor, Tensor]:
     """Differentiable (per-(n, c) spatial mean (N, C), channel biased variance (C,))."""
-    return torch.ops.dyrelu.moments(x)
+    m, var, _ = torch.ops.dyrelu.moments(x)
+    return m, var
 
 
 def supports_bn_act(bn: nn.Module, act: nn.Module, x: Tensor) -> bool:
@@ -70,21 +71,23 @@ def bn_dyrelu(x: Tensor, bn: nn.Module, act: nn.Module) -> Tensor:
         count = x.numel() // c
         if count <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
-        m, var = torch.ops.dyrelu.moments(x)
-        mu = None  # the batch's: m.mean(0), inside bn_coefs
+        m, var, batch_mu = torch.ops.dyrelu.moments(x)
+        mu = None  # the batch's, differentiated through m (m.mean(0) inside bn_coefs)
         if bn.training and bn.track_running_stats and bn.running_mean is not None:
             with torch.no_grad():
-                torch.ops.dyrelu.running_update(bn.running_mean, bn.running_var, bn.num_batches_tracked, m, var,
+                torch.ops.dyrelu.running_update(bn.running_mean, bn.running_var, bn.num_batches_tracked, batch_mu, var,
                                                 0.0 if bn.momentum is None else float(bn.momentum),
                                                 bn.momentum is None, count)
     else:
         m = torch.ops.dyrelu.pool(x)
         mu, var = bn.running_mean, bn.running_var
-    big_a, big_b, s, t = torch.ops.dyrelu.bn_coefs(
+    spatial_w = None if act.spatial is None else act.spatial.weight
+    big_a, big_b, z = torch.ops.dyrelu.bn_coefs(
         m, mu, var, bn.weight if bn.affine else None, bn.bias if bn.affine else None, float(bn.eps),
         act.fc1.weight, act.fc1.bias, act.fc2.weight, act.fc2.bias, act.init_a, act.init_b, act.lambda_a,
-        act.lambda_b, act.dynamic_segments, act.coef_width, act.use_bias)
-    pi = attention(act, x, s, t)
+        act.lambda_b, x if spatial_w is not None else None, spatial_w, act.dynamic_segments, act.coef_width,
+        act.use_bias)
+    pi = None if spatial_w is None else pi_from_logits(act, x, z)
     return torch.ops.dyrelu.apply(x, big_a, big_b, pi)
 
 

@@ -1,10 +1,11 @@
 """The fused path as registered ``torch.library`` ops: a DY-ReLU site is a handful of them.
 
-  dyrelu::coefs           x (or pooled (N, C)) -> a, b: pool, FC1, ReLU, FC2, 2 sigmoid - 1, Eq. 3
-  dyrelu::bn_coefs        BN statistics -> A, B folded through the BN affine (see bn_act.py), s, t
+  dyrelu::coefs           x (or pooled (N, C)) -> a, b: pool, FC1, ReLU, FC2, 2 sigmoid - 1, Eq. 3,
+                          and variant C's spatial logits z (the 1x1 conv with one output channel)
+  dyrelu::bn_coefs        BN statistics -> A, B folded through the BN affine (see bn_act.py), and C's
+                          logits on the BN output s x + t
   dyrelu::apply           max_k(a_k x + b_k) [* pi]
   dyrelu::moments         per-(n, c) means and the channel variance, one read of x
-  dyrelu::spatial_logits  variant C's 1x1 conv with one output channel [on the BN output s x + t]
   dyrelu::pool            global average pool
   dyrelu::running_update  BatchNorm's running statistics, on the device (no host sync)
 
@@ -190,9 +191,12 @@ def _(g, x, a, b, pi, need_pi):
 def _apply_setup(ctx, inputs, output):
     x, a, b, pi = inputs
     ctx.save_for_backward(x, a, b, pi)
+    ctx.set_materialize_grads(False)
 
 
 def _apply_grad(ctx, gy):
+    if gy is None:
+        return None, None, None, None
     x, a, b, pi = ctx.saved_tensors
     need_pi = pi is not None and ctx.needs_input_grad[3]
     gx, ga, gb, gpi = torch.ops.dyrelu.apply_backward(gy, x, a, b, pi, need_pi)
@@ -247,7 +251,58 @@ pool.register_autograd(_pool_grad, setup_context=_pool_setup)
 
 
 # ---------------------------------------------------------------------------------------
-# dyrelu::coefs: the whole hyper function, pooling included, one op per direction
+# variant C's logits z = sum_c w_c (s_c x + t_c): the 1x1 conv with one output channel [on the BN
+# output]. Computed inside the coefficient ops (no op of its own); the C kernels read x once
+# (ATen's convolution backward for this shape took 10x longer on the benchmark network).
+# ---------------------------------------------------------------------------------------
+def _folded_weight(w: Tensor, s: Optional[Tensor], t: Optional[Tensor], cdt: torch.dtype):
+    wv = w.reshape(-1).to(cdt)
+    ws = wv if s is None else wv * s.to(cdt)
+    bias = None if t is None else (wv * t.to(cdt)).sum().reshape(1)
+    return wv, ws, bias
+
+
+def _spatial_z(x: Tensor, ws: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """z (N, 1, *spatial) in x's dtype from the folded weights ws (C,) and bias (1,) in the compute dtype."""
+    n = x.shape[0]
+    x3 = _as3d(x)
+    cdt = ws.dtype
+    if x.dtype == cdt and backend.native(x3):
+        b = torch.zeros(1, dtype=cdt) if bias is None else bias
+        z = _native.spatial_forward(x3, ws.contiguous(), b.contiguous())
+    else:
+        z = torch.matmul(ws, x3.to(cdt))
+        if bias is not None:
+            z = z + bias
+    return z.to(x.dtype).reshape((n, 1) + tuple(x.shape[2:])).contiguous()
+
+
+def _spatial_z_backward(gz: Tensor, x: Tensor, ws: Tensor, extra: Optional[Tensor] = None):
+    """(grad_x = ws_c gz [+ extra_nc], grad ws (C,), grad bias) for ``_spatial_z``; extra (N, C) in the
+    compute dtype is added per row (the pooled context's gradient / L) in the same buffer."""
+    n = x.shape[0]
+    x3 = _as3d(x)
+    cdt = ws.dtype
+    gz2 = gz.reshape(n, -1).to(cdt)
+    if x.dtype == cdt and backend.native(x3):
+        gx, g_ws = _native.spatial_backward(x3, ws.contiguous(), gz2.contiguous())
+        if extra is not None:
+            gx.add_(extra[:, :, None])
+    else:
+        gx = ws[None, :, None] * gz2[:, None, :]
+        if extra is not None:
+            gx = gx + extra[:, :, None]
+        g_ws = torch.einsum("ncl,nl->c", x3.to(cdt), gz2)
+        gx = gx.to(x.dtype)
+    return _match(gx, x), g_ws, gz2.sum()
+
+
+def _no_z(ref: Tensor) -> Tensor:
+    return ref.new_empty(0)
+
+
+# ---------------------------------------------------------------------------------------
+# dyrelu::coefs: the whole hyper function, pooling (and C's logits) included, one op per direction
 # ---------------------------------------------------------------------------------------
 def _coef_dtype(w2: Tensor) -> torch.dtype:
     return torch.float64 if w2.dtype == torch.float64 else torch.float32
@@ -255,59 +310,88 @@ def _coef_dtype(w2: Tensor) -> torch.dtype:
 
 @torch.library.custom_op("dyrelu::coefs", mutates_args=())
 def coefs(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, init_a: Tensor, init_b: Tensor,
-          lambda_a: Tensor, lambda_b: Tensor, segments: int, width: int,
-          use_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """(a, b, pooled): a, b (N, K, width) in >= float32, pooled (N, C) the context (kept for backward).
+          lambda_a: Tensor, lambda_b: Tensor, spatial_w: Optional[Tensor], segments: int, width: int,
+          use_bias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(a, b, pooled, z): a, b (N, K, width) in >= float32; pooled (N, C) the context (kept for
+    backward, not differentiable); z (N, 1, *spatial) variant C's logits when ``spatial_w`` (the 1x1
+    conv's weight) is given, else empty.
 
     x is the activation's input (pooled here) or an (N, C) context already pooled."""
     pooled = _pool(x) if x.dim() > 2 else x.clone()
     a, b = _hyper.hyper(pooled, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, segments, width, use_bias)
     b = b.contiguous() if use_bias else b.clone(memory_format=torch.contiguous_format)  # never init_b itself
-    return a.contiguous(), b, pooled.contiguous()
+    z = _no_z(x)
+    if spatial_w is not None:
+        z = _spatial_z(x, spatial_w.reshape(-1).to(tk.compute_dtype(x.dtype)), None)
+    return a.contiguous(), b, pooled.contiguous(), z
 
 
 @coefs.register_fake
-def _(x, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, segments, width, use_bias):
+def _(x, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, spatial_w, segments, width, use_bias):
     n, k, dt = x.shape[0], init_a.shape[0], _coef_dtype(w2)
-    return x.new_empty((n, k, width), dtype=dt), x.new_empty((n, k, width), dtype=dt), x.new_empty(x.shape[:2])
+    z = _no_z(x) if spatial_w is None else x.new_empty((n, 1) + tuple(x.shape[2:]))
+    return (x.new_empty((n, k, width), dtype=dt), x.new_empty((n, k, width), dtype=dt), x.new_empty(x.shape[:2]), z)
 
 
 @torch.library.custom_op("dyrelu::coefs_backward", mutates_args=())
-def coefs_backward(ga: Tensor, gb: Optional[Tensor], pooled: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,
-                   b2: Tensor, lambda_a: Tensor, lambda_b: Tensor, segments: int, width: int, use_bias: bool,
-                   x_dim: int, length: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(grad of the input as (N, C, 1, ..., 1) already divided by the pooled length, grad w1, b1, w2, b2)."""
+def coefs_backward(ga: Optional[Tensor], gb: Optional[Tensor], gz: Optional[Tensor], x: Tensor, pooled: Tensor,
+                   w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, lambda_a: Tensor, lambda_b: Tensor,
+                   spatial_w: Optional[Tensor], segments: int, width: int,
+                   use_bias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(grad x, grad w1, b1, w2, b2, grad spatial_w (empty without it)).
+
+    grad x is (N, C, 1, ..., 1) (the pooled context's gradient / L, for the caller to expand) unless
+    z's gradient is given, then a full (N, C, *spatial) tensor."""
+    n, c = x.shape[0], x.shape[1]
     gp, gw1, gb1, gw2, gb2 = _hyper.hyper_backward(ga, gb, pooled, w1, b1, w2, b2, lambda_a, lambda_b,
                                                     segments, width, use_bias)
-    if x_dim > 2:
-        gp = (gp / length).reshape(tuple(gp.shape) + (1,) * (x_dim - 2))
-    return gp.contiguous(), gw1.contiguous(), gb1.contiguous(), gw2.contiguous(), gb2.contiguous()
-
-
-@coefs_backward.register_fake
-def _(ga, gb, pooled, w1, b1, w2, b2, lambda_a, lambda_b, segments, width, use_bias, x_dim, length):
-    gp = pooled.new_empty(tuple(pooled.shape) + (1,) * max(0, x_dim - 2))
-    return gp, torch.empty_like(w1), torch.empty_like(b1), torch.empty_like(w2), torch.empty_like(b2)
-
-
-def _coefs_setup(ctx, inputs, output):
-    x, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, segments, width, use_bias = inputs
-    ctx.save_for_backward(output[2], w1, b1, w2, b2, lambda_a, lambda_b)
-    ctx.mark_non_differentiable(output[2])
     length = 1
     for d in x.shape[2:]:
         length *= d
-    ctx.meta = (segments, width, use_bias, x.dim(), length, x.shape)
+    g_sw = _no_z(x) if spatial_w is None else torch.zeros_like(spatial_w)
+    if x.dim() > 2:
+        gp = gp / length
+    if gz is not None and spatial_w is not None:
+        cdt = tk.compute_dtype(x.dtype)
+        gx, g_ws, _ = _spatial_z_backward(gz, x, spatial_w.reshape(-1).to(cdt), gp.to(cdt))
+        g_sw = g_ws.to(spatial_w.dtype).reshape(spatial_w.shape)
+    else:
+        gx = gp.reshape((n, c) + (1,) * (x.dim() - 2)).to(x.dtype)
+    return gx.contiguous(), gw1.contiguous(), gb1.contiguous(), gw2.contiguous(), gb2.contiguous(), g_sw
 
 
-def _coefs_grad(ctx, ga, gb, _gpooled):
-    pooled, w1, b1, w2, b2, lambda_a, lambda_b = ctx.saved_tensors
-    segments, width, use_bias, x_dim, length, shape = ctx.meta
-    gx, gw1, gb1, gw2, gb2 = torch.ops.dyrelu.coefs_backward(
-        ga, gb, pooled, w1, b1, w2, b2, lambda_a, lambda_b, segments, width, use_bias, x_dim, length)
-    if x_dim > 2:
-        gx = gx.expand(shape)
-    return gx, gw1, gb1, gw2, gb2, None, None, None, None, None, None, None
+@coefs_backward.register_fake
+def _(ga, gb, gz, x, pooled, w1, b1, w2, b2, lambda_a, lambda_b, spatial_w, segments, width, use_bias):
+    if gz is not None and spatial_w is not None:
+        gx = torch.empty_like(x)
+    else:
+        gx = x.new_empty(tuple(x.shape[:2]) + (1,) * (x.dim() - 2))
+    return (gx, torch.empty_like(w1), torch.empty_like(b1), torch.empty_like(w2), torch.empty_like(b2),
+            _no_z(x) if spatial_w is None else torch.empty_like(spatial_w))
+
+
+def _coefs_setup(ctx, inputs, output):
+    x, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, spatial_w, segments, width, use_bias = inputs
+    ctx.save_for_backward(x, w1, b1, w2, b2, lambda_a, lambda_b, spatial_w)
+    ctx.mark_non_differentiable(output[2])
+    # pooled is an output without a grad_fn: held here it costs no copy and makes no reference cycle
+    # (saving an output with save_for_backward adds two detach ops per call)
+    ctx.pooled = output[2]
+    ctx.set_materialize_grads(False)
+    ctx.meta = (segments, width, use_bias)
+
+
+def _coefs_grad(ctx, ga, gb, _gpooled, gz):
+    x, w1, b1, w2, b2, lambda_a, lambda_b, spatial_w = ctx.saved_tensors
+    segments, width, use_bias = ctx.meta
+    if ga is None and gb is None and gz is None:
+        return (None,) * 13
+    gx, gw1, gb1, gw2, gb2, g_sw = torch.ops.dyrelu.coefs_backward(
+        ga, gb, gz, x, ctx.pooled, w1, b1, w2, b2, lambda_a, lambda_b, spatial_w, segments, width, use_bias)
+    if gx.shape != x.shape:
+        gx = gx.expand(x.shape)
+    return (gx, gw1, gb1, gw2, gb2, None, None, None, None, g_sw if spatial_w is not None else None,
+            None, None, None)
 
 
 coefs.register_autograd(_coefs_grad, setup_context=_coefs_setup)
@@ -315,7 +399,7 @@ coefs.register_autograd(_coefs_grad, setup_context=_coefs_setup)
 
 # ---------------------------------------------------------------------------------------
 # dyrelu::bn_coefs: BN statistics -> the hyper function on the BN output's pooled context ->
-# coefficients folded through the BN affine (bn_act.py derives it)
+# coefficients folded through the BN affine (bn_act.py derives it) [and C's logits on s x + t]
 # ---------------------------------------------------------------------------------------
 def _bn_fold(m, mu, var, weight, bias, eps):
     cdt = tk.compute_dtype(m.dtype)
@@ -335,9 +419,11 @@ def _hyper_input(pooled: Tensor, w1: Tensor) -> Tensor:
 @torch.library.custom_op("dyrelu::bn_coefs", mutates_args=())
 def bn_coefs(m: Tensor, mu: Optional[Tensor], var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
              eps: float, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, init_a: Tensor, init_b: Tensor,
-             lambda_a: Tensor, lambda_b: Tensor, segments: int, width: int,
-             use_bias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(A, B (N, K, C), s, t (C,)) in float32 (float64 for float64 m): A_k = a_k s, B_k = a_k t + b_k, z = s x + t the BN output.
+             lambda_a: Tensor, lambda_b: Tensor, x: Optional[Tensor], spatial_w: Optional[Tensor], segments: int,
+             width: int, use_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(A, B (N, K, C) in float32 (float64 for float64 m), z): A_k = a_k s, B_k = a_k t + b_k with
+    z = s x + t the BN output, s = weight / sqrt(var + eps), t = bias - mu s; z (N, 1, *spatial)
+    variant C's logits on the BN output when x and spatial_w are given, else empty.
 
     m: per-(n, c) spatial means of x; mu: the channel mean (None: the batch's, m.mean(0)); var: the
     channel variance used to normalise."""
@@ -347,31 +433,41 @@ def bn_coefs(m: Tensor, mu: Optional[Tensor], var: Tensor, weight: Optional[Tens
     a, b = a.to(s.dtype), b.to(s.dtype)
     big_a = (a * s).contiguous()
     big_b = torch.addcmul(b, a, t).contiguous()  # t != 0 in general: an intercept even without DY-ReLU's own
-    return big_a, big_b, s.contiguous(), t.contiguous()
+    z = _no_z(m)
+    if x is not None and spatial_w is not None:
+        _, ws, zb = _folded_weight(spatial_w, s, t, tk.compute_dtype(x.dtype))
+        z = _spatial_z(x, ws, zb)
+    return big_a, big_b, z
 
 
 @bn_coefs.register_fake
-def _(m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, segments, width, use_bias):
+def _(m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, x, spatial_w, segments,
+      width, use_bias):
     n, c, k, cdt = m.shape[0], m.shape[1], init_a.shape[0], tk.compute_dtype(m.dtype)
-    return (m.new_empty((n, k, c), dtype=cdt), m.new_empty((n, k, c), dtype=cdt), m.new_empty((c,), dtype=cdt),
-            m.new_empty((c,), dtype=cdt))
+    z = _no_z(m) if x is None or spatial_w is None else x.new_empty((n, 1) + tuple(x.shape[2:]))
+    return m.new_empty((n, k, c), dtype=cdt), m.new_empty((n, k, c), dtype=cdt), z
 
 
 @torch.library.custom_op("dyrelu::bn_coefs_backward", mutates_args=())
-def bn_coefs_backward(g_big_a: Tensor, g_big_b: Tensor, g_s: Optional[Tensor], g_t: Optional[Tensor], m: Tensor,
+def bn_coefs_backward(g_big_a: Optional[Tensor], g_big_b: Optional[Tensor], gz: Optional[Tensor], m: Tensor,
                       mu: Optional[Tensor], var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                       eps: float, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, init_a: Tensor, init_b: Tensor,
-                      lambda_a: Tensor, lambda_b: Tensor, segments: int, width: int,
-                      use_bias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(grad m, grad var, grad weight, grad bias, grad w1, b1, w2, b2); weight / bias grads empty when absent."""
+                      lambda_a: Tensor, lambda_b: Tensor, x: Optional[Tensor], spatial_w: Optional[Tensor],
+                      segments: int, width: int,
+                      use_bias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                               Tensor, Tensor]:
+    """(grad m, grad var, grad weight, grad bias, grad w1, b1, w2, b2, grad x, grad spatial_w); the
+    grads of absent inputs (and grad x without z's gradient) are empty."""
     cdt = tk.compute_dtype(m.dtype)
-    n = m.shape[0]
+    n, c = m.shape[0], m.shape[1]
     mu_v, r, s, t, pooled = _bn_fold(m, mu, var, weight, bias, eps)
     mc = m.to(cdt)
     ph = _hyper_input(pooled, w1)
     a, _ = _hyper.hyper(ph, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, segments, width, use_bias)
     a = a.to(cdt)
-    g_big_a, g_big_b = g_big_a.to(cdt), g_big_b.to(cdt)
+    k = a.shape[1]
+    g_big_a = torch.zeros((n, k, c), dtype=cdt, device=m.device) if g_big_a is None else g_big_a.to(cdt)
+    g_big_b = torch.zeros((n, k, c), dtype=cdt, device=m.device) if g_big_b is None else g_big_b.to(cdt)
     # A = a s, B = b + a t  (a broadcast over C for variant A)
     ga = g_big_a * s + g_big_b * t
     gb = g_big_b
@@ -379,10 +475,14 @@ def bn_coefs_backward(g_big_a: Tensor, g_big_b: Tensor, g_s: Optional[Tensor], g
         ga, gb = ga.sum(2, keepdim=True), gb.sum(2, keepdim=True)
     gs = (g_big_a * a).sum((0, 1))
     gt = (g_big_b * a).sum((0, 1))
-    if g_s is not None:
-        gs = gs + g_s.to(cdt)
-    if g_t is not None:
-        gt = gt + g_t.to(cdt)
+    gx, g_sw = _no_z(m), _no_z(m)
+    if gz is not None and x is not None and spatial_w is not None:
+        # z = sum_c ws_c x_c + sum_c w_c t_c, ws = w s
+        wv, ws, _ = _folded_weight(spatial_w, s, t, cdt)
+        gx, g_ws, g_zb = _spatial_z_backward(gz, x, ws)
+        gs = gs + g_ws * wv
+        gt = gt + g_zb * wv
+        g_sw = (g_ws * s + g_zb * t).to(spatial_w.dtype).reshape(spatial_w.shape)
     gp, gw1, gb1, gw2, gb2 = _hyper.hyper_backward(ga, gb, ph, w1, b1, w2, b2, lambda_a, lambda_b,
                                                     segments, width, use_bias)
     gp = gp.to(cdt)
@@ -400,34 +500,37 @@ def bn_coefs_backward(g_big_a: Tensor, g_big_b: Tensor, g_s: Optional[Tensor], g
     g_weight = _empty(m) if weight is None else (gs * r).to(weight.dtype)
     g_bias = _empty(m) if bias is None else gt.to(bias.dtype)
     return (gm.to(m.dtype).contiguous(), gvar.to(var.dtype).contiguous(), g_weight, g_bias,
-            gw1.contiguous(), gb1.contiguous(), gw2.contiguous(), gb2.contiguous())
+            gw1.contiguous(), gb1.contiguous(), gw2.contiguous(), gb2.contiguous(), gx, g_sw)
 
 
 @bn_coefs_backward.register_fake
-def _(g_big_a, g_big_b, g_s, g_t, m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a,
-      lambda_b, segments, width, use_bias):
+def _(g_big_a, g_big_b, gz, m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, x,
+      spatial_w, segments, width, use_bias):
+    with_z = gz is not None and x is not None and spatial_w is not None
     return (torch.empty_like(m), torch.empty_like(var), _empty(m) if weight is None else torch.empty_like(weight),
             _empty(m) if bias is None else torch.empty_like(bias), torch.empty_like(w1), torch.empty_like(b1),
-            torch.empty_like(w2), torch.empty_like(b2))
+            torch.empty_like(w2), torch.empty_like(b2), torch.empty_like(x) if with_z else _no_z(m),
+            torch.empty_like(spatial_w) if with_z else _no_z(m))
 
 
 def _bn_coefs_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:5], *inputs[6:14])  # every tensor (or None) input, eps left out
-    ctx.meta = tuple(inputs[i] for i in (5, 14, 15, 16))  # eps, segments, width, use_bias
+    ctx.save_for_backward(*inputs[:5], *inputs[6:16])  # every tensor (or None) input, eps left out
+    ctx.meta = tuple(inputs[i] for i in (5, 16, 17, 18))  # eps, segments, width, use_bias
+    ctx.set_materialize_grads(False)
 
 
-def _bn_coefs_grad(ctx, g_big_a, g_big_b, g_s, g_t):
-    m, mu, var, weight, bias, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b = ctx.saved_tensors
+def _bn_coefs_grad(ctx, g_big_a, g_big_b, gz):
+    m, mu, var, weight, bias, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, x, spatial_w = ctx.saved_tensors
     eps, segments, width, use_bias = ctx.meta
-    if g_big_a is None:
-        g_big_a = torch.zeros_like(g_big_b)
-    if g_big_b is None:
-        g_big_b = torch.zeros_like(g_big_a)
-    gm, gvar, gw, gbias, gw1, gb1, gw2, gb2 = torch.ops.dyrelu.bn_coefs_backward(
-        g_big_a, g_big_b, g_s, g_t, m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b,
-        lambda_a, lambda_b, segments, width, use_bias)
+    if g_big_a is None and g_big_b is None and gz is None:
+        return (None,) * 19
+    gm, gvar, gw, gbias, gw1, gb1, gw2, gb2, gx, g_sw = torch.ops.dyrelu.bn_coefs_backward(
+        g_big_a, g_big_b, gz, m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b,
+        lambda_a, lambda_b, x, spatial_w, segments, width, use_bias)
+    with_z = gz is not None and x is not None and spatial_w is not None
     return (gm, None, gvar, gw if weight is not None else None, gbias if bias is not None else None, None,
-            gw1, gb1, gw2, gb2, None, None, None, None, None, None, None)
+            gw1, gb1, gw2, gb2, None, None, None, None, gx if with_z else None, g_sw if with_z else None,
+            None, None, None)
 
 
 bn_coefs.register_autograd(_bn_coefs_grad, setup_context=_bn_coefs_setup)
@@ -467,21 +570,22 @@ def _row_moments(x3: Tensor, cdt: torch.dtype) -> Tuple[Tensor, Tensor]:
 
 
 @torch.library.custom_op("dyrelu::moments", mutates_args=())
-def moments(x: Tensor) -> Tuple[Tensor, Tensor]:
-    """(m (N, C) mean over the spatial dims, var (C,) biased variance over batch and space), in
-    float32 (float64 for float64 x). One read of x."""
+def moments(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """(m (N, C) mean over the spatial dims, var (C,) biased variance over batch and space, mu (C,)
+    the mean, not differentiable: use m.mean(0) to differentiate it), in float32 (float64 for
+    float64 x). One read of x."""
     cdt = tk.compute_dtype(x.dtype)
     m, v = _row_moments(_as3d(x), cdt)
     mu = m.mean(0)
     # law of total variance: within-row variance plus the variance of the row means (exact)
-    var = v.mean(0) + (m - mu).square_().mean(0)
-    return m.contiguous(), var
+    var = v.mean(0) + (m - mu).square().mean(0)
+    return m.contiguous(), var, mu
 
 
 @moments.register_fake
 def _(x):
     cdt = tk.compute_dtype(x.dtype)
-    return x.new_empty(x.shape[:2], dtype=cdt), x.new_empty((x.shape[1],), dtype=cdt)
+    return x.new_empty(x.shape[:2], dtype=cdt), x.new_empty((x.shape[1],), dtype=cdt), x.new_empty((x.shape[1],), dtype=cdt)
 
 
 def _affine_rows(x3: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
@@ -501,13 +605,12 @@ def _affine_rows(x3: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("dyrelu::moments_backward", mutates_args=())
-def moments_backward(x: Tensor, m: Tensor, g_m: Optional[Tensor], g_var: Optional[Tensor]) -> Tensor:
+def moments_backward(x: Tensor, mu: Tensor, g_m: Optional[Tensor], g_var: Optional[Tensor]) -> Tensor:
     """grad_x = g_m / L + g_var 2 (x - mu) / M, one affine pass over x (alpha_c x + beta_nc)."""
     n, c = x.shape[0], x.shape[1]
     x3 = _as3d(x)
     length = x3.shape[2]
-    cdt = m.dtype
-    mu = m.mean(0)
+    cdt = mu.dtype
     # d m_nc / dx = 1 / L;  d var / dx = 2 (x - mu) / M  (the mean's own term cancels)
     alpha = torch.zeros(c, dtype=cdt, device=x.device) if g_var is None else g_var.to(cdt) * (2.0 / (n * length))
     beta = -(alpha * mu)
@@ -516,97 +619,25 @@ def moments_backward(x: Tensor, m: Tensor, g_m: Optional[Tensor], g_var: Optiona
 
 
 @moments_backward.register_fake
-def _(x, m, g_m, g_var):
+def _(x, mu, g_m, g_var):
     return torch.empty_like(x)
 
 
 def _moments_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], output[0])
+    ctx.save_for_backward(inputs[0])
+    ctx.mark_non_differentiable(output[2])
+    ctx.mu = output[2]  # no grad_fn: no reference cycle, and no detach ops as save_for_backward(output) has
+    ctx.set_materialize_grads(False)
 
 
-def _moments_grad(ctx, g_m, g_var):
-    x, m = ctx.saved_tensors
-    return torch.ops.dyrelu.moments_backward(x, m, g_m, g_var)
+def _moments_grad(ctx, g_m, g_var, _g_mu):
+    (x,) = ctx.saved_tensors
+    if g_m is None and g_var is None:
+        return None
+    return torch.ops.dyrelu.moments_backward(x, ctx.mu, g_m, g_var)
 
 
 moments.register_autograd(_moments_grad, setup_context=_moments_setup)
-
-
-# ---------------------------------------------------------------------------------------
-# dyrelu::spatial_logits: z = sum_c w_c (s_c x + t_c), one output channel
-# ---------------------------------------------------------------------------------------
-def _folded_weight(w: Tensor, s: Optional[Tensor], t: Optional[Tensor], cdt: torch.dtype):
-    wv = w.reshape(-1).to(cdt)
-    ws = wv if s is None else wv * s.to(cdt)
-    bias = None if t is None else (wv * t.to(cdt)).sum().reshape(1)
-    return wv, ws, bias
-
-
-@torch.library.custom_op("dyrelu::spatial_logits", mutates_args=())
-def spatial_logits(x: Tensor, w: Tensor, s: Optional[Tensor], t: Optional[Tensor]) -> Tensor:
-    """Variant C's logits z (N, 1, *spatial) in x's dtype: the 1x1 conv with weights w (C elements),
-    on the BN output s x + t when s, t are given. The C kernels read x once (ATen's convolution
-    backward for this shape took 10x longer on the benchmark network)."""
-    n = x.shape[0]
-    x3 = _as3d(x)
-    cdt = tk.compute_dtype(x.dtype)
-    _, ws, bias = _folded_weight(w, s, t, cdt)
-    if x.dtype == cdt and backend.native(x3):
-        b = torch.zeros(1, dtype=cdt) if bias is None else bias
-        z = _native.spatial_forward(x3, ws.contiguous(), b.contiguous())
-    else:
-        z = torch.matmul(ws, x3.to(cdt))
-        if bias is not None:
-            z = z + bias
-    return z.to(x.dtype).reshape((n, 1) + tuple(x.shape[2:])).contiguous()
-
-
-@spatial_logits.register_fake
-def _(x, w, s, t):
-    return x.new_empty((x.shape[0], 1) + tuple(x.shape[2:]))
-
-
-@torch.library.custom_op("dyrelu::spatial_logits_backward", mutates_args=())
-def spatial_logits_backward(gz: Tensor, x: Tensor, w: Tensor, s: Optional[Tensor],
-                            t: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(grad_x, grad_w, grad_s, grad_t); grad_s / grad_t empty when s / t are absent."""
-    n, c = x.shape[0], x.shape[1]
-    x3 = _as3d(x)
-    cdt = tk.compute_dtype(x.dtype)
-    wv, ws, _ = _folded_weight(w, s, t, cdt)
-    gz2 = gz.reshape(n, -1)
-    if x.dtype == cdt and backend.native(x3):
-        gx, g_ws = _native.spatial_backward(x3, ws.contiguous(), gz2.to(cdt).contiguous())
-    else:
-        gzc = gz2.to(cdt)
-        gx = (ws[None, :, None] * gzc[:, None, :]).to(x.dtype)
-        g_ws = torch.einsum("ncl,nl->c", x3.to(cdt), gzc)
-    g_bias = gz2.sum(dtype=cdt)
-    gw = g_ws if s is None else g_ws * s.to(cdt)
-    if t is not None:
-        gw = gw + g_bias * t.to(cdt)
-    g_s = _empty(w) if s is None else (g_ws * wv).to(s.dtype)
-    g_t = _empty(w) if t is None else (g_bias * wv).to(t.dtype)
-    return _match(gx, x), gw.to(w.dtype).reshape(w.shape).contiguous(), g_s, g_t
-
-
-@spatial_logits_backward.register_fake
-def _(gz, x, w, s, t):
-    return (torch.empty_like(x), torch.empty_like(w), _empty(w) if s is None else torch.empty_like(s),
-            _empty(w) if t is None else torch.empty_like(t))
-
-
-def _spatial_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _spatial_grad(ctx, gz):
-    x, w, s, t = ctx.saved_tensors
-    gx, gw, gs, gt = torch.ops.dyrelu.spatial_logits_backward(gz, x, w, s, t)
-    return gx, gw, (gs if s is not None else None), (gt if t is not None else None)
-
-
-spatial_logits.register_autograd(_spatial_grad, setup_context=_spatial_setup)
 
 
 # ---------------------------------------------------------------------------------------
@@ -615,8 +646,8 @@ spatial_logits.register_autograd(_spatial_grad, setup_context=_spatial_setup)
 @torch.library.custom_op("dyrelu::running_update",
                          mutates_args=("running_mean", "running_var", "num_batches_tracked"))
 def running_update(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Optional[Tensor],
-                   m: Tensor, var: Tensor, momentum: float, cumulative: bool, count: int) -> None:
-    """BatchNorm2d's running-stat update from the batch's per-(n, c) means m and biased variance var:
+                   mu: Tensor, var: Tensor, momentum: float, cumulative: bool, count: int) -> None:
+    """BatchNorm2d's running-stat update from the batch's mean mu and biased variance var:
     momentum (or, cumulative, 1 / num_batches_tracked computed on the device: no host sync), the
     unbiased variance, num_batches_tracked + 1."""
     factor: object = 0.0 if cumulative else momentum
@@ -624,12 +655,11 @@ def running_update(running_mean: Tensor, running_var: Tensor, num_batches_tracke
         num_batches_tracked.add_(1)
         if cumulative:
             factor = num_batches_tracked.to(running_mean.dtype).reciprocal()
-    mu = m.mean(0)
     unbiased = var * (count / (count - 1))
     running_mean.lerp_(mu.to(running_mean.dtype), factor)
     running_var.lerp_(unbiased.to(running_var.dtype), factor)
 
 
 @running_update.register_fake
-def _(running_mean, running_var, num_batches_tracked, m, var, momentum, cumulative, count):
+def _(running_mean, running_var, num_batches_tracked, mu, var, momentum, cumulative, count):
     return None
