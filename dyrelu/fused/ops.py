@@ -55,12 +55,14 @@ def _match(t: Tensor, like: Tensor, dtype: Optional[torch.dtype] = None) -> Tens
     into a first in place only when the first is not a view."""
     dtype = like.dtype if dtype is None else dtype
     t = t.to(dtype)
-    want = _strides_like(like)
     if tuple(t.shape) != tuple(like.shape):
         try:
             t = torch.ops.aten._unsafe_view(t, like.shape)
         except RuntimeError:
             t = t.reshape(like.shape)
+    if t.stride() == like.stride():  # the common case (like dense, t in its layout): no meta tensor
+        return t
+    want = _strides_like(like)
     if t.stride() == want or all(s == w for s, w, d in zip(t.stride(), want, t.shape) if d > 1):
         return t if t.stride() == want else t.as_strided(t.shape, want)
     out = torch.empty_like(like, dtype=dtype)
