@@ -8,6 +8,8 @@
         --channels-last --compile --inference
     python scripts/bench_act.py --device cuda --model mbv2_100 --res 224 --batch 256 --dtype bf16 \
         --channels-last --compile-mode reduce-overhead --variants relu,dyrelu_b_fused
+    python scripts/bench_act.py --device cpu --model mbv2_100 --res 224 --no-train --inference \
+        --inference-batches 1 --aoti --variants relu,dyrelu_b_fused   # issue 21's AOTInductor batch-1 budget
 
 Variants (same network from ``models.build_model``, same seed):
   relu                   the baseline network
@@ -46,7 +48,10 @@ the first step to the end: it counts what the steps allocate on top of the model
   prepared  dyrelu.prepare_for_inference(model, mode=--prepare-mode): BN folded, one precomputed
             path per DY-ReLU (the ReLU model gets the same BN folding);
   onnxrt    the prepared model exported to ONNX (TorchScript exporter, opset 17) and run by ONNX
-            Runtime's CPU provider with --threads intra-op threads (CPU only; skipped on CUDA).
+            Runtime's CPU provider with --threads intra-op threads (CPU only; skipped on CUDA);
+  aoti      with --aoti: the model as built, exported (torch.export, which keeps the fused path's
+            registered dyrelu:: ops) and compiled by AOTInductor into a package per batch size,
+            then loaded and run (minutes of C++ compile per package on a small CPU).
 Each reports img/s and cpu_img_s (medians of --inference-steps, wall clock and process CPU time)
 and, in "inference", ratio_to_relu / cpu_ratio_to_relu against the ReLU model run the same way. The public-style variant gets eager only. --no-train skips the
 training steps (e.g. for batch-1 inference at 224 px).
@@ -71,7 +76,7 @@ import time
 
 VARIANTS = ("relu", "dyrelu_b_reference", "dyrelu_b_fused", "dyrelu_c_fused", "dyrelu_b_public_style")
 EXTRA_VARIANTS = ("dyrelu_a_fused", "dyrelu_b_fused_nobn")
-INFERENCE_WAYS = ("eager", "prepared", "onnxrt")
+INFERENCE_WAYS = ("eager", "prepared", "onnxrt", "aoti")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -246,6 +251,19 @@ def _time_calls(call, device, warmup: int, steps: int) -> tuple:
     return statistics.median(ts), statistics.median(cs)
 
 
+def _aoti_runner(model, example, autocast):
+    """``model`` (eval) exported at ``example``'s shape and compiled by AOTInductor; the loaded runner."""
+    import tempfile
+
+    import torch
+
+    with torch.no_grad(), autocast:
+        ep = torch.export.export(model, (example,))
+        path = os.path.join(tempfile.mkdtemp(prefix="dyrelu-bench-aoti-"), "model.pt2")
+        torch._inductor.aoti_compile_and_package(ep, package_path=path)
+    return torch._inductor.aoti_load_package(path)
+
+
 def _inference_timing(variant, model, args, device, fmt, autocast, g) -> dict:
     """{"batch_<n>": {way: {"img_s", "cpu_img_s"}}} for way in eager / prepared / onnxrt (absent where it
     does not apply)."""
@@ -270,6 +288,13 @@ def _inference_timing(variant, model, args, device, fmt, autocast, g) -> dict:
                 wall, cpu = _time_calls(lambda: fn(xb), device, args.warmup, args.inference_steps)
                 row[way] = {"img_s": bs / wall, "cpu_img_s": bs / cpu}
         out[f"batch_{bs}"] = row
+    if args.aoti and variant != "dyrelu_b_public_style":
+        for bs in args.inference_batches:
+            xb = torch.randn(bs, 3, args.res, args.res, generator=g).to(device).contiguous(memory_format=fmt)
+            runner = _aoti_runner(model, xb, autocast)
+            with torch.inference_mode(), autocast:
+                wall, cpu = _time_calls(lambda: runner(xb), device, args.warmup, args.inference_steps)
+            out[f"batch_{bs}"]["aoti"] = {"img_s": bs / wall, "cpu_img_s": bs / cpu}
     if "prepared" in ways and device.type == "cpu" and not args.no_onnx:
         try:
             import onnxruntime as ort
@@ -336,6 +361,7 @@ def parse(argv=None):
     p.add_argument("--prepare-mode", default="eager", choices=["eager", "jit", "compile"],
                    help="dyrelu.prepare_for_inference mode of the 'prepared' inference timing")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime inference timing")
+    p.add_argument("--aoti", action="store_true", help="also time the model compiled by AOTInductor (with --inference)")
     p.add_argument("--no-train", action="store_true", help="skip the training steps (use with --inference)")
     p.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
     p.add_argument("--repeats", type=int, default=1, help="round-robin repeats of all variants")
@@ -349,6 +375,8 @@ def parse(argv=None):
         args.compile = True
     if args.warmup < 1:
         p.error(f"--warmup={args.warmup}: at least 1 (the first step is timed apart as first_step_s)")
+    if args.aoti and not args.inference:
+        p.error("--aoti needs --inference (it times eval-mode forward)")
     if args.no_train and not args.inference:
         p.error("--no-train needs --inference (there would be nothing to time)")
     return args
