@@ -25,7 +25,9 @@ Sections (run in the order a, d, e, p, b, c; docs/gpu.md says what each checks a
   p  profile of one eager training step (MobileNetV2 x1.0, batch 256, bf16, channels_last) for
      ReLU, DY-ReLU-B and DY-ReLU-C under torch.profiler: device kernels per step, and the time the
      GPU is busy (the union of kernel intervals) against the step's wall time. A launch-bound step
-     has many kernels and a low busy fraction. (On the CPU: top-level ATen ops and their time.)
+     has many kernels and a low busy fraction. (On the CPU: the outermost ops and their time.) Also
+     one step under torch.cuda.set_sync_debug_mode("error"): a host sync in a DY-ReLU step where
+     ReLU's has none fails the section.
 
 Every subprocess (bench_act.py and its workers, train.py and its data loaders) runs in its own
 process group, and a timeout kills the whole group.
@@ -760,6 +762,26 @@ def profile_steps(step, device, steps: int) -> dict:
             "wall_ms_per_step": round(wall_us / steps / 1e3, 3), "busy_fraction": round(busy / wall_us, 3) if wall_us else None}
 
 
+def host_syncs(step, device) -> str:
+    """One (warm) step under ``torch.cuda.set_sync_debug_mode("error")``: "none", or the error of the
+    first synchronising call. The CPU has no such mode ("not checked"; tests/test_fused_ops.py guards
+    the CPU step with a dispatch mode instead)."""
+    import torch
+
+    if device.type != "cuda":
+        return "not checked"
+    torch.cuda.synchronize(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        return "none"
+    except RuntimeError as err:
+        return str(err).strip().splitlines()[0][:200]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize(device)
+
+
 def section_p(run: Run) -> dict:
     need("timm")
     import torch
@@ -784,13 +806,16 @@ def section_p(run: Run) -> dict:
             loss.backward()
             opt.step()
 
-        rows.append({"act": act, **profile_steps(step, dev, steps)})
+        rows.append({"act": act, **profile_steps(step, dev, steps), "host_sync": host_syncs(step, dev)})
         del model, opt
     base = rows[0]
+    failures = []
     for r in rows:
         r["kernels_ratio"] = round(r["kernels_per_step"] / base["kernels_per_step"], 3)
-    what = "kernels" if dev.type == "cuda" else "top-level ATen ops"
-    return {"rows": rows, "model": name, "res": res, "batch": batch, "steps": steps, "counted": what, "failures": [],
+        if r["act"] != "relu" and base["host_sync"] == "none" and r["host_sync"] not in ("none", "not checked"):
+            failures.append(f"{r['act']}: a host sync in the training step ({r['host_sync']})")
+    what = "kernels" if dev.type == "cuda" else "outermost ATen and dyrelu:: ops"
+    return {"rows": rows, "model": name, "res": res, "batch": batch, "steps": steps, "counted": what, "failures": failures,
             "note": "; ".join(f"{r['act']}: {r['kernels_per_step']} {what}/step ({r['kernels_ratio']}x), "
                               f"busy {r['busy_fraction']} of wall" for r in rows)}
 
