@@ -230,6 +230,12 @@ def test_triton_interpreter_bn_act():
             m, v = _triton_bn.row_moments(xx.view(3, 5, -1) if xx.is_contiguous() else xx.reshape(3, 5, 42))
             torch.testing.assert_close(m, x.mean((2, 3)))
             torch.testing.assert_close(v, x.var((2, 3), unbiased=False))
+        # long rows: split along L across programs (partial sums added on the host)
+        xl = torch.randn(2, 3, 5000, dtype=torch.float64) * 2 + 7
+        assert _triton_bn.moments_split(2, 1, 5000, 64)[0] > 1
+        m, v = _triton_bn.row_moments(xl)
+        torch.testing.assert_close(m, xl.mean(2), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(v, xl.var(2, unbiased=False), rtol=1e-10, atol=1e-12)
         al, be = torch.randn(5), torch.randn(3, 5)
         out = _triton_bn.affine_rows(x.view(3, 5, -1), al, be)
         torch.testing.assert_close(out, x.view(3, 5, -1) * al[:, None] + be[:, :, None])
@@ -334,8 +340,8 @@ def test_triton_aot_compile(arch, tmp_path):
     for dtype, bc, bl, warps in _aot_configs():
         acc = "fp64" if dtype == "fp64" else "fp32"
         acc_tl = tl.float64 if dtype == "fp64" else tl.float32
-        moments_sig = {"x_ptr": ptr[dtype], "mean_ptr": f"*{acc}", "var_ptr": f"*{acc}", "C": "i32", "L": "i32",
-                       "sxn": "i32", "sxc": "i32", "sxl": "i32", "inv_l": "fp32", "C_BLOCKS": "i32",
+        moments_sig = {"x_ptr": ptr[dtype], "s1_ptr": f"*{acc}", "s2_ptr": f"*{acc}", "N": "i32", "C": "i32",
+                       "L": "i32", "sxn": "i32", "sxc": "i32", "sxl": "i32", "C_BLOCKS": "i32", "L_PER": "i32",
                        "BLOCK_C": "constexpr", "BLOCK_L": "constexpr", "ACC": "constexpr"}
         affine_sig = {"x_ptr": ptr[dtype], "out_ptr": ptr[dtype], "alpha_ptr": f"*{acc}", "beta_ptr": f"*{acc}",
                       "C": "i32", "L": "i32", "sxn": "i32", "sxc": "i32", "sxl": "i32", "son": "i32", "soc": "i32",
