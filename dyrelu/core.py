@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _hyper
+from . import fused
 from .errors import BadValueError
 
 VARIANTS = ("A", "B", "C")
@@ -62,14 +64,9 @@ def _pair_tuple(name: str, value: Union[float, Sequence[float]], k: int) -> tupl
     return (value + (0.0,) * k)[:k]
 
 
-def _in_export_context() -> bool:
-    """True while tracing/scripting/exporting (ONNX, torch.export, torch.jit.trace): use the reference path."""
-    return bool(
-        torch.jit.is_scripting()
-        or torch.jit.is_tracing()
-        or torch.onnx.is_in_onnx_export()
-        or torch.compiler.is_exporting()
-    )
+#: True while tracing / scripting / exporting to ONNX (the reference path runs then); torch.export
+#: and torch.compile capture the fused path's registered ops instead.
+_in_export_context = _hyper.in_export_context
 
 
 def _per_sample(t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -112,8 +109,9 @@ class DyReLU(nn.Module):
 
     Works on (N, C), (N, C, L), (N, C, H, W) (and (N, C, D, H, W)) inputs. ``impl`` picks the
     reference path (this file) or the fused path (``dyrelu.fused``); both compute the same function.
-    ``impl="auto"`` uses the fused path where ``dyrelu.fused.supports`` says so; while tracing,
-    scripting or exporting (ONNX, torch.export) the reference path is always used, whatever ``impl``.
+    ``impl="auto"`` uses the fused path where ``dyrelu.fused.supports`` says so (eager, torch.compile
+    and torch.export, which all see its registered ops); while tracing, scripting or exporting to ONNX
+    the reference path is always used, whatever ``impl``.
     """
 
     def __init__(
@@ -215,31 +213,22 @@ class DyReLU(nn.Module):
         if x.dim() < 2 or x.shape[1] != self.channels:
             raise ValueError(f"DyReLU({self.channels}) expects (N, {self.channels}, ...) input, got {tuple(x.shape)}")
 
+    #: bn_act fuses a preceding BatchNorm2d into modules that say so (fused/ must not import core)
+    fusable_dyrelu = True
+
     @staticmethod
     def pool(x: torch.Tensor) -> torch.Tensor:
         """Global average pool over every dim after the channel dim: (N, C, ...) -> (N, C)."""
-        return x.mean(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x
+        return _hyper.pool(x)
 
     def hyper(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, C) pooled context -> a, b of shape (N, K, width), in float32 (float64 for float64 modules).
 
         Without intercepts (use_bias=False) b is init_b broadcast to (N, K, width).
         """
-        k, m, w = self.k, self.dynamic_segments, self.coef_width
-        logits = self.fc2(F.relu(self.fc1(pooled)))
-        dt = torch.promote_types(logits.dtype, torch.float32)  # normalise in >= fp32 (autocast-safe)
-        theta = 2.0 * torch.sigmoid(logits.to(dt)) - 1.0
-        theta = theta.unflatten(1, (2 if self.use_bias else 1, m, w))  # (N, 2|1, m, w)
-        init_a = self.init_a.to(dt).reshape(1, k, 1)
-        init_b = self.init_b.to(dt).reshape(1, k, 1)
-        da = theta[:, 0]
-        db = theta[:, 1] if self.use_bias else None
-        if m < k:  # the last k-m segments stay at their init values (Table 6)
-            da = F.pad(da, (0, 0, 0, k - m))
-            db = F.pad(db, (0, 0, 0, k - m)) if db is not None else None
-        a = init_a + self.lambda_a.to(dt) * da
-        b = init_b + self.lambda_b.to(dt) * db if db is not None else init_b.expand_as(a)
-        return a, b
+        return _hyper.hyper(pooled, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.init_a,
+                            self.init_b, self.lambda_a, self.lambda_b, self.dynamic_segments, self.coef_width,
+                            self.use_bias, k=self.k)
 
     def spatial_pi(self, z: torch.Tensor) -> torch.Tensor:
         """pi from the spatial conv's logits z (N, 1, H, W): the normalisation, then Eq. 4.
@@ -278,8 +267,6 @@ class DyReLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.impl != "reference" and not _in_export_context():
-            from . import fused
-
             if fused.supports(self, x):
                 return fused.forward(self, x)
             if self.impl == "fused":

@@ -6,6 +6,10 @@
         --variants relu,dyrelu_b_fused,dyrelu_c_fused --repeats 3
     python scripts/bench_act.py --device cuda --model mbv2_100 --res 224 --batch 256 --dtype bf16 \
         --channels-last --compile --inference
+    python scripts/bench_act.py --device cuda --model mbv2_100 --res 224 --batch 256 --dtype bf16 \
+        --channels-last --compile-mode reduce-overhead --variants relu,dyrelu_b_fused
+    python scripts/bench_act.py --device cpu --model mbv2_100 --res 224 --no-train --inference \
+        --inference-batches 1 --aoti --variants relu,dyrelu_b_fused   # issue 21's AOTInductor batch-1 budget
 
 Variants (same network from ``models.build_model``, same seed):
   relu                   the baseline network
@@ -22,6 +26,14 @@ Every variant runs in its own subprocess (clean allocator, clean RSS high-water 
 compile caches); with ``--repeats R`` the variants run R times round-robin and the median is
 reported with the spread (min, max) -- useful on a shared, noisy machine.
 
+--compile / --compile-mode MODE (default | reduce-overhead | max-autotune-no-cudagraphs; a mode
+other than default implies --compile): torch.compile with that mode. Each compiled worker gets a
+fresh, empty Inductor cache (TORCHINDUCTOR_CACHE_DIR in a temporary folder), so first_step_s is a
+cold compile; --warm-compile-cache keeps the user's cache instead.
+
+first_step_s: wall-clock seconds of the first training step (CUDA synchronised): with --compile,
+the compile time of the training step (forward and backward graphs) plus one step.
+
 img_s: batch / median wall-clock step time (CUDA synchronised). cpu_img_s: batch / median process
 CPU time per step (all threads): on a shared machine, run with --threads 1 and compare cpu_img_s,
 which other processes' load disturbs far less than wall clock.
@@ -36,15 +48,18 @@ the first step to the end: it counts what the steps allocate on top of the model
   prepared  dyrelu.prepare_for_inference(model, mode=--prepare-mode): BN folded, one precomputed
             path per DY-ReLU (the ReLU model gets the same BN folding);
   onnxrt    the prepared model exported to ONNX (TorchScript exporter, opset 17) and run by ONNX
-            Runtime's CPU provider with --threads intra-op threads (CPU only; skipped on CUDA).
+            Runtime's CPU provider with --threads intra-op threads (CPU only; skipped on CUDA);
+  aoti      with --aoti: the model as built, exported (torch.export, which keeps the fused path's
+            registered dyrelu:: ops) and compiled by AOTInductor into a package per batch size,
+            then loaded and run (minutes of C++ compile per package on a small CPU).
 Each reports img/s and cpu_img_s (medians of --inference-steps, wall clock and process CPU time)
 and, in "inference", ratio_to_relu / cpu_ratio_to_relu against the ReLU model run the same way. The public-style variant gets eager only. --no-train skips the
 training steps (e.g. for batch-1 inference at 224 px).
 
 The LAST stdout line is one JSON object:
   {"variants": {name: {"img_s", "img_s_min", "img_s_max", "cpu_img_s", "cpu_img_s_min",
-               "cpu_img_s_max", "step_ms", "peak_mem_mb", "runs"}},
-   "ratios_to_relu": {name: {"img_s", "cpu_img_s", "peak_mem"}}, "inference": {...} (with --inference),
+               "cpu_img_s_max", "step_ms", "peak_mem_mb", "first_step_s", "runs"}},
+   "ratios_to_relu": {name: {"img_s", "cpu_img_s", "peak_mem", "first_step_s"}}, "inference": {...} (with --inference),
    "device": "...", "settings": {...}}
 """
 from __future__ import annotations
@@ -61,7 +76,8 @@ import time
 
 VARIANTS = ("relu", "dyrelu_b_reference", "dyrelu_b_fused", "dyrelu_c_fused", "dyrelu_b_public_style")
 EXTRA_VARIANTS = ("dyrelu_a_fused", "dyrelu_b_fused_nobn")
-INFERENCE_WAYS = ("eager", "prepared", "onnxrt")
+INFERENCE_WAYS = ("eager", "prepared", "onnxrt", "aoti")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -168,7 +184,7 @@ def run_worker(variant: str, args) -> dict:
 
     fn = model
     if args.compile and not args.no_train:
-        fn = torch.compile(model, backend=args.compile_backend)
+        fn = torch.compile(model, **compile_kwargs(args))
     result = {"variant": variant}
     if not args.no_train:
         result.update(_train_timing(step, fn, args, device))
@@ -177,12 +193,24 @@ def run_worker(variant: str, args) -> dict:
     return result
 
 
+def compile_kwargs(args) -> dict:
+    """torch.compile's arguments for --compile-backend / --compile-mode."""
+    kw = {"backend": args.compile_backend}
+    if args.compile_mode != "default":
+        kw["mode"] = args.compile_mode
+    return kw
+
+
 def _train_timing(step, fn, args, device) -> dict:
     import torch
 
     result = {}
     rss0 = _rss_peak_mb()
-    for _ in range(args.warmup):
+    t0 = time.perf_counter()
+    step(fn)  # the first step: with --compile, the compile of forward and backward
+    _sync(device)
+    result["first_step_s"] = time.perf_counter() - t0
+    for _ in range(args.warmup - 1):
         step(fn)
     _sync(device)
     if device.type == "cuda":
@@ -223,6 +251,19 @@ def _time_calls(call, device, warmup: int, steps: int) -> tuple:
     return statistics.median(ts), statistics.median(cs)
 
 
+def _aoti_runner(model, example, autocast):
+    """``model`` (eval) exported at ``example``'s shape and compiled by AOTInductor; the loaded runner."""
+    import tempfile
+
+    import torch
+
+    with torch.no_grad(), autocast:
+        ep = torch.export.export(model, (example,))
+        path = os.path.join(tempfile.mkdtemp(prefix="dyrelu-bench-aoti-"), "model.pt2")
+        torch._inductor.aoti_compile_and_package(ep, package_path=path)
+    return torch._inductor.aoti_load_package(path)
+
+
 def _inference_timing(variant, model, args, device, fmt, autocast, g) -> dict:
     """{"batch_<n>": {way: {"img_s", "cpu_img_s"}}} for way in eager / prepared / onnxrt (absent where it
     does not apply)."""
@@ -234,7 +275,7 @@ def _inference_timing(variant, model, args, device, fmt, autocast, g) -> dict:
     import dyrelu
 
     model.eval()
-    ways = {"eager": torch.compile(model, backend=args.compile_backend) if args.compile else model}
+    ways = {"eager": torch.compile(model, **compile_kwargs(args)) if args.compile else model}
     if variant != "dyrelu_b_public_style":
         example = torch.randn(1, 3, args.res, args.res, generator=g).to(device).contiguous(memory_format=fmt)
         ways["prepared"] = dyrelu.prepare_for_inference(model, mode=args.prepare_mode, example_input=example)
@@ -247,6 +288,13 @@ def _inference_timing(variant, model, args, device, fmt, autocast, g) -> dict:
                 wall, cpu = _time_calls(lambda: fn(xb), device, args.warmup, args.inference_steps)
                 row[way] = {"img_s": bs / wall, "cpu_img_s": bs / cpu}
         out[f"batch_{bs}"] = row
+    if args.aoti and variant != "dyrelu_b_public_style":
+        for bs in args.inference_batches:
+            xb = torch.randn(bs, 3, args.res, args.res, generator=g).to(device).contiguous(memory_format=fmt)
+            runner = _aoti_runner(model, xb, autocast)
+            with torch.inference_mode(), autocast:
+                wall, cpu = _time_calls(lambda: runner(xb), device, args.warmup, args.inference_steps)
+            out[f"batch_{bs}"]["aoti"] = {"img_s": bs / wall, "cpu_img_s": bs / cpu}
     if "prepared" in ways and device.type == "cpu" and not args.no_onnx:
         try:
             import onnxruntime as ort
@@ -299,6 +347,10 @@ def parse(argv=None):
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--compile-backend", default="inductor")
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                   help="torch.compile mode (implies --compile unless default)")
+    p.add_argument("--warm-compile-cache", action="store_true",
+                   help="compiled workers use the user's Inductor cache (default: a fresh one: a cold compile)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast bf16")
@@ -309,6 +361,7 @@ def parse(argv=None):
     p.add_argument("--prepare-mode", default="eager", choices=["eager", "jit", "compile"],
                    help="dyrelu.prepare_for_inference mode of the 'prepared' inference timing")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime inference timing")
+    p.add_argument("--aoti", action="store_true", help="also time the model compiled by AOTInductor (with --inference)")
     p.add_argument("--no-train", action="store_true", help="skip the training steps (use with --inference)")
     p.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
     p.add_argument("--repeats", type=int, default=1, help="round-robin repeats of all variants")
@@ -318,16 +371,34 @@ def parse(argv=None):
     bad = [v for v in args.variants if v not in VARIANTS + EXTRA_VARIANTS]
     if bad:
         p.error(f"unknown variants {bad}; valid: {', '.join(VARIANTS + EXTRA_VARIANTS)}")
+    if args.compile_mode != "default":
+        args.compile = True
+    if args.warmup < 1:
+        p.error(f"--warmup={args.warmup}: at least 1 (the first step is timed apart as first_step_s)")
+    if args.aoti and not args.inference:
+        p.error("--aoti needs --inference (it times eval-mode forward)")
     if args.no_train and not args.inference:
         p.error("--no-train needs --inference (there would be nothing to time)")
     return args
 
 
-def _spawn(variant: str, argv) -> dict:
+def _spawn(variant: str, argv, args) -> dict:
+    import shutil
+    import tempfile
+
     cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", variant]
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    cache = None
+    if args.compile and not args.warm_compile_cache:  # a cold compile: nothing cached by earlier runs
+        cache = tempfile.mkdtemp(prefix="dyrelu-bench-inductor-")
+        env["TORCHINDUCTOR_CACHE_DIR"] = cache
+        env["TRITON_CACHE_DIR"] = os.path.join(cache, "triton")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    finally:
+        if cache:
+            shutil.rmtree(cache, ignore_errors=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
         return {"variant": variant, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -345,7 +416,7 @@ def main(argv=None):
     runs = {v: [] for v in args.variants}
     for rep in range(args.repeats):
         for v in args.variants:
-            r = _spawn(v, argv)
+            r = _spawn(v, argv, args)
             runs[v].append(r)
             if "error" in r:
                 msg = r["error"]
@@ -374,6 +445,7 @@ def main(argv=None):
                 "cpu_img_s_max": max(r["cpu_img_s"] for r in ok),
                 "step_ms": statistics.median(r["step_ms"] for r in ok),
                 "peak_mem_mb": statistics.median(r["peak_mem_mb"] for r in ok),
+                "first_step_s": statistics.median(r["first_step_s"] for r in ok),
                 "runs": len(ok),
             }
         if args.inference:
@@ -392,6 +464,7 @@ def main(argv=None):
                 "img_s": r["img_s"] / base["img_s"],
                 "cpu_img_s": r["cpu_img_s"] / base["cpu_img_s"],
                 "peak_mem": r["peak_mem_mb"] / base["peak_mem_mb"] if base["peak_mem_mb"] > 0 else None,
+                "first_step_s": r["first_step_s"] / base["first_step_s"],
             }
     # each way against ReLU run the same way (prepared vs prepared, ONNX Runtime vs ONNX Runtime)
     for key, per in inference.items():

@@ -13,7 +13,7 @@ from torch import nn
 
 import dyrelu
 import models
-from dyrelu.fused import bn_act
+from dyrelu.fused import bn_act, ops
 from dyrelu.fused.bn_act import BNDyReLU, bn_dyrelu, supports_bn_act
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -230,6 +230,12 @@ def test_triton_interpreter_bn_act():
             m, v = _triton_bn.row_moments(xx.view(3, 5, -1) if xx.is_contiguous() else xx.reshape(3, 5, 42))
             torch.testing.assert_close(m, x.mean((2, 3)))
             torch.testing.assert_close(v, x.var((2, 3), unbiased=False))
+        # long rows: split along L across programs (partial sums added on the host)
+        xl = torch.randn(2, 3, 5000, dtype=torch.float64) * 2 + 7
+        assert _triton_bn.moments_split(2, 1, 5000, 64)[0] > 1
+        m, v = _triton_bn.row_moments(xl)
+        torch.testing.assert_close(m, xl.mean(2), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(v, xl.var(2, unbiased=False), rtol=1e-10, atol=1e-12)
         al, be = torch.randn(5), torch.randn(3, 5)
         out = _triton_bn.affine_rows(x.view(3, 5, -1), al, be)
         torch.testing.assert_close(out, x.view(3, 5, -1) * al[:, None] + be[:, :, None])
@@ -261,8 +267,10 @@ def test_triton_failure_falls_back(monkeypatch):
     def boom(*args):
         raise RuntimeError("no kernel image for this GPU")
 
-    monkeypatch.setattr(bn_act, "_TRITON_FAILED", [])
-    monkeypatch.setattr(bn_act, "select_backend", lambda x: "triton")
+    monkeypatch.setattr(ops, "_TRITON_BN_FAILED", [])
+    monkeypatch.setattr(dyrelu.fused.backend, "choose", lambda x: "triton")  # (the apply kernels then fall back too)
+    monkeypatch.setattr(dyrelu.fused._triton, "_FAILED", {})
+    monkeypatch.setattr(dyrelu.fused._triton, "_OK", set())
     monkeypatch.setattr(_triton_bn, "available", lambda device: True)
     monkeypatch.setattr(_triton_bn, "row_moments", boom)
     bn, act = _pair("B", 2, True)
@@ -271,9 +279,9 @@ def test_triton_failure_falls_back(monkeypatch):
     with pytest.warns(RuntimeWarning, match="no kernel image"):
         got = bn_dyrelu(x, bn, act)
     _close(got, want, 1e-5)
-    assert bn_act._TRITON_FAILED and not bn_act._use_triton(x)
+    assert ops._TRITON_BN_FAILED and not ops._use_triton_bn(x)
     monkeypatch.setenv("DYRELU_FUSED_BACKEND", "triton")
-    monkeypatch.setattr(bn_act, "_TRITON_FAILED", [])
+    monkeypatch.setattr(ops, "_TRITON_BN_FAILED", [])
     with pytest.raises(RuntimeError, match="no kernel image"):
         bn_dyrelu(x, bn, act)
 
@@ -332,8 +340,8 @@ def test_triton_aot_compile(arch, tmp_path):
     for dtype, bc, bl, warps in _aot_configs():
         acc = "fp64" if dtype == "fp64" else "fp32"
         acc_tl = tl.float64 if dtype == "fp64" else tl.float32
-        moments_sig = {"x_ptr": ptr[dtype], "mean_ptr": f"*{acc}", "var_ptr": f"*{acc}", "C": "i32", "L": "i32",
-                       "sxn": "i32", "sxc": "i32", "sxl": "i32", "inv_l": "fp32", "C_BLOCKS": "i32",
+        moments_sig = {"x_ptr": ptr[dtype], "s1_ptr": f"*{acc}", "s2_ptr": f"*{acc}", "N": "i32", "C": "i32",
+                       "L": "i32", "sxn": "i32", "sxc": "i32", "sxl": "i32", "C_BLOCKS": "i32", "L_PER": "i32",
                        "BLOCK_C": "constexpr", "BLOCK_L": "constexpr", "ACC": "constexpr"}
         affine_sig = {"x_ptr": ptr[dtype], "out_ptr": ptr[dtype], "alpha_ptr": f"*{acc}", "beta_ptr": f"*{acc}",
                       "C": "i32", "L": "i32", "sxn": "i32", "sxc": "i32", "sxl": "i32", "son": "i32", "soc": "i32",

@@ -146,14 +146,12 @@ def test_shared_coefficient_grads_are_exact_sums_in_low_precision(backend, dtype
     """Variant A sums g * x over all C * L positions of a sample; with fp16 / bf16 x and g that sum
     must be accumulated in fp32 (an fp16 accumulator over 18816 terms loses ~1e-2, the size of the
     H200 run's A K=3 fp16 gradient error, which turned out to be the check's truth instead)."""
-    from dyrelu.fused.function import DyReLUApply
-
     gen = torch.Generator().manual_seed(k)
     x = torch.randn(1, 24, 28, 28, generator=gen).to(dtype)
     g = torch.randn(x.shape, generator=gen).to(dtype)
     a = (torch.randn(1, k, 1, generator=gen) * 0.5).requires_grad_(True)
     b = (torch.randn(1, k, 1, generator=gen) * 0.1).requires_grad_(True)
-    torch.autograd.backward(DyReLUApply.apply(x, a, b, None, backend), g)
+    torch.autograd.backward(piecewise_apply(x, a, b, None), g)
     # exact sums (fp64) over the segments the kernels pick: fp32 a_k x + b_k, lowest k on ties
     u = x.float()[:, None] * a.detach()[..., None, None] + b.detach()[..., None, None]  # (1, K, C, H, W)
     sel = u.argmax(1)
@@ -240,7 +238,7 @@ def test_auto_picks_triton_on_cuda_and_native_on_cpu(monkeypatch):
     assert fused.select_backend(torch.randn(2, 3)) == "native"  # CI has gcc: the kernels must build
     assert fused.select_backend(torch.randn(2, 3, dtype=torch.bfloat16)) == "bn"
     if torch.cuda.is_available():  # pragma: no cover - no GPU in CI
-        expect = "triton" if fused.function._triton.HAS_TRITON else "torch"
+        expect = "triton" if fused._triton.HAS_TRITON else "torch"
         assert fused.select_backend(torch.randn(2, 3, device="cuda")) == expect
     monkeypatch.setenv("DYRELU_FUSED_BACKEND", "nope")
     from dyrelu.errors import BadValueError  # a user error: one line and exit 2 from train.py
@@ -303,7 +301,7 @@ def test_onnx_export_uses_reference(monkeypatch):
     assert buf.getvalue()
 
 
-# ---- torch.compile: the Function is traced (no graph break) ---------------------------------------------
+# ---- torch.compile: the registered ops are in the graph (no graph break) ---------------------------------------------
 @pytest.mark.parametrize("variant", ["B", "C"])
 def test_compile_fullgraph_uses_fused_function(variant):
     torch._dynamo.reset()
@@ -326,7 +324,7 @@ def test_compile_fullgraph_uses_fused_function(variant):
     xi = x.clone().requires_grad_(True)
     y = cm(xi)
     y.backward(g)
-    assert graphs and "autograd_function_apply" in graphs[0].code
+    assert graphs and "torch.ops.dyrelu.apply" in graphs[0].code and "torch.ops.dyrelu.coefs" in graphs[0].code
     torch.testing.assert_close(y, y_r, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(xi.grad, gx_r, atol=1e-5, rtol=1e-5)
     for name, p in m.named_parameters():
@@ -353,7 +351,7 @@ def test_compile_aot_eager_fullgraph_in_a_network():
 # ---- Triton kernels through the interpreter ----------------------------------------------------------------
 TRITON_SCRIPT = textwrap.dedent(
     """
-    import itertools, sys, torch
+    import itertools, os, sys, torch
     sys.path.insert(0, {root!r})
     import triton  # imported after TRITON_INTERPRET=1 is set by the parent
     import dyrelu
@@ -430,7 +428,6 @@ TRITON_SCRIPT = textwrap.dedent(
     x = torch.randn(3, 5, 3, 7, dtype=torch.float64) + 1.0
     torch.testing.assert_close(global_pool(x), x.mean((2, 3)), atol=0, rtol=1e-14)
     # long rows: the pool and the backward split L over several programs (partial sums)
-    from dyrelu.fused.function import DyReLUApply
     x = torch.randn(2, 8, 3001, dtype=torch.float64)
     assert _triton.plan_backward(tuple(x.shape), 0, x.dtype, 2, True).split > 1
     assert _triton.plan_pool(tuple(x.shape), 0, x.dtype).split > 1
@@ -449,14 +446,16 @@ TRITON_SCRIPT = textwrap.dedent(
         runs = []
         for _ in range(2):
             xi = x.clone().requires_grad_(True)
-            torch.autograd.backward(DyReLUApply.apply(xi, a, b, pi, "triton"), g)
+            torch.autograd.backward(piecewise_apply(xi, a, b, pi), g)
             runs.append([t.grad.clone() for t in (xi, a, b, pi)])
             for t in (a, b, pi):
                 t.grad = None
         for u, v in zip(*runs):
             assert torch.equal(u, v)
         xr = x.clone().requires_grad_(True)
-        torch.autograd.backward(DyReLUApply.apply(xr, a, b, pi, "torch"), g)
+        os.environ["DYRELU_FUSED_BACKEND"] = "torch"
+        torch.autograd.backward(piecewise_apply(xr, a, b, pi), g)
+        os.environ["DYRELU_FUSED_BACKEND"] = "triton"
         for u, v in zip(runs[0], [t.grad for t in (xr, a, b, pi)]):
             torch.testing.assert_close(u, v, atol=1e-4, rtol=1e-4)
     torch.use_deterministic_algorithms(False)
@@ -516,7 +515,7 @@ def _train_step(net, x, y):
 
 def test_triton_failure_falls_back_once_per_configuration(monkeypatch):
     pytest.importorskip("triton")
-    tri = fused.function._triton
+    tri = fused._triton
     monkeypatch.delenv("DYRELU_FUSED_BACKEND", raising=False)
     monkeypatch.setattr(tri, "_OK", set())
     monkeypatch.setattr(tri, "_FAILED", {})
@@ -525,7 +524,7 @@ def test_triton_failure_falls_back_once_per_configuration(monkeypatch):
         monkeypatch.setattr(tri, name, _RaisingKernel(name, calls))
     real_guard = tri.device_guard
     monkeypatch.setattr(tri, "device_guard", lambda d: guarded.append(d) or real_guard(d))
-    monkeypatch.setattr(fused, "select_backend", lambda x: "triton")  # as on a CUDA tensor
+    monkeypatch.setattr(fused.backend, "choose", lambda x: "triton")  # as on a CUDA tensor
     x, y = torch.randn(4, 3, 6, 5), torch.tensor([0, 1, 2, 1])
     ref = _tiny_net()
     for m in ref.modules():
@@ -554,7 +553,7 @@ def test_triton_failure_falls_back_once_per_configuration(monkeypatch):
 def test_native_kernels_unavailable_fall_back_to_bn(monkeypatch, tmp_path):
     """No C compiler: one warning naming why, then the ATen kernels compute the same function;
     a forced DYRELU_FUSED_BACKEND=native raises instead."""
-    nat = fused.function._native
+    nat = fused._native
     monkeypatch.setattr(nat, "_state", {})
     monkeypatch.setenv("CC", "no-such-compiler-dyrelu")
     monkeypatch.setenv("DYRELU_NATIVE_CACHE", str(tmp_path))  # nothing cached there
@@ -582,7 +581,7 @@ def test_native_kernels_switched_off(monkeypatch):
 
 
 def test_native_kernels_build_into_temp_when_the_cache_cannot_be_written(monkeypatch, tmp_path):
-    nat = fused.function._native
+    nat = fused._native
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     monkeypatch.setattr(nat, "_state", {})
@@ -618,7 +617,7 @@ def test_native_kernels_use_torch_threads_and_match_at_size(monkeypatch):
 
 def test_forced_triton_backend_still_raises(monkeypatch):
     pytest.importorskip("triton")
-    tri = fused.function._triton
+    tri = fused._triton
     monkeypatch.setenv("DYRELU_FUSED_BACKEND", "triton")
     monkeypatch.setattr(tri, "_OK", set())
     monkeypatch.setattr(tri, "_FAILED", {})
@@ -631,7 +630,7 @@ def test_forced_triton_backend_still_raises(monkeypatch):
 
 def test_device_guard_names_the_tensor_device():
     pytest.importorskip("triton")
-    guard = fused.function._triton.device_guard(torch.device("cuda", 1))
+    guard = fused._triton.device_guard(torch.device("cuda", 1))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
 
 

@@ -27,11 +27,16 @@ def test_quick_cpu_run_end_to_end(tmp_path):
     doc = json.loads((tmp_path / "gpu_check.json").read_text())
     status = {k: s["status"] for k, s in doc["sections"].items()}
     assert proc.returncode == 0, (status, doc["failures"], proc.stdout[-2000:], proc.stderr[-2000:])
-    assert status == {"a": "pass", "b": "pass", "c": "pass", "d": "pass", "e": "skip"}, doc["failures"]
+    assert status == {"a": "pass", "b": "pass", "c": "pass", "d": "pass", "e": "skip", "p": "pass"}, doc["failures"]
     a = doc["sections"]["a"]
     assert a["cases"] == 54 and a["deterministic_bitwise"] and a["backends"] == ["bn", "native"]  # fp32: native, half: bn
     b = {(r["setting"], r["variant"]): r for r in doc["sections"]["b"]["rows"]}
     assert b[("mbv2_035 eager", "relu")]["speed_ratio"] == 1.0 and b[("mbv2_035 eager", "dyrelu_b_fused")]["img_s"] > 0
+    compiled = b[("resnet10 compiled (default)", "dyrelu_b_fused")]  # run under its own budget, not skipped
+    assert compiled["img_s"] > 0 and compiled["first_step_s"] > 0
+    p = {r["act"]: r for r in doc["sections"]["p"]["rows"]}
+    assert set(p) == {"relu", "dyrelu_b", "dyrelu_c"} and p["relu"]["kernels_ratio"] == 1.0
+    assert all(0 < r["busy_ms_per_step"] <= r["wall_ms_per_step"] for r in p.values())
     c = doc["sections"]["c"]
     assert len(c["train_loss"]) == 3 and c["results"]["epochs"] == 3
     assert [r["batch"] for r in doc["sections"]["d"]["rows"]] == [1, 4]
@@ -125,3 +130,47 @@ def test_many_rows_tolerates_a_flip_at_a_crossing_only():
     f["grad_fc1.weight"][0, 0] += 0.1
     fails = gc.many_rows_errors(f, r, x, a, b)["failures"]
     assert len(fails) == 2 and fails[0].startswith("grad_x: 1 element(s)") and fails[1].startswith("grad_fc1.weight")
+
+
+def test_section_p_profile_on_cpu(tmp_path):
+    """(p) at quick sizes: counts and busy time per step, DY-ReLU against ReLU."""
+    gc = _load()
+    assert gc.main(["--out", str(tmp_path), "--device", "cpu", "--quick", "--only", "p"]) == 0
+    p = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]["p"]
+    rows = {r["act"]: r for r in p["rows"]}
+    assert p["status"] == "pass" and rows["relu"]["kernels_per_step"] > 50
+    assert 1.0 < rows["dyrelu_b"]["kernels_ratio"] < rows["dyrelu_c"]["kernels_ratio"]
+    assert all(0 < r["busy_fraction"] <= 1.0 for r in rows.values())
+    assert "Profile of one training step" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_busy_time_is_the_union_of_intervals():
+    gc = _load()
+    assert gc._busy_us([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17
+    assert gc._busy_us([]) == 0
+
+
+def test_timeout_kills_the_whole_process_group(tmp_path):
+    """A command whose child outlives it: the timeout kills both (a plain subprocess.run leaves the child)."""
+    import time
+
+    gc = _load()
+    pid_file = tmp_path / "child.pid"
+    script = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+              f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    t0 = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        gc.run_group([sys.executable, "-c", script], timeout=3)
+    assert time.monotonic() - t0 < 30
+    child = int(pid_file.read_text())
+    for _ in range(50):  # reaped by init once killed
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        state = Path(f"/proc/{child}/stat").read_text().split()[2] if Path(f"/proc/{child}/stat").exists() else "X"
+        if state in ("Z", "X"):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"child {child} still running after the timeout")

@@ -1,42 +1,29 @@
-"""Fast path of DyReLU: the same function as ``DyReLU.forward_reference``, with fused kernels.
+"""Fast path of DyReLU: the same function as ``DyReLU.forward_reference``, as registered ops.
 
-``supports(module, x)`` says whether the fast path applies; ``forward(module, x)`` runs it:
-pooled = mean over the spatial dims, (a, b) = module.hyper(pooled), pi = module.attention(x)
-for variant C, then the fused apply (``piecewise_apply``, a custom autograd Function with a
-hand-written one-pass backward). See function.py for the backends (Triton on CUDA, ATen
-batch-norm loops on the CPU, plain torch ops under torch.compile) and README.md (Performance).
+``supports(module, x)`` says whether the fast path applies; ``forward(module, x)`` runs it: one
+``dyrelu::coefs`` op (pool, FC1, ReLU, FC2, 2 sigmoid - 1, the coefficients of Eq. 3, and variant
+C's spatial logits z), for C ``module.spatial_pi(z)`` (the module owns pi's math), and one
+``dyrelu::apply`` op. Eager mode, torch.compile, CUDA graphs and torch.export run these same ops;
+each picks its kernels at run time (``backend.py``: Triton on CUDA, C kernels or ATen loops on the
+CPU). See ops.py, and docs/performance.md for what it costs.
+
+This package imports ``dyrelu._hyper``, never ``dyrelu.core`` (core imports this package).
 """
 from __future__ import annotations
 
 import torch
 
-from .function import (
-    BACKENDS,
-    DyReLUApply,
-    DyReLUApplyTraceable,
-    forced_backend,
-    global_pool,
-    piecewise_apply,
-    select_backend,
-)
+from . import backend, ops
+from .function import BACKENDS, forced_backend, global_pool, piecewise_apply, select_backend
+from .._hyper import in_export_context
 
 __all__ = [
-    "supports", "forward", "piecewise_apply", "global_pool", "select_backend", "forced_backend",
-    "DyReLUApply", "DyReLUApplyTraceable", "BACKENDS", "SUPPORTED_DTYPES",
+    "supports", "forward", "pi_from_logits", "piecewise_apply", "global_pool", "select_backend", "forced_backend",
+    "BACKENDS", "SUPPORTED_DTYPES", "backend", "ops",
 ]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 SUPPORTED_DEVICES = ("cpu", "cuda")
-
-
-def _exporting() -> bool:
-    """TorchScript tracing / scripting and ONNX export must see the reference ops."""
-    if torch.jit.is_tracing() or torch.jit.is_scripting():
-        return True
-    try:
-        return bool(torch.onnx.is_in_onnx_export())
-    except Exception:  # pragma: no cover - onnx module missing pieces
-        return False
 
 
 def _functorch_wrapped(x: torch.Tensor) -> bool:
@@ -50,42 +37,37 @@ def supports(module, x: torch.Tensor) -> bool:
     """True where the fused path computes ``module``'s output on ``x``.
 
     CPU and CUDA tensors of float32 / float64 / bfloat16 / float16, shape (N, C, ...) with
-    N >= 1; eager or under torch.compile. False under torch.jit tracing or scripting and ONNX
-    export (the reference ops are exported), under torch.func transforms (vmap / grad), on
-    other devices, and for empty inputs -- the reference path then runs.
+    N >= 1; eager, under torch.compile and under torch.export. False under torch.jit tracing or
+    scripting and ONNX export (the reference ops are exported), under torch.func transforms (vmap /
+    grad), on other devices, and for empty inputs -- the reference path then runs.
     """
-    if _exporting():
+    if in_export_context():
         return False
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[1] != getattr(module, "channels", -1):
         return False
     if x.dtype not in SUPPORTED_DTYPES or x.device.type not in SUPPORTED_DEVICES or x.numel() == 0:
         return False
+    # (Dynamo traces through functorch's own wrappers; the check itself does not trace)
     if not torch.compiler.is_compiling() and _functorch_wrapped(x):
         return False
     return True
 
 
-def _attention_native(module, x: torch.Tensor):
-    """``module.attention(x)`` with the spatial 1x1 conv on the native CPU kernels (variant C)."""
-    if module.spatial is None:
-        return None
-    from .bn_act import _spatial_logits
-
-    w = module.spatial.weight
-    return module.spatial_pi(_spatial_logits(x, w.view(-1).to(x.dtype), x.new_zeros(1)))
+def pi_from_logits(module, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Variant C's pi (N, 1, *spatial) from its logits z through ``module.spatial_pi`` (the module owns
+    that math: normalisation, softmax, cutoff)."""
+    if x.dim() == 4:
+        return module.spatial_pi(z)
+    # other ranks: spatial_pi sees (N, 1, L, 1), as the reference's attention does
+    return module.spatial_pi(z.reshape(x.shape[0], 1, -1, 1)).reshape(z.shape)
 
 
 def forward(module, x: torch.Tensor) -> torch.Tensor:
-    """The module's output on ``x`` through the fused apply (caller checked ``supports``)."""
+    """The module's output on ``x`` through the registered ops (caller checked ``supports``)."""
     module._check(x)
-    if torch.compiler.is_compiling():
-        pooled = global_pool(x, "torch")
-        a, b = module.hyper(pooled)
-        b = b if module.has_intercept else None
-        return DyReLUApplyTraceable.apply(x, a, b, module.attention(x))
-    backend = select_backend(x)
-    pooled = global_pool(x, backend)
-    a, b = module.hyper(pooled)
-    pi = module.attention(x) if backend != "native" or x.dim() != 4 else _attention_native(module, x)
-    b = b if module.has_intercept else None
-    return DyReLUApply.apply(x, a, b, pi, backend)
+    spatial_w = None if module.spatial is None else module.spatial.weight
+    a, b, _, z = torch.ops.dyrelu.coefs(x, module.fc1.weight, module.fc1.bias, module.fc2.weight, module.fc2.bias,
+                                        module.init_a, module.init_b, module.lambda_a, module.lambda_b, spatial_w,
+                                        module.dynamic_segments, module.coef_width, module.use_bias)
+    pi = None if spatial_w is None else pi_from_logits(module, x, z)
+    return torch.ops.dyrelu.apply(x, a, b if module.has_intercept else None, pi)

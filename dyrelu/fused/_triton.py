@@ -205,12 +205,14 @@ if HAS_TRITON:
         if K > 2:
             a2 = tl.load(a_ptr + coef + 2 * C, mask=mask_c, other=0.0)
             b2 = tl.load(b_ptr + coef + 2 * C, mask=mask_c, other=0.0)
-        sx0 = tl.zeros([BLOCK_C], dtype=ACC)
-        s0 = tl.zeros([BLOCK_C], dtype=ACC)
-        sx1 = tl.zeros([BLOCK_C], dtype=ACC)
-        s1 = tl.zeros([BLOCK_C], dtype=ACC)
-        sx2 = tl.zeros([BLOCK_C], dtype=ACC)
-        s2 = tl.zeros([BLOCK_C], dtype=ACC)
+        # per-lane running sums over this program's L range, reduced across lanes once after the
+        # loop (a reduction per L step costs shuffles and a barrier every iteration).
+        tx0 = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC)
+        t0 = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC)
+        tx1 = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC)
+        t1 = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC)
+        tx2 = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC)
+        t2 = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC)
         l_start = s * (L_PER // BLOCK_L) * BLOCK_L
         l_end = tl.minimum(l_start + (L_PER // BLOCK_L) * BLOCK_L, L)
         for l0 in range(l_start, l_end, BLOCK_L):
@@ -245,14 +247,20 @@ if HAS_TRITON:
                 g = g * p[None, :]
             tl.store(gx_ptr + offs, (g * a_sel).to(gx_ptr.dtype.element_ty), mask=m)
             gxx = g * x
-            sx0 += tl.sum(tl.where(sel == 0, gxx, 0.0), axis=1)
-            s0 += tl.sum(tl.where(sel == 0, g, 0.0), axis=1)
+            tx0 += tl.where(sel == 0, gxx, 0.0)
+            t0 += tl.where(sel == 0, g, 0.0)
             if K > 1:
-                sx1 += tl.sum(tl.where(sel == 1, gxx, 0.0), axis=1)
-                s1 += tl.sum(tl.where(sel == 1, g, 0.0), axis=1)
+                tx1 += tl.where(sel == 1, gxx, 0.0)
+                t1 += tl.where(sel == 1, g, 0.0)
             if K > 2:
-                sx2 += tl.sum(tl.where(sel == 2, gxx, 0.0), axis=1)
-                s2 += tl.sum(tl.where(sel == 2, g, 0.0), axis=1)
+                tx2 += tl.where(sel == 2, gxx, 0.0)
+                t2 += tl.where(sel == 2, g, 0.0)
+        sx1 = tl.sum(tx1, axis=1)
+        s1 = tl.sum(t1, axis=1)
+        sx2 = tl.sum(tx2, axis=1)
+        s2 = tl.sum(t2, axis=1)
+        sx0 = tl.sum(tx0, axis=1)
+        s0 = tl.sum(t0, axis=1)
         out = (s * N + n).to(tl.int64) * K * C + offs_c
         tl.store(psx_ptr + out, sx0, mask=mask_c)
         tl.store(ps_ptr + out, s0, mask=mask_c)

@@ -5,7 +5,9 @@ folded coefficients (see bn_act.py); these two kernels add what BN needs:
 
 * ``row_moments``: per-(n, c) mean and biased variance over L of an (N, C, L) strided view, one
   read of x. Sums are shifted by the row's first element, (x - x0) and (x - x0)^2, accumulated
-  in fp32 (fp64 for fp64): stable for rows whose mean is large against their spread.
+  in fp32 (fp64 for fp64): stable for rows whose mean is large against their spread. Long rows
+  are split along L across programs (``moments_split``) that write partial sums, added with
+  ``torch.sum`` (no atomics: deterministic), so a small batch of 112x112 maps still fills the GPU.
 * ``affine_rows``: out = alpha_c x + beta_nc (the backward of the statistics), one read, one write,
   output with x's strides.
 
@@ -26,30 +28,34 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _row_moments_kernel(x_ptr, mean_ptr, var_ptr, C, L, sxn, sxc, sxl, inv_l, C_BLOCKS,
+    def _row_moments_kernel(x_ptr, s1_ptr, s2_ptr, N, C, L, sxn, sxc, sxl, C_BLOCKS, L_PER,
                             BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, ACC: tl.constexpr):
+        # program = (L split, sample, channel block); it writes the shifted sums of its L range,
+        # sum (x - x0) and sum (x - x0)^2 with x0 the row's first element (the same for every split,
+        # so the partial sums add exactly)
         pid = tl.program_id(0)
-        pid_n = pid // C_BLOCKS
         pid_c = pid % C_BLOCKS
+        rest = pid // C_BLOCKS
+        pid_n = rest % N
+        split = rest // N
         offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
         base = x_ptr + pid_n.to(tl.int64) * sxn + offs_c.to(tl.int64) * sxc
         shift = tl.load(base, mask=mask_c, other=0.0).to(ACC)
         acc = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC)
         acc2 = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC)
-        for l0 in range(0, L, BLOCK_L):
+        l_start = split * L_PER
+        l_end = tl.minimum(l_start + L_PER, L)
+        for l0 in range(l_start, l_end, BLOCK_L):
             offs_l = l0 + tl.arange(0, BLOCK_L)
-            m = mask_c[:, None] & (offs_l[None, :] < L)
+            m = mask_c[:, None] & (offs_l[None, :] < l_end)
             v = tl.load(base[:, None] + offs_l[None, :].to(tl.int64) * sxl, mask=m, other=0.0).to(ACC)
             d = tl.where(m, v - shift[:, None], 0.0)
             acc += d
             acc2 += d * d
-        s1 = tl.sum(acc, axis=1) * inv_l
-        s2 = tl.sum(acc2, axis=1) * inv_l
-        var = tl.maximum(s2 - s1 * s1, 0.0)
-        out = pid_n * C + offs_c
-        tl.store(mean_ptr + out, s1 + shift, mask=mask_c)
-        tl.store(var_ptr + out, var, mask=mask_c)
+        out = (split * N + pid_n).to(tl.int64) * C + offs_c
+        tl.store(s1_ptr + out, tl.sum(acc, axis=1), mask=mask_c)
+        tl.store(s2_ptr + out, tl.sum(acc2, axis=1), mask=mask_c)
 
     @triton.jit
     def _affine_rows_kernel(x_ptr, out_ptr, alpha_ptr, beta_ptr, C, L, sxn, sxc, sxl, son, soc, sol,
@@ -95,16 +101,36 @@ def tiles(c: int, l: int, unit_l: bool) -> Tuple[int, int, int]:
     return bc, bl, 4
 
 
+TARGET_PROGRAMS = 512  # enough programs to fill a GPU: rows are split along L until N x C-blocks reaches it
+
+
+def moments_split(n: int, c_blocks: int, l: int, bl: int) -> Tuple[int, int]:
+    """(split, L_PER): L ranges per row (multiples of BLOCK_L) so that few, long rows (the 112x112
+    maps of a small batch) still give TARGET_PROGRAMS programs; depends on the shape only."""
+    split = max(1, min(triton.cdiv(l, bl), triton.cdiv(TARGET_PROGRAMS, n * c_blocks)))
+    l_per = triton.cdiv(triton.cdiv(l, split), bl) * bl
+    return triton.cdiv(l, l_per), l_per
+
+
 def row_moments(x3: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(mean, biased var) over L of an (N, C, L) view, each (N, C) in fp32 (fp64 for fp64)."""
     n, c, l = x3.shape
-    mean = torch.empty(n, c, device=x3.device, dtype=_acc_torch(x3))
-    var = torch.empty_like(mean)
+    acc = _acc_torch(x3)
     bc, bl, warps = tiles(c, l, x3.stride(2) == 1)
     bl = min(bl, 128) if x3.stride(2) == 1 else bl
     c_blocks = triton.cdiv(c, bc)
-    _row_moments_kernel[(n * c_blocks,)](x3, mean, var, c, l, *x3.stride(), 1.0 / l, c_blocks,
-                                         BLOCK_C=bc, BLOCK_L=bl, ACC=_acc(x3), num_warps=warps)
+    split, l_per = moments_split(n, c_blocks, l, bl)
+    s1 = torch.empty(split, n, c, device=x3.device, dtype=acc)
+    s2 = torch.empty_like(s1)
+    _row_moments_kernel[(split * n * c_blocks,)](x3, s1, s2, n, c, l, *x3.stride(), c_blocks, l_per,
+                                                 BLOCK_C=bc, BLOCK_L=bl, ACC=_acc(x3), num_warps=warps)
+    if split > 1:
+        s1, s2 = s1.sum(0), s2.sum(0)
+    else:
+        s1, s2 = s1[0], s2[0]
+    s1, s2 = s1 / l, s2 / l
+    mean = s1 + x3[:, :, 0].to(acc)
+    var = (s2 - s1 * s1).clamp_min_(0.0)
     return mean, var
 
 

@@ -1,0 +1,88 @@
+"""The hyper function of DY-ReLU (Eq. 2-3) as pure functions of tensors, and its hand-written backward.
+
+``DyReLU.hyper`` (core.py) and the registered coefficient ops (fused/ops.py) both compute their
+coefficients here, so the math is written once; ``fused`` imports this module, never ``core``.
+
+theta = 2 * sigmoid(FC2(ReLU(FC1(pooled)))) - 1, laid out as (N, 2|1, m, W) (Eq. 2)
+a = init_a + lambda_a * da,  b = init_b + lambda_b * db, segments beyond m stay at init (Eq. 3)
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def in_export_context() -> bool:
+    """True while tracing / scripting for TorchScript or exporting to ONNX: these see plain torch ops.
+
+    torch.export and torch.compile are not in this list: they capture the registered ``dyrelu::``
+    ops of the fused path."""
+    return bool(torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
+
+
+def pool(x: Tensor) -> Tensor:
+    """Global average pool over every dim after the channel dim: (N, C, ...) -> (N, C)."""
+    return x.mean(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x
+
+
+def coef_dtype(logits_dtype: torch.dtype) -> torch.dtype:
+    """The normalisation runs in at least float32 (autocast-safe)."""
+    return torch.promote_types(logits_dtype, torch.float32)
+
+
+def hyper(pooled: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
+          init_a: Tensor, init_b: Tensor, lambda_a: Tensor, lambda_b: Tensor,
+          segments: int, width: int, use_bias: bool, k: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """(N, C) pooled context -> a, b (N, K, width) in >= float32. Without intercepts b is init_b.
+
+    k: the number of segments (init_a's length; pass it as a Python int where shapes are traced)."""
+    k = init_a.shape[0] if k is None else k
+    logits = F.linear(F.relu(F.linear(pooled, w1, b1)), w2, b2)
+    dt = coef_dtype(logits.dtype)
+    theta = 2.0 * torch.sigmoid(logits.to(dt)) - 1.0
+    theta = theta.unflatten(1, (2 if use_bias else 1, segments, width))  # (N, 2|1, m, W)
+    da = theta[:, 0]
+    db = theta[:, 1] if use_bias else None
+    if segments < k:  # the last k - m segments stay at their init values (Table 6)
+        da = F.pad(da, (0, 0, 0, k - segments))
+        db = F.pad(db, (0, 0, 0, k - segments)) if db is not None else None
+    a = init_a.to(dt).reshape(1, k, 1) + lambda_a.to(dt) * da
+    b_init = init_b.to(dt).reshape(1, k, 1)
+    b = b_init + lambda_b.to(dt) * db if db is not None else b_init.expand_as(a)
+    return a, b
+
+
+def hyper_backward(ga: Optional[Tensor], gb: Optional[Tensor], pooled: Tensor, w1: Tensor, b1: Optional[Tensor],
+                   w2: Tensor, b2: Optional[Tensor], lambda_a: Tensor, lambda_b: Tensor,
+                   segments: int, width: int, use_bias: bool):
+    """Gradients of ``hyper`` (a, b) with respect to (pooled, w1, b1, w2, b2), given ga, gb (N, K, W).
+
+    The small FC chain is recomputed (N x C work); its products run in the weights' dtype, the
+    sigmoid's derivative in the coefficients' dtype, as the forward does."""
+    wdt = w1.dtype
+    p = pooled.to(wdt)
+    h_pre = F.linear(p, w1, b1)
+    h = F.relu(h_pre)
+    logits = F.linear(h, w2, b2)
+    dt = coef_dtype(logits.dtype)
+    sig = torch.sigmoid(logits.to(dt))
+    n = pooled.shape[0]
+
+    def part(g, lam):  # d theta of one half; an absent gradient is zero
+        if g is None:
+            return torch.zeros((n, segments, width), dtype=dt, device=pooled.device)
+        return g[:, :segments].to(dt) * lam.to(dt)
+
+    dtheta = torch.stack([part(ga, lambda_a), part(gb, lambda_b)], 1) if use_bias else part(ga, lambda_a)[:, None]
+    dlogits = (dtheta.reshape(n, -1) * (2.0 * sig * (1.0 - sig))).to(w2.dtype)
+    gw2 = dlogits.t() @ h
+    gb2 = dlogits.sum(0) if b2 is not None else None
+    dh = (dlogits @ w2).masked_fill_(h_pre <= 0, 0.0)
+    gw1 = dh.t() @ p
+    gb1 = dh.sum(0) if b1 is not None else None
+    gp = (dh @ w1).to(pooled.dtype)
+    return gp, gw1, gb1, gw2, gb2

@@ -1,0 +1,667 @@
+"""The fused path as registered ``torch.library`` ops: a DY-ReLU site is a handful of them.
+
+  dyrelu::coefs           x (or pooled (N, C)) -> a, b: pool, FC1, ReLU, FC2, 2 sigmoid - 1, Eq. 3,
+                          and variant C's spatial logits z (the 1x1 conv with one output channel)
+  dyrelu::bn_coefs        BN statistics -> A, B folded through the BN affine (see bn_act.py), and C's
+                          logits on the BN output s x + t
+  dyrelu::apply           max_k(a_k x + b_k) [* pi]
+  dyrelu::moments         per-(n, c) means and the channel variance, one read of x
+  dyrelu::pool            global average pool
+  dyrelu::running_update  BatchNorm's running statistics, on the device (no host sync)
+
+Each differentiable op has a ``*_backward`` op (one op per direction, hand-written math), a fake
+(meta) implementation and an autograd registration; ``torch.library.opcheck`` tests them. Eager
+mode, torch.compile, CUDA graphs and torch.export all call these same ops, and each op picks its
+kernels at run time through ``backend.choose`` (Triton on CUDA, the C kernels or ATen's batch-norm
+loops on the CPU, plain torch ops otherwise). Outputs always have the strides of the fake
+implementation (``_match``): Inductor checks them.
+
+Variant C's pi is an input of ``apply``: it is computed by ``DyReLU.spatial_pi`` from the logits
+(the module owns that math), never inside a kernel.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _hyper
+from . import _native, _triton, _triton_bn, backend
+from . import _torch_kernels as tk
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------
+def _as3d(x: Tensor) -> Tensor:
+    """(N, C, *spatial) -> (N, C, L) without a copy when the spatial dims collapse (NCHW, NHWC)."""
+    n, c = x.shape[:2]
+    try:
+        return x.view(n, c, -1)
+    except RuntimeError:
+        return x.reshape(n, c, -1)
+
+
+def _strides_like(like: Tensor) -> tuple:
+    return torch.empty_like(like, device="meta").stride()
+
+
+def _match(t: Tensor, like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``t`` (a fresh tensor) reshaped to ``like``'s shape with the strides ``empty_like(like)`` has.
+
+    Never an autograd view of ``t`` where the strides already agree: autograd adds a second gradient
+    into a first in place only when the first is not a view."""
+    dtype = like.dtype if dtype is None else dtype
+    t = t.to(dtype)
+    if tuple(t.shape) != tuple(like.shape):
+        try:
+            t = torch.ops.aten._unsafe_view(t, like.shape)
+        except RuntimeError:
+            t = t.reshape(like.shape)
+    if t.stride() == like.stride():  # the common case (like dense, t in its layout): no meta tensor
+        return t
+    want = _strides_like(like)
+    if t.stride() == want or all(s == w for s, w, d in zip(t.stride(), want, t.shape) if d > 1):
+        return t if t.stride() == want else t.as_strided(t.shape, want)
+    out = torch.empty_like(like, dtype=dtype)
+    out.copy_(t)
+    return out
+
+
+def _empty(ref: Tensor) -> Tensor:
+    """The placeholder for an absent gradient (an op output cannot be None)."""
+    return ref.new_empty(0)
+
+
+class _NoAutocast:
+    """Autocast off inside the kernels (they pick their own dtypes); free when autocast is off."""
+
+    def __init__(self, device_type: str):
+        self.cm = torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else None
+
+    def __enter__(self):
+        if self.cm is not None:
+            self.cm.__enter__()
+
+    def __exit__(self, *exc):
+        if self.cm is not None:
+            self.cm.__exit__(*exc)
+
+
+_TRITON_BN_FAILED: list = []  # the first launch error of the BN statistics kernels, once one happened
+
+
+def _triton_bn_or_none(launch, *args):
+    """Runs a Triton BN-statistics launcher; a failure warns once and switches them to torch ops, so a
+    compile or launch problem on some GPU cannot kill a training run (forced Triton raises)."""
+    try:
+        return launch(*args)
+    except Exception as err:
+        if backend.strict():
+            raise
+        _TRITON_BN_FAILED.append(repr(err))
+        warnings.warn(f"dyrelu fused BN + DY-ReLU: Triton kernel {launch.__name__} failed ({err!r}); "
+                      "using torch ops for its statistics from now on", RuntimeWarning, stacklevel=3)
+        return None
+
+
+def _use_triton_bn(x3: Tensor) -> bool:
+    return not _TRITON_BN_FAILED and backend.choose(x3) == "triton" and _triton_bn.available(x3.device)
+
+
+# ---------------------------------------------------------------------------------------
+# dyrelu::apply
+# ---------------------------------------------------------------------------------------
+def _pi3(pi: Optional[Tensor], n: int) -> Optional[Tensor]:
+    return None if pi is None else pi.reshape(n, 1, -1).contiguous()
+
+
+@torch.library.custom_op("dyrelu::apply", mutates_args=())
+def apply(x: Tensor, a: Tensor, b: Optional[Tensor], pi: Optional[Tensor]) -> Tensor:
+    """y = max_k(a_k x + b_k) [* pi]; x (N, C, *spatial), a, b (N, K, C|1), pi (N, 1, *spatial)."""
+    with _NoAutocast(x.device.type):
+        n, c = x.shape[0], x.shape[1]
+        x3 = _as3d(x)
+        cdt = tk.compute_dtype(x.dtype)
+        af = a.to(cdt)
+        bf = None if b is None else b.to(cdt)
+        pi3 = _pi3(pi, n)
+        which = backend.choose(x)
+        y3 = None
+        if which == "triton":
+            y3 = _triton.apply_forward(x3, af, bf, pi3)  # None: this configuration fell back
+        elif which == "native" and x.dtype == cdt and _native.ok(x3, a.shape[1]):
+            y3 = _native.forward(x3, af.contiguous(), None if bf is None else bf.contiguous(),
+                                 None if pi3 is None else pi3.to(x.dtype))
+        elif which in ("native", "bn") and tk.bn_ok(x3):
+            y3 = tk.bn_forward(x3, tk.Rows(af, bf, c), pi3)
+        if y3 is None:
+            y3 = tk.torch_forward(x3, af, bf, pi3)
+        return _match(y3, x)
+
+
+@apply.register_fake
+def _(x, a, b, pi):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("dyrelu::apply_backward", mutates_args=())
+def apply_backward(g: Tensor, x: Tensor, a: Tensor, b: Optional[Tensor], pi: Optional[Tensor],
+                   need_pi: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_x, grad_a, grad_b, grad_pi); grad_b / grad_pi are empty when b / pi (or need_pi) are absent.
+
+    One pass over (g, x): the winning segment is recomputed, grad_x = g a_sel [* pi],
+    grad_a_k = sum(g x [sel == k]), grad_b_k = sum(g [sel == k]), grad_pi = sum_c(g max_k(...))."""
+    with _NoAutocast(x.device.type):
+        n, c = x.shape[0], x.shape[1]
+        k = a.shape[1]
+        x3, g3 = _as3d(x), _as3d(g)
+        cdt = tk.compute_dtype(x.dtype)
+        af = a.to(cdt)
+        bf = None if b is None else b.to(cdt)
+        pi3 = _pi3(pi, n)
+        need_pi = bool(need_pi and pi is not None)
+        which = backend.choose(x)
+        out = None
+        if which == "triton":
+            out = _triton.apply_backward(g3, x3, af, bf, pi3, need_pi)
+        elif which == "native" and x.dtype == cdt and _native.ok(x3, k):
+            out = _native.backward(g3.contiguous(), x3, af.contiguous(), None if bf is None else bf.contiguous(),
+                                   None if pi3 is None else pi3.to(x.dtype), need_pi)
+        elif which in ("native", "bn") and tk.bn_ok(x3):
+            out = tk.bn_backward(g3, x3, tk.Rows(af, bf, c), pi3, need_pi, cdt)
+        if out is None:
+            out = tk.torch_backward(g3, x3, af, bf, pi3, need_pi)
+        gx3, sum_gx, sum_g, gpi = out
+        ga = sum_gx if a.shape[2] == sum_gx.shape[2] else sum_gx.sum(2, keepdim=True)
+        grad_a = _match(ga, a)
+        grad_b = _empty(a)
+        if b is not None:
+            grad_b = _match(sum_g if b.shape[2] == sum_g.shape[2] else sum_g.sum(2, keepdim=True), b)
+        grad_pi = _match(gpi, pi) if need_pi else _empty(a)
+        return _match(gx3, x), grad_a, grad_b, grad_pi
+
+
+@apply_backward.register_fake
+def _(g, x, a, b, pi, need_pi):
+    return (torch.empty_like(x), torch.empty_like(a), _empty(a) if b is None else torch.empty_like(b),
+            torch.empty_like(pi) if (need_pi and pi is not None) else _empty(a))
+
+
+def _apply_setup(ctx, inputs, output):
+    x, a, b, pi = inputs
+    ctx.save_for_backward(x, a, b, pi)
+    ctx.set_materialize_grads(False)
+
+
+def _apply_grad(ctx, gy):
+    if gy is None:
+        return None, None, None, None
+    x, a, b, pi = ctx.saved_tensors
+    need_pi = pi is not None and ctx.needs_input_grad[3]
+    gx, ga, gb, gpi = torch.ops.dyrelu.apply_backward(gy, x, a, b, pi, need_pi)
+    return gx, ga, (gb if b is not None else None), (gpi if need_pi else None)
+
+
+apply.register_autograd(_apply_grad, setup_context=_apply_setup)
+
+
+# ---------------------------------------------------------------------------------------
+# dyrelu::pool
+# ---------------------------------------------------------------------------------------
+def _pool(x: Tensor) -> Tensor:
+    """(N, C, *spatial) -> (N, C) mean in x's dtype (Triton kernel on the triton backend)."""
+    x3 = _as3d(x)
+    if backend.choose(x) == "triton":
+        pooled = _triton.pool(x3)
+        if pooled is not None:
+            return pooled.to(x.dtype)
+    return x3.mean(2)
+
+
+def _pool_grad_like(gp: Tensor, shape) -> Tensor:
+    """g / L broadcast to ``shape`` (an expand, never materialised: autograd adds it in place)."""
+    return gp.expand(shape) if len(shape) > 2 else gp
+
+
+@torch.library.custom_op("dyrelu::pool", mutates_args=())
+def pool(x: Tensor) -> Tensor:
+    """Mean over the spatial dims: (N, C, *spatial) -> (N, C)."""
+    return _pool(x).contiguous()
+
+
+@pool.register_fake
+def _(x):
+    return x.new_empty(x.shape[:2])
+
+
+def _pool_setup(ctx, inputs, output):
+    ctx.shape = inputs[0].shape
+
+
+def _pool_grad(ctx, gp):
+    shape = ctx.shape
+    length = 1
+    for d in shape[2:]:
+        length *= d
+    return (gp / length).reshape(tuple(shape[:2]) + (1,) * (len(shape) - 2)).expand(shape)
+
+
+pool.register_autograd(_pool_grad, setup_context=_pool_setup)
+
+
+# ---------------------------------------------------------------------------------------
+# variant C's logits z = sum_c w_c (s_c x + t_c): the 1x1 conv with one output channel [on the BN
+# output]. Computed inside the coefficient ops (no op of its own); the C kernels read x once
+# (ATen's convolution backward for this shape took 10x longer on the benchmark network).
+# ---------------------------------------------------------------------------------------
+def _folded_weight(w: Tensor, s: Optional[Tensor], t: Optional[Tensor], cdt: torch.dtype):
+    wv = w.reshape(-1).to(cdt)
+    ws = wv if s is None else wv * s.to(cdt)
+    bias = None if t is None else (wv * t.to(cdt)).sum().reshape(1)
+    return wv, ws, bias
+
+
+def _spatial_z(x: Tensor, ws: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """z (N, 1, *spatial) in x's dtype from the folded weights ws (C,) and bias (1,) in the compute dtype."""
+    n = x.shape[0]
+    x3 = _as3d(x)
+    cdt = ws.dtype
+    if x.dtype == cdt and backend.native(x3):
+        b = torch.zeros(1, dtype=cdt) if bias is None else bias
+        z = _native.spatial_forward(x3, ws.contiguous(), b.contiguous())
+    else:
+        z = torch.matmul(ws, x3.to(cdt))
+        if bias is not None:
+            z = z + bias
+    return z.to(x.dtype).reshape((n, 1) + tuple(x.shape[2:])).contiguous()
+
+
+def _spatial_z_backward(gz: Tensor, x: Tensor, ws: Tensor, extra: Optional[Tensor] = None):
+    """(grad_x = ws_c gz [+ extra_nc], grad ws (C,), grad bias) for ``_spatial_z``; extra (N, C) in the
+    compute dtype is added per row (the pooled context's gradient / L) in the same buffer."""
+    n = x.shape[0]
+    x3 = _as3d(x)
+    cdt = ws.dtype
+    gz2 = gz.reshape(n, -1).to(cdt)
+    if x.dtype == cdt and backend.native(x3):
+        gx, g_ws = _native.spatial_backward(x3, ws.contiguous(), gz2.contiguous())
+        if extra is not None:
+            gx.add_(extra[:, :, None])
+    else:
+        gx = ws[None, :, None] * gz2[:, None, :]
+        if extra is not None:
+            gx = gx + extra[:, :, None]
+        g_ws = torch.einsum("ncl,nl->c", x3.to(cdt), gz2)
+        gx = gx.to(x.dtype)
+    return _match(gx, x), g_ws, gz2.sum()
+
+
+def _no_z(ref: Tensor) -> Tensor:
+    return ref.new_empty(0)
+
+
+# ---------------------------------------------------------------------------------------
+# dyrelu::coefs: the whole hyper function, pooling (and C's logits) included, one op per direction
+# ---------------------------------------------------------------------------------------
+def _coef_dtype(w2: Tensor) -> torch.dtype:
+    return torch.float64 if w2.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("dyrelu::coefs", mutates_args=())
+def coefs(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, init_a: Tensor, init_b: Tensor,
+          lambda_a: Tensor, lambda_b: Tensor, spatial_w: Optional[Tensor], segments: int, width: int,
+          use_bias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(a, b, pooled, z): a, b (N, K, width) in >= float32; pooled (N, C) the context (kept for
+    backward, not differentiable); z (N, 1, *spatial) variant C's logits when ``spatial_w`` (the 1x1
+    conv's weight) is given, else empty.
+
+    x is the activation's input (pooled here) or an (N, C) context already pooled."""
+    pooled = _pool(x) if x.dim() > 2 else x.clone()
+    a, b = _hyper.hyper(pooled, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, segments, width, use_bias)
+    b = b.contiguous() if use_bias else b.clone(memory_format=torch.contiguous_format)  # never init_b itself
+    z = _no_z(x)
+    if spatial_w is not None:
+        z = _spatial_z(x, spatial_w.reshape(-1).to(tk.compute_dtype(x.dtype)), None)
+    return a.contiguous(), b, pooled.contiguous(), z
+
+
+@coefs.register_fake
+def _(x, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, spatial_w, segments, width, use_bias):
+    n, k, dt = x.shape[0], init_a.shape[0], _coef_dtype(w2)
+    z = _no_z(x) if spatial_w is None else x.new_empty((n, 1) + tuple(x.shape[2:]))
+    return (x.new_empty((n, k, width), dtype=dt), x.new_empty((n, k, width), dtype=dt), x.new_empty(x.shape[:2]), z)
+
+
+@torch.library.custom_op("dyrelu::coefs_backward", mutates_args=())
+def coefs_backward(ga: Optional[Tensor], gb: Optional[Tensor], gz: Optional[Tensor], x: Tensor, pooled: Tensor,
+                   w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, lambda_a: Tensor, lambda_b: Tensor,
+                   spatial_w: Optional[Tensor], segments: int, width: int,
+                   use_bias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(grad x, grad w1, b1, w2, b2, grad spatial_w (empty without it)).
+
+    grad x is (N, C, 1, ..., 1) (the pooled context's gradient / L, for the caller to expand) unless
+    z's gradient is given, then a full (N, C, *spatial) tensor."""
+    n, c = x.shape[0], x.shape[1]
+    gp, gw1, gb1, gw2, gb2 = _hyper.hyper_backward(ga, gb, pooled, w1, b1, w2, b2, lambda_a, lambda_b,
+                                                    segments, width, use_bias)
+    length = 1
+    for d in x.shape[2:]:
+        length *= d
+    g_sw = _no_z(x) if spatial_w is None else torch.zeros_like(spatial_w)
+    if x.dim() > 2:
+        gp = gp / length
+    if gz is not None and spatial_w is not None:
+        cdt = tk.compute_dtype(x.dtype)
+        gx, g_ws, _ = _spatial_z_backward(gz, x, spatial_w.reshape(-1).to(cdt), gp.to(cdt))
+        g_sw = g_ws.to(spatial_w.dtype).reshape(spatial_w.shape)
+    else:
+        gx = gp.reshape((n, c) + (1,) * (x.dim() - 2)).to(x.dtype)
+    return gx.contiguous(), gw1.contiguous(), gb1.contiguous(), gw2.contiguous(), gb2.contiguous(), g_sw
+
+
+@coefs_backward.register_fake
+def _(ga, gb, gz, x, pooled, w1, b1, w2, b2, lambda_a, lambda_b, spatial_w, segments, width, use_bias):
+    if gz is not None and spatial_w is not None:
+        gx = torch.empty_like(x)
+    else:
+        gx = x.new_empty(tuple(x.shape[:2]) + (1,) * (x.dim() - 2))
+    return (gx, torch.empty_like(w1), torch.empty_like(b1), torch.empty_like(w2), torch.empty_like(b2),
+            _no_z(x) if spatial_w is None else torch.empty_like(spatial_w))
+
+
+def _coefs_setup(ctx, inputs, output):
+    x, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, spatial_w, segments, width, use_bias = inputs
+    ctx.save_for_backward(x, w1, b1, w2, b2, lambda_a, lambda_b, spatial_w)
+    ctx.mark_non_differentiable(output[2])
+    # pooled is an output without a grad_fn: held here it costs no copy and makes no reference cycle
+    # (saving an output with save_for_backward adds two detach ops per call)
+    ctx.pooled = output[2]
+    ctx.set_materialize_grads(False)
+    ctx.meta = (segments, width, use_bias)
+
+
+def _coefs_grad(ctx, ga, gb, _gpooled, gz):
+    x, w1, b1, w2, b2, lambda_a, lambda_b, spatial_w = ctx.saved_tensors
+    segments, width, use_bias = ctx.meta
+    if ga is None and gb is None and gz is None:
+        return (None,) * 13
+    gx, gw1, gb1, gw2, gb2, g_sw = torch.ops.dyrelu.coefs_backward(
+        ga, gb, gz, x, ctx.pooled, w1, b1, w2, b2, lambda_a, lambda_b, spatial_w, segments, width, use_bias)
+    if gx.shape != x.shape:
+        gx = gx.expand(x.shape)
+    return (gx, gw1, gb1, gw2, gb2, None, None, None, None, g_sw if spatial_w is not None else None,
+            None, None, None)
+
+
+coefs.register_autograd(_coefs_grad, setup_context=_coefs_setup)
+
+
+# ---------------------------------------------------------------------------------------
+# dyrelu::bn_coefs: BN statistics -> the hyper function on the BN output's pooled context ->
+# coefficients folded through the BN affine (bn_act.py derives it) [and C's logits on s x + t]
+# ---------------------------------------------------------------------------------------
+def _bn_fold(m, mu, var, weight, bias, eps):
+    cdt = tk.compute_dtype(m.dtype)
+    m = m.to(cdt)
+    mu = m.mean(0) if mu is None else mu.to(cdt)
+    r = torch.rsqrt(var.to(cdt) + eps)
+    s = r if weight is None else r * weight.to(cdt)
+    t = -mu * s if bias is None else torch.addcmul(bias.to(cdt), mu, s, value=-1.0)
+    pooled = torch.addcmul(t, m, s)  # DY-ReLU's context: the spatial mean of the BN output
+    return mu, r, s, t, pooled
+
+
+def _hyper_input(pooled: Tensor, w1: Tensor) -> Tensor:
+    return pooled if torch.is_autocast_enabled(pooled.device.type) else pooled.to(w1.dtype)
+
+
+@torch.library.custom_op("dyrelu::bn_coefs", mutates_args=())
+def bn_coefs(m: Tensor, mu: Optional[Tensor], var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+             eps: float, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, init_a: Tensor, init_b: Tensor,
+             lambda_a: Tensor, lambda_b: Tensor, x: Optional[Tensor], spatial_w: Optional[Tensor], segments: int,
+             width: int, use_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(A, B (N, K, C) in float32 (float64 for float64 m), z): A_k = a_k s, B_k = a_k t + b_k with
+    z = s x + t the BN output, s = weight / sqrt(var + eps), t = bias - mu s; z (N, 1, *spatial)
+    variant C's logits on the BN output when x and spatial_w are given, else empty.
+
+    m: per-(n, c) spatial means of x; mu: the channel mean (None: the batch's, m.mean(0)); var: the
+    channel variance used to normalise."""
+    _, _, s, t, pooled = _bn_fold(m, mu, var, weight, bias, eps)
+    a, b = _hyper.hyper(_hyper_input(pooled, w1), w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b,
+                        segments, width, use_bias)
+    a, b = a.to(s.dtype), b.to(s.dtype)
+    big_a = (a * s).contiguous()
+    big_b = torch.addcmul(b, a, t).contiguous()  # t != 0 in general: an intercept even without DY-ReLU's own
+    z = _no_z(m)
+    if x is not None and spatial_w is not None:
+        _, ws, zb = _folded_weight(spatial_w, s, t, tk.compute_dtype(x.dtype))
+        z = _spatial_z(x, ws, zb)
+    return big_a, big_b, z
+
+
+@bn_coefs.register_fake
+def _(m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, x, spatial_w, segments,
+      width, use_bias):
+    n, c, k, cdt = m.shape[0], m.shape[1], init_a.shape[0], tk.compute_dtype(m.dtype)
+    z = _no_z(m) if x is None or spatial_w is None else x.new_empty((n, 1) + tuple(x.shape[2:]))
+    return m.new_empty((n, k, c), dtype=cdt), m.new_empty((n, k, c), dtype=cdt), z
+
+
+@torch.library.custom_op("dyrelu::bn_coefs_backward", mutates_args=())
+def bn_coefs_backward(g_big_a: Optional[Tensor], g_big_b: Optional[Tensor], gz: Optional[Tensor], m: Tensor,
+                      mu: Optional[Tensor], var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                      eps: float, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, init_a: Tensor, init_b: Tensor,
+                      lambda_a: Tensor, lambda_b: Tensor, x: Optional[Tensor], spatial_w: Optional[Tensor],
+                      segments: int, width: int,
+                      use_bias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                               Tensor, Tensor]:
+    """(grad m, grad var, grad weight, grad bias, grad w1, b1, w2, b2, grad x, grad spatial_w); the
+    grads of absent inputs (and grad x without z's gradient) are empty."""
+    cdt = tk.compute_dtype(m.dtype)
+    n, c = m.shape[0], m.shape[1]
+    mu_v, r, s, t, pooled = _bn_fold(m, mu, var, weight, bias, eps)
+    mc = m.to(cdt)
+    ph = _hyper_input(pooled, w1)
+    a, _ = _hyper.hyper(ph, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, segments, width, use_bias)
+    a = a.to(cdt)
+    k = a.shape[1]
+    g_big_a = torch.zeros((n, k, c), dtype=cdt, device=m.device) if g_big_a is None else g_big_a.to(cdt)
+    g_big_b = torch.zeros((n, k, c), dtype=cdt, device=m.device) if g_big_b is None else g_big_b.to(cdt)
+    # A = a s, B = b + a t  (a broadcast over C for variant A)
+    ga = g_big_a * s + g_big_b * t
+    gb = g_big_b
+    if a.shape[2] != ga.shape[2]:
+        ga, gb = ga.sum(2, keepdim=True), gb.sum(2, keepdim=True)
+    gs = (g_big_a * a).sum((0, 1))
+    gt = (g_big_b * a).sum((0, 1))
+    gx, g_sw = _no_z(m), _no_z(m)
+    if gz is not None and x is not None and spatial_w is not None:
+        # z = sum_c ws_c x_c + sum_c w_c t_c, ws = w s
+        wv, ws, _ = _folded_weight(spatial_w, s, t, cdt)
+        gx, g_ws, g_zb = _spatial_z_backward(gz, x, ws)
+        gs = gs + g_ws * wv
+        gt = gt + g_zb * wv
+        g_sw = (g_ws * s + g_zb * t).to(spatial_w.dtype).reshape(spatial_w.shape)
+    gp, gw1, gb1, gw2, gb2 = _hyper.hyper_backward(ga, gb, ph, w1, b1, w2, b2, lambda_a, lambda_b,
+                                                    segments, width, use_bias)
+    gp = gp.to(cdt)
+    # pooled = m s + t
+    gm = gp * s
+    gs = gs + (gp * mc).sum(0)
+    gt = gt + gp.sum(0)
+    # t = bias - mu s
+    gs = gs - gt * mu_v
+    if mu is None:  # mu = mean over n of m
+        gm = gm - (gt * s) / n
+    # s = r weight, r = (var + eps)^-1/2
+    gr = gs if weight is None else gs * weight.to(cdt)
+    gvar = gr * (-0.5) * r * r * r
+    g_weight = _empty(m) if weight is None else (gs * r).to(weight.dtype)
+    g_bias = _empty(m) if bias is None else gt.to(bias.dtype)
+    return (gm.to(m.dtype).contiguous(), gvar.to(var.dtype).contiguous(), g_weight, g_bias,
+            gw1.contiguous(), gb1.contiguous(), gw2.contiguous(), gb2.contiguous(), gx, g_sw)
+
+
+@bn_coefs_backward.register_fake
+def _(g_big_a, g_big_b, gz, m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, x,
+      spatial_w, segments, width, use_bias):
+    with_z = gz is not None and x is not None and spatial_w is not None
+    return (torch.empty_like(m), torch.empty_like(var), _empty(m) if weight is None else torch.empty_like(weight),
+            _empty(m) if bias is None else torch.empty_like(bias), torch.empty_like(w1), torch.empty_like(b1),
+            torch.empty_like(w2), torch.empty_like(b2), torch.empty_like(x) if with_z else _no_z(m),
+            torch.empty_like(spatial_w) if with_z else _no_z(m))
+
+
+def _bn_coefs_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:5], *inputs[6:16])  # every tensor (or None) input, eps left out
+    ctx.meta = tuple(inputs[i] for i in (5, 16, 17, 18))  # eps, segments, width, use_bias
+    ctx.set_materialize_grads(False)
+
+
+def _bn_coefs_grad(ctx, g_big_a, g_big_b, gz):
+    m, mu, var, weight, bias, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, x, spatial_w = ctx.saved_tensors
+    eps, segments, width, use_bias = ctx.meta
+    if g_big_a is None and g_big_b is None and gz is None:
+        return (None,) * 19
+    gm, gvar, gw, gbias, gw1, gb1, gw2, gb2, gx, g_sw = torch.ops.dyrelu.bn_coefs_backward(
+        g_big_a, g_big_b, gz, m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b,
+        lambda_a, lambda_b, x, spatial_w, segments, width, use_bias)
+    with_z = gz is not None and x is not None and spatial_w is not None
+    return (gm, None, gvar, gw if weight is not None else None, gbias if bias is not None else None, None,
+            gw1, gb1, gw2, gb2, None, None, None, None, gx if with_z else None, g_sw if with_z else None,
+            None, None, None)
+
+
+bn_coefs.register_autograd(_bn_coefs_grad, setup_context=_bn_coefs_setup)
+
+
+# ---------------------------------------------------------------------------------------
+# dyrelu::moments
+# ---------------------------------------------------------------------------------------
+def _row_moments(x3: Tensor, cdt: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """(per-(n, c) mean, per-(n, c) biased variance) over L, both (N, C) in ``cdt``.
+
+    CPU: two passes over the (1, N*C, L) row view that ATen runs vectorised and in parallel: the
+    row means, then the inference-mode BN backward (sums only) with g = x and mean = the row mean,
+    which gives sum (x - m) x and sum x per row in one read; sum (x - m)^2 follows exactly in math.
+    (``torch.var_mean`` and the training-mode BN statistics take 5 to 20 times longer here.) In
+    float32 the variance keeps a relative error of about 2e-8 * (mean / std)^2 of a row.
+    """
+    n, c, l = x3.shape
+    if _use_triton_bn(x3):
+        got = _triton_bn_or_none(_triton_bn.row_moments, x3)
+        if got is not None:
+            return got
+    if x3.dtype == cdt and backend.native(x3):
+        return _native.row_moments(x3)
+    if x3.device.type == "cpu" and tk.bn_ok(x3):
+        rows = n * c
+        x1 = x3.view(1, rows, l)
+        m = x1.mean(2, dtype=cdt).view(rows)
+        zeros, ones = tk._consts(rows, cdt)
+        _, s_xc, s_x = torch.ops.aten.native_batch_norm_backward(
+            x1, x1, ones, m, ones, None, None, False, 0.0, [False, True, True])
+        v = (s_xc.to(cdt) - m * (s_x.to(cdt) - l * m)) / l
+        return m.view(n, c), v.view(n, c)
+    xc = x3 if x3.dtype == cdt else x3.to(cdt)
+    m = xc.mean(2)
+    return m, (xc - m[:, :, None]).square().mean(2)
+
+
+@torch.library.custom_op("dyrelu::moments", mutates_args=())
+def moments(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """(m (N, C) mean over the spatial dims, var (C,) biased variance over batch and space, mu (C,)
+    the mean, not differentiable: use m.mean(0) to differentiate it), in float32 (float64 for
+    float64 x). One read of x."""
+    cdt = tk.compute_dtype(x.dtype)
+    m, v = _row_moments(_as3d(x), cdt)
+    mu = m.mean(0)
+    # law of total variance: within-row variance plus the variance of the row means (exact)
+    var = v.mean(0) + (m - mu).square().mean(0)
+    return m.contiguous(), var, mu
+
+
+@moments.register_fake
+def _(x):
+    cdt = tk.compute_dtype(x.dtype)
+    return x.new_empty(x.shape[:2], dtype=cdt), x.new_empty((x.shape[1],), dtype=cdt), x.new_empty((x.shape[1],), dtype=cdt)
+
+
+def _affine_rows(x3: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
+    """alpha_c x + beta_nc on (N, C, L), output like x (a fresh tensor, one pass)."""
+    n, c, l = x3.shape
+    if _use_triton_bn(x3):
+        got = _triton_bn_or_none(_triton_bn.affine_rows, x3, alpha.contiguous(), beta.contiguous())
+        if got is not None:
+            return got
+    if x3.device.type == "cpu" and tk.bn_ok(x3):
+        rows = n * c
+        zeros, ones = tk._consts(rows, alpha.dtype)
+        w = alpha.expand(n, c).reshape(rows)
+        out = torch.batch_norm(x3.view(1, rows, l), w, beta.reshape(rows), zeros, ones, False, 0.0, 0.0, False)
+        return out.view(n, c, l)
+    return (x3 * alpha[None, :, None] + beta[:, :, None]).to(x3.dtype)
+
+
+@torch.library.custom_op("dyrelu::moments_backward", mutates_args=())
+def moments_backward(x: Tensor, mu: Tensor, g_m: Optional[Tensor], g_var: Optional[Tensor]) -> Tensor:
+    """grad_x = g_m / L + g_var 2 (x - mu) / M, one affine pass over x (alpha_c x + beta_nc)."""
+    n, c = x.shape[0], x.shape[1]
+    x3 = _as3d(x)
+    length = x3.shape[2]
+    cdt = mu.dtype
+    # d m_nc / dx = 1 / L;  d var / dx = 2 (x - mu) / M  (the mean's own term cancels)
+    alpha = torch.zeros(c, dtype=cdt, device=x.device) if g_var is None else g_var.to(cdt) * (2.0 / (n * length))
+    beta = -(alpha * mu)
+    beta = beta.expand(n, c) if g_m is None else g_m.to(cdt) / length + beta
+    return _match(_affine_rows(x3, alpha, beta), x)
+
+
+@moments_backward.register_fake
+def _(x, mu, g_m, g_var):
+    return torch.empty_like(x)
+
+
+def _moments_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+    ctx.mark_non_differentiable(output[2])
+    ctx.mu = output[2]  # no grad_fn: no reference cycle, and no detach ops as save_for_backward(output) has
+    ctx.set_materialize_grads(False)
+
+
+def _moments_grad(ctx, g_m, g_var, _g_mu):
+    (x,) = ctx.saved_tensors
+    if g_m is None and g_var is None:
+        return None
+    return torch.ops.dyrelu.moments_backward(x, ctx.mu, g_m, g_var)
+
+
+moments.register_autograd(_moments_grad, setup_context=_moments_setup)
+
+
+# ---------------------------------------------------------------------------------------
+# dyrelu::running_update
+# ---------------------------------------------------------------------------------------
+@torch.library.custom_op("dyrelu::running_update",
+                         mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+def running_update(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Optional[Tensor],
+                   mu: Tensor, var: Tensor, momentum: float, cumulative: bool, count: int) -> None:
+    """BatchNorm2d's running-stat update from the batch's mean mu and biased variance var:
+    momentum (or, cumulative, 1 / num_batches_tracked computed on the device: no host sync), the
+    unbiased variance, num_batches_tracked + 1."""
+    factor: object = 0.0 if cumulative else momentum
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if cumulative:
+            factor = num_batches_tracked.to(running_mean.dtype).reciprocal()
+    unbiased = var * (count / (count - 1))
+    running_mean.lerp_(mu.to(running_mean.dtype), factor)
+    running_var.lerp_(unbiased.to(running_var.dtype), factor)
+
+
+@running_update.register_fake
+def _(running_mean, running_var, num_batches_tracked, mu, var, momentum, cumulative, count):
+    return None
