@@ -33,6 +33,10 @@ Statistics (Sec. 5.2), with the exact definitions used here:
   pooled over every DY-ReLU of the network ("all", including the K=1 ones after projection convs)
   and over those with K >= 2 only ("k2plus"); per-layer shares are in stats.json.
   slope difference: max_k a_c^k - min_k a_c^k, which is |a_c^1 - a_c^2| for K = 2.
+  a_spread / b_spread: how dynamic each layer is -- the std over images of every a_c^k (b_c^k),
+        averaged over channels and segments; 0 means the layer computes one static function for
+        every input. pi_spread (DY-ReLU-C): the std of pi over positions, averaged over images.
+        Per layer in stats.json; the median over layers in the printed line.
 Scatter points are a seeded random sample of ``--points-per-image`` elements per image and layer
 (at most ``--max-points`` per layer); the statistics use every unit, not the sample.
 """
@@ -42,6 +46,7 @@ import argparse
 import json
 import math
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -108,7 +113,8 @@ class Recorder:
         self.ppi, self.max_points = int(points_per_image), int(max_points)
         self.gen = torch.Generator().manual_seed(int(seed))
         self.stats = {n: {"units": 0, "slope": 0, "int_pos": 0, "int_abs": 0, "diff_sum": 0.0, "diff_sq": 0.0,
-                          "diff_sample": [], "k": int(m.k), "variant": m.variant, "channels": int(m.channels)}
+                          "diff_sample": [], "k": int(m.k), "variant": m.variant, "channels": int(m.channels),
+                          "images": 0, "a_sum": 0.0, "a_sq": 0.0, "b_sum": 0.0, "b_sq": 0.0, "pi_std_sum": 0.0}
                       for n, m in self.mods}
         self.points = {n: ([], []) for n in self.scatter_names}
         self.handles = [m.register_forward_hook(self._hook(n)) for n, m in self.mods]
@@ -126,6 +132,13 @@ class Recorder:
             s["int_pos"] += int((b > 0.05).any(dim=1).sum())
             s["int_abs"] += int((b.abs() > 0.05).any(dim=1).sum())
             diff = (a.max(dim=1).values - a.min(dim=1).values).flatten().double()
+            # across-sample spread: running sums per (segment, channel) over images
+            s["images"] += a.shape[0]
+            for key, t in (("a", a), ("b", b)):
+                s[key + "_sum"] = s[key + "_sum"] + t.double().sum(dim=0)
+                s[key + "_sq"] = s[key + "_sq"] + (t.double() ** 2).sum(dim=0)
+            if c.pi is not None:
+                s["pi_std_sum"] += float(c.pi.float().flatten(1).std(dim=1, correction=0).sum())
             s["diff_sum"] += float(diff.sum())
             s["diff_sq"] += float((diff * diff).sum())
             if len(s["diff_sample"]) < 20000:
@@ -150,6 +163,15 @@ def _share(num, den):
     return num / den if den else None
 
 
+def _spread(s: dict, key: str):
+    """Std over images of each coefficient (segment, channel), averaged over them: 0 is a static function."""
+    n = s["images"]
+    if not n:
+        return None
+    var = (s[key + "_sq"] / n - (s[key + "_sum"] / n) ** 2).clamp(min=0.0)
+    return float(var.sqrt().mean())
+
+
 def summarize(rec: Recorder, a2_blocks: dict) -> dict:
     per = []
     for name, s in rec.stats.items():
@@ -159,6 +181,8 @@ def summarize(rec: Recorder, a2_blocks: dict) -> dict:
         per.append({"name": name, "k": s["k"], "variant": s["variant"], "channels": s["channels"], "units": n,
                     "share_slope_neg_or_gt1": _share(s["slope"], n), "share_intercept_gt_0.05": _share(s["int_pos"], n),
                     "share_abs_intercept_gt_0.05": _share(s["int_abs"], n), "slope_diff_mean": mean, "slope_diff_std": std,
+                    "a_spread": _spread(s, "a"), "b_spread": _spread(s, "b"),
+                    "pi_spread": s["pi_std_sum"] / s["images"] if s["variant"] == "C" and s["images"] else None,
                     "block": a2_blocks.get(name)})
     pooled = {}
     for scope, keep in (("all", lambda s: True), ("k2plus", lambda s: s["k"] >= 2)):
@@ -167,8 +191,14 @@ def summarize(rec: Recorder, a2_blocks: dict) -> dict:
         pooled[scope] = {"layers": len(ss), "units": n,
                          "share_slope_neg_or_gt1": _share(sum(s["slope"] for s in ss), n),
                          "share_intercept_gt_0.05": _share(sum(s["int_pos"] for s in ss), n),
-                         "share_abs_intercept_gt_0.05": _share(sum(s["int_abs"] for s in ss), n)}
+                         "share_abs_intercept_gt_0.05": _share(sum(s["int_abs"] for s in ss), n),
+                         **{f"{key}_median": _median([r[key] for r in per if r[key] is not None and keep(rec.stats[r["name"]])])
+                            for key in ("a_spread", "b_spread", "pi_spread")}}
     return {"pooled": pooled, "per_layer": per}
+
+
+def _median(values):
+    return statistics.median(values) if values else None
 
 
 def _percentile(values, q):
@@ -338,6 +368,9 @@ def main(argv=None) -> int:
                 "share_intercept_gt_0.05": "units with some b^k > 0.05",
                 "share_abs_intercept_gt_0.05": "units with some |b^k| > 0.05",
                 "slope_diff": "max_k a^k - min_k a^k (= |a^1 - a^2| for K = 2)",
+                "a_spread": "std over images of each a_c^k, averaged over channels and segments (0: a static function)",
+                "b_spread": "the same for b_c^k",
+                "pi_spread": "DY-ReLU-C: std of pi over positions, averaged over images (0: a flat attention)",
                 "pooled.all": "every DY-ReLU layer, including the K=1 ones after projection convs",
                 "pooled.k2plus": "DY-ReLU layers with K >= 2 only",
             },
@@ -349,7 +382,8 @@ def main(argv=None) -> int:
         if _wandb_on(args.wandb, run_cfg):
             log_wandb(run_cfg, {k: v for k, v in files.items() if k != "stats"}, summary, out, run_dir)
         line = {"ckpt": str(ckpt), "images": seen, "layers": len(rec.mods), **{
-            f"{scope}.{k}": v for scope, d in summary["pooled"].items() for k, v in d.items() if k.startswith("share")},
+            f"{scope}.{k}": v for scope, d in summary["pooled"].items() for k, v in d.items()
+            if k.startswith("share") or k.endswith("_median")},
             "slope_diff_per_block": stats["slope_diff_per_block"], "stats": str(out / "stats.json"),
             "files": {k: str(v) for k, v in files.items()}}
         print(json.dumps(line))

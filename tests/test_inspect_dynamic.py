@@ -87,6 +87,26 @@ def test_statistics_follow_the_documented_definitions():
     assert len(rec.points["0"][0]) == 3 * 4  # scatter sample: points_per_image per image
 
 
+def test_spread_is_zero_for_a_static_function_and_measures_the_dynamic_one():
+    """a_spread is the std over images of each coefficient: 0 at the zero init (every image gets the
+    same function), the std of the coefficient over images for a hyper function that reads its input."""
+    from dyrelu import DyReLU
+
+    torch.manual_seed(0)
+    static, dynamic = DyReLU(16, variant="C"), DyReLU(16, variant="B", reduction=2, hyper_init="random")
+    model = nn.Sequential(static, dynamic)
+    rec = ind.Recorder(model, [], points_per_image=1, max_points=1, seed=0)
+    x = torch.randn(6, 16, 5, 5)
+    with torch.no_grad():
+        model(x)
+    rec.remove()
+    per = {r["name"]: r for r in ind.summarize(rec, {})["per_layer"]}
+    assert per["0"]["a_spread"] == 0 and per["0"]["b_spread"] == 0 and per["0"]["pi_spread"] > 0
+    a = dynamic.coefficients(static(x)).a.double()  # (N, K, C)
+    assert per["1"]["a_spread"] == pytest.approx(float(a.std(dim=0, correction=0).mean()), rel=1e-6)
+    assert per["1"]["a_spread"] > 1e-3 and per["1"]["pi_spread"] is None
+
+
 def test_a_model_without_dyrelu_is_a_clear_error():
     from models import build_model
 
