@@ -83,7 +83,10 @@ def _loader_kwargs(num_workers: int) -> dict:
 
 
 def make_train_loader(dataset: Dataset, sampler: EpochBatchSampler, num_workers: int, collate_fn=None) -> DataLoader:
-    return DataLoader(SeededSamples(dataset), batch_sampler=sampler, collate_fn=collate_fn, **_loader_kwargs(num_workers))
+    """The training loader, with a generator of its own (the loop seeds it each epoch): starting
+    an iterator draws its base seed from it rather than from torch's global generator."""
+    return DataLoader(SeededSamples(dataset), batch_sampler=sampler, collate_fn=collate_fn,
+                      generator=torch.Generator(), **_loader_kwargs(num_workers))
 
 
 def make_loader(dataset, indices, batch_size, num_workers, seed, collate_fn=None, drop_last=False) -> DataLoader:

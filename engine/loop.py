@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 import dyrelu
-from dyrelu.errors import BadValueError, NonFiniteLossError  # user errors: one line, exit 2
+from dyrelu.errors import USER_ERROR_EXIT_CODE, BadValueError, NonFiniteLossError  # user errors: one line, exit 2
 
 from . import checkpoint as ckpt_io
 from .determinism import use_deterministic_algorithms, use_deterministic_pooling
@@ -37,6 +37,7 @@ from .precise_bn import recalibrate_bn
 from .signals import PreemptionHandler, StopRequested, request_requeue
 from .tasks import build_task
 from .tasks.base import Task
+from .threads import CpuThreads
 from .validate import validate
 
 log = logging.getLogger("dyrelu.train")
@@ -152,11 +153,13 @@ class _Syncs:
 
 
 def train_one_epoch(state: TrainState, loader, num_steps: int, *, preempt, on_stop, run_logger=None, progress: bool = False,
-                    max_epochs: int = 0) -> tuple[float, int, float]:
+                    max_epochs: int = 0, save_every: int = 0, on_save=None) -> tuple[float, int, float]:
     """Train ``state.epoch`` from ``state.step_in_epoch`` to ``num_steps``.
 
     Returns (mean loss over the whole epoch, samples trained by this call over all ranks, its
-    seconds). Calls ``on_stop()`` (which saves and raises) when a sync point sees a stop signal.
+    seconds). Calls ``on_stop()`` (which saves and raises) when a sync point sees a stop signal,
+    and ``on_save()`` (which writes last.pt) at the first sync point ``save_every`` or more steps
+    after the previous save, unless the epoch ends there (its own checkpoint follows).
     """
     model, opt, dist = state.train_model, state.optimizer, state.dist
     model.train()
@@ -169,6 +172,7 @@ def train_one_epoch(state: TrainState, loader, num_steps: int, *, preempt, on_st
         bar = tqdm(total=num_steps, initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}/{max_epochs}",
                    mininterval=1.0, dynamic_ncols=True)
     first = window_start = state.step_in_epoch
+    saved_at = state.global_step
     for step, batch in enumerate(loader, start=first):
         if step >= num_steps:
             break
@@ -219,6 +223,9 @@ def train_one_epoch(state: TrainState, loader, num_steps: int, *, preempt, on_st
                 run_logger.log_step({"loss": window_loss, "lr": lr, "img_s": ips}, state.global_step)
         if stop > 0:
             on_stop()
+        if save_every and state.global_step - saved_at >= save_every and step + 1 < num_steps:
+            on_save()
+            saved_at = state.global_step
     if bar is not None:
         bar.close()
     return state.epoch_loss_sum / max(state.epoch_seen, 1), seen * dist.world_size, time.perf_counter() - t0
@@ -366,17 +373,24 @@ def checkpoint(state: TrainState, rngs: list, extra: dict) -> dict:
     }
 
 
-def save_and_stop(state: TrainState, preempt, last_path: Path, extra: dict):
-    """Write last.pt where the run stands, then unwind (handing the signal on, see signals.py)."""
+def save_last(state: TrainState, last_path: Path, extra: dict) -> None:
+    """Write last.pt where the run stands (mid-epoch too: the RNG streams and the epoch's loss so far)."""
     rngs = all_gather_objects(ckpt_io.rng_state())
-    chain = preempt.chained_handler()
     if state.dist.is_main:
         ckpt_io.atomic_save(checkpoint(state, rngs, extra), last_path)
+        state.last_good = str(last_path)
+    barrier()
+
+
+def save_and_stop(state: TrainState, preempt, last_path: Path, extra: dict):
+    """Write last.pt where the run stands, then unwind (handing the signal on, see signals.py)."""
+    chain = preempt.chained_handler()
+    save_last(state, last_path, extra)
+    if state.dist.is_main:
         log.warning("saved %s at epoch %d step %d; stopping (run the same command to resume)", last_path,
                     state.epoch + 1, state.step_in_epoch)
         if chain is None:
             request_requeue()
-    barrier()
     raise StopRequested(chain)
 
 
@@ -389,13 +403,27 @@ def recalibrate_bn_stats(state: TrainState, loader, sampler: EpochBatchSampler, 
             recalibrate_bn(target, inputs, num_batches, state.dist.world_size)
 
 
-def seed_epoch(cfg, state: TrainState, resumed_rng) -> None:
-    """Each epoch's randomness depends only on (seed, epoch, rank), so a resumed run repeats
-    what an uninterrupted one would have done; mid-epoch, the saved random stream continues."""
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return int(seed) * 1000 + epoch * 17 + rank
+
+
+def seed_epoch(cfg, state: TrainState, resumed_rng, train_loader) -> None:
+    """Each epoch's randomness depends only on (seed, epoch, rank), and mid-epoch on the saved
+    stream, in one order that the uninterrupted and the resumed run both follow:
+
+    1. the global generators (dropout, augmentation in the main process): seeded, or, in an
+       epoch resumed mid-way, the stream saved with the checkpoint;
+    2. the training loader's own generator, seeded. Starting its iterator draws a base seed (and,
+       when the workers start, their seeds) from it, never from the global generators, so it does
+       not matter whether this process starts the workers now (resumed) or started them epochs ago
+       (uninterrupted). Workers reseed per sample anyway (loaders.SeededSamples).
+    """
+    s = epoch_seed(cfg.seed, state.epoch, state.dist.rank)
     if state.step_in_epoch > 0 and resumed_rng is not None:
         ckpt_io.set_rng_state(resumed_rng)
     else:
-        ckpt_io.seed_everything(int(cfg.seed) * 1000 + state.epoch * 17 + state.dist.rank)
+        ckpt_io.seed_everything(s)
+    train_loader.generator.manual_seed((s * 1_000_003 + 1) % 2**63)
 
 
 @dataclass
@@ -452,20 +480,14 @@ def begin_epoch(cfg, state: TrainState, epoch: int, data: Data, resumed_rng) -> 
     if epoch != state.epoch:  # a new epoch, not the one resumed into
         state.epoch, state.step_in_epoch, state.epoch_loss_sum, state.epoch_seen = epoch, 0, 0.0, 0
     data.sampler.set_epoch(epoch, state.step_in_epoch, data.num_steps - state.step_in_epoch)
-    # Starting a DataLoader iterator draws its base seed from the global generator. The
-    # uninterrupted run drew it before the point where a mid-epoch checkpoint saved that
-    # generator, so a resumed epoch draws it before restoring the saved stream, not after.
-    resuming = state.step_in_epoch > 0 and resumed_rng is not None
-    batches = iter(data.train_loader) if resuming else None
-    seed_epoch(cfg, state, resumed_rng)
+    seed_epoch(cfg, state, resumed_rng, data.train_loader)
+    batches = iter(data.train_loader)  # draws from the loader's own generator only
     tau = tau_at(cfg, epoch, int(cfg.trainer.max_epochs))
     if tau is None:
-        return {}, batches if batches is not None else iter(data.train_loader)
+        return {}, batches
     uses_tau = dyrelu.set_tau(state.model, tau)
     if state.ema is not None:
         dyrelu.set_tau(state.ema.module, tau)
-    if batches is None:
-        batches = iter(data.train_loader)
     return ({"tau": tau} if uses_tau else {}), batches
 
 
@@ -479,6 +501,11 @@ def evaluate_epoch(cfg, state: TrainState, data: Data, val_batches) -> bool:
     if state.ema is not None:
         ema_metrics = evaluate(state.ema.module, state.task, val_batches, desc=f"val {state.epoch + 1} EMA", **kw)
         state.metrics.update({f"{k}_ema": v for k, v in ema_metrics.items()})
+    bad = {k: v for k, v in state.metrics.items() if k.startswith("val_loss") and not math.isfinite(v)}
+    if bad:
+        raise NonFiniteLossError(
+            f"validation loss became non-finite at epoch {state.epoch + 1} ({', '.join(f'{k} {v}' for k, v in bad.items())}); "
+            f"stopping. Last good checkpoint: {state.last_good or 'none written yet'} (left intact)")
     value = state.metrics[state.task.primary_metric]
     improved = value > state.best
     state.best = max(state.best, value)
@@ -516,8 +543,14 @@ def write_results(run_dir: Path, results: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 def run(cfg, run_dir: str | Path) -> dict:
     """Train (or resume) the run in ``run_dir``; returns the results written to results.json."""
-    # ---- config and process ----------------------------------------------------------------
     validate(cfg)
+    # This run's share of the CPU, taken before any work and given back at the end (threads.py).
+    with CpuThreads(cfg.trainer.threads, adaptive=not cfg.trainer.deterministic) as threads:
+        return _run(cfg, run_dir, threads)
+
+
+def _run(cfg, run_dir: str | Path, threads: CpuThreads) -> dict:
+    # ---- config and process ----------------------------------------------------------------
     t_start = time.time()
     device, dist = setup_process(cfg)
     # Every rank works in rank 0's folder, whatever each rank's Hydra resolved.
@@ -543,15 +576,25 @@ def run(cfg, run_dir: str | Path) -> dict:
     if dist.is_main:
         run_logger.summary(complexity)
 
+    def describe(epochs: int) -> dict:
+        """What ran, for results.json: ``epochs`` trained (or reached)."""
+        return {"task": task.name, "model": cfg.model.name, "act": cfg.act.name,
+                **({"head_act": cfg.head_act.name} if "head_act" in cfg else {}), "epochs": epochs,
+                "seed": int(cfg.seed), "table": cfg.get("table"), "row": cfg.get("row"),
+                "world_size": dist.world_size, "device": device.type, "threads": threads.threads}
+
     # ---- epochs ----------------------------------------------------------------------------
     try:
         with PreemptionHandler() as preempt:
             stop = lambda: save_and_stop(state, preempt, last_path, extra)  # noqa: E731
             val_batches = _StoppableBatches(data.val_loader, preempt, state.log_every, stop, data.val_common, device)
             for epoch in range(state.epoch, max_epochs):
+                threads.rebalance()
                 row, batches = begin_epoch(cfg, state, epoch, data, resumed_rng)
-                train_loss, seen, secs = train_one_epoch(state, batches, data.num_steps, preempt=preempt, on_stop=stop,
-                                                         run_logger=run_logger, progress=cfg.trainer.progress, max_epochs=max_epochs)
+                train_loss, seen, secs = train_one_epoch(
+                    state, batches, data.num_steps, preempt=preempt, on_stop=stop, run_logger=run_logger,
+                    progress=cfg.trainer.progress, max_epochs=max_epochs, save_every=int(cfg.trainer.save_every or 0),
+                    on_save=lambda: save_last(state, last_path, extra))
                 row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": state.optimizer.param_groups[0]["lr"],
                        "train_img_s": seen / max(secs, 1e-9), "epoch_time_s": secs, **row}
                 improved = False
@@ -567,6 +610,15 @@ def run(cfg, run_dir: str | Path) -> dict:
         if stopped.chain is not None:
             stopped.chain()  # submitit's handler: pickles the job, requeues it and exits
         raise
+    except NonFiniteLossError as diverged:
+        # The run is over and did not succeed: say so in results.json (no metrics: they are NaN),
+        # so that nothing reading the folder mistakes it for a result.
+        if dist.is_main:
+            run_logger.finish(USER_ERROR_EXIT_CODE)
+            write_results(run_dir, {"status": "failed", "reason": str(diverged), **describe(state.epoch),
+                                    "wall_time_s": round(time.time() - t_start, 2)})
+        cleanup()
+        raise
     except BaseException:
         if dist.is_main:
             run_logger.finish(1)
@@ -577,11 +629,8 @@ def run(cfg, run_dir: str | Path) -> dict:
 
     # ---- results ---------------------------------------------------------------------------
     results = {
-        "task": task.name, "model": cfg.model.name, "act": cfg.act.name,
-        **({"head_act": cfg.head_act.name} if "head_act" in cfg else {}),
-        **task.results(state.metrics, state.best), **complexity, "epochs": max_epochs,
-        "wall_time_s": round(time.time() - t_start, 2), "seed": int(cfg.seed),
-        "table": cfg.get("table"), "row": cfg.get("row"), "world_size": dist.world_size, "device": device.type,
+        "status": "completed", **describe(max_epochs), **task.results(state.metrics, state.best), **complexity,
+        "wall_time_s": round(time.time() - t_start, 2),
     }
     if dist.is_main:
         write_results(run_dir, results)

@@ -46,6 +46,8 @@ _RULES = [
     ("trainer.ema_decay", lambda v: v is None or (_is_num(v) and 0 < v < 1), "null or a number in (0, 1)"),
     ("trainer.grad_clip", lambda v: v is None or (_is_num(v) and v > 0), "null or a positive number"),
     ("trainer.log_every", lambda v: _is_int(v) and v > 0, "a positive integer"),
+    ("trainer.save_every", lambda v: v is None or (_is_int(v) and v > 0), "null or a positive integer (steps)"),
+    ("trainer.threads", lambda v: v is None or (_is_int(v) and v > 0), "null (auto) or a positive integer"),
     ("trainer.val_every", lambda v: _is_int(v) and v > 0, "a positive integer"),
     ("trainer.precise_bn_batches", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: off)"),
     ("optim.name", lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
