@@ -519,12 +519,14 @@ def end_epoch(state: TrainState, row: dict, improved: bool, paths: tuple[Path, P
     state.epoch, state.step_in_epoch, state.epoch_loss_sum, state.epoch_seen = row["epoch"], 0, 0.0, 0
     rngs = all_gather_objects(ckpt_io.rng_state())
     if state.dist.is_main:
+        # The row first: a kill before last.pt is written drops it on resume (metrics.csv keeps
+        # the epochs of the checkpoint), a kill after keeps it, so no epoch's row is ever lost.
+        run_logger.log_epoch(row, state.global_step)
         saved = checkpoint(state, rngs, extra)
+        if improved:  # before last.pt: a kill in between redoes the epoch, which improves again
+            ckpt_io.atomic_save(saved, best_path)
         ckpt_io.atomic_save(saved, last_path)
         state.last_good = str(last_path)
-        if improved:
-            ckpt_io.atomic_save(saved, best_path)
-        run_logger.log_epoch(row, state.global_step)
         log.info("epoch %d/%d: %s", row["epoch"], max_epochs,
                  ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if k != "epoch"))
     barrier()

@@ -206,3 +206,23 @@ def test_submitit_usr2_saves_mid_epoch_requeues_and_resumes_to_the_same_weights(
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5, rtol=0), k
     assert abs(results(tmp_path / "straight")["top1"] - results(run_dir)["top1"]) < 1e-6
+
+
+def test_nonfinite_validation_loss_fails_the_run_and_results_say_so(tmp_path):
+    """A run whose weights blow up on its last step (the training losses it read were finite) ends
+    with exit 2, one line naming the validation loss, and results.json marked failed."""
+    run_dir = tmp_path / "run"
+    p = run_train(run_dir, *TINY, "trainer=smoke", "optim.lr=1e12", check=False)
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    (line,) = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert "validation loss became non-finite at epoch 1" in line, p.stderr[-2000:]
+    res = results(run_dir)
+    assert res["status"] == "failed" and res["reason"] == line.removeprefix("error: ")
+    assert "top1" not in res and res["epochs"] == 0  # no metrics of a diverged model, no epoch completed
+
+
+def test_completed_run_says_so_in_results(tmp_path):
+    run_train(tmp_path / "run", *TINY, "trainer=smoke")
+    res = results(tmp_path / "run")
+    assert res["status"] == "completed" and "reason" not in res and res["threads"] >= 1

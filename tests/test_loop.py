@@ -1,9 +1,12 @@
 """The loop in-process on tiny CPU runs: host syncs per step, stop signals at sync points and
 during validation, and each trainer option (amp, compile, EMA, grad clip, channels_last,
-precise BN) taking effect while the loss still falls."""
+precise BN) doing what it promises while training stays finite. No test here asserts where a
+few SGD steps go (the direction of ten steps is not a property of any option, and it changes
+with the CPU's rounding)."""
 from __future__ import annotations
 
 import csv
+import math
 import os
 import signal
 from pathlib import Path
@@ -13,8 +16,7 @@ import torch
 
 from runs import ROOT, compose, train_in_process
 
-# 40 training images of 32 px, batch 8: 5 steps per epoch; no augmentation or dropout, so
-# the training loss over the same images falls epoch after epoch.
+# 40 training images of 32 px, batch 8: 5 steps per epoch; no augmentation or dropout.
 TINY_RUN = [
     "data.train_per_class=4", "data.val_per_class=2", "data.batch_size=8", "data.num_workers=0",
     "data.image_size=40", "data.crop_size=32", "data.val_resize=32", "data.train_augment=false",
@@ -41,9 +43,9 @@ def _train(monkeypatch, run_dir, *overrides):
     return res, _rows(run_dir), model
 
 
-def _loss_fell(rows):
-    first, last = float(rows[0]["train_loss"]), float(rows[-1]["train_loss"])
-    assert last < first, (first, last)
+def _trained(rows):
+    """Every epoch trained and was validated with finite numbers."""
+    assert rows and all(math.isfinite(float(r["train_loss"])) and math.isfinite(float(r["val_loss"])) for r in rows), rows
 
 
 def _last(run_dir):
@@ -182,7 +184,7 @@ def test_amp_bf16_autocasts_the_forward(monkeypatch, tmp_path):
     cfg = compose([*TINY_RUN, "trainer.amp=bf16", "trainer.max_epochs=2"])
     loop.run(cfg, tmp_path / "run")
     assert dtypes and set(dtypes) == {torch.bfloat16}
-    _loss_fell(_rows(tmp_path / "run"))
+    _trained(_rows(tmp_path / "run"))
 
 
 def test_compile_compiles_the_model(monkeypatch, tmp_path):
@@ -194,7 +196,7 @@ def test_compile_compiles_the_model(monkeypatch, tmp_path):
     assert model._compiled_call_impl is not None
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
     assert not any(k.startswith("_orig_mod") for k in _last(tmp_path / "run")["model"])  # keys as without compile
-    _loss_fell(rows)
+    _trained(rows)
 
 
 def test_ema_weights_are_evaluated_and_saved(monkeypatch, tmp_path):
@@ -204,7 +206,7 @@ def test_ema_weights_are_evaluated_and_saved(monkeypatch, tmp_path):
     differs = [k for k in raw if raw[k].is_floating_point() and not torch.equal(raw[k], ema[k])]
     assert differs
     assert "top1_ema" in rows[-1]
-    _loss_fell(rows)
+    _trained(rows)
 
 
 def test_grad_clip_bounds_the_gradient_norm(monkeypatch, tmp_path):
@@ -222,9 +224,15 @@ def test_grad_clip_bounds_the_gradient_norm(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
     _, rows, _ = _train(monkeypatch, tmp_path / "run", f"trainer.grad_clip={clip}", "trainer.max_epochs=2")
     assert len(norms) == 10 and all(m == clip for _, _, m in norms)
+    # `before` is the norm of the same batch's gradients unclipped. What clipping guarantees: a
+    # norm above the bound comes down to it, one within it is left alone.
     assert any(before > clip for before, _, _ in norms)  # the clip had work to do
-    assert all(after <= clip * 1.001 for _, after, _ in norms)
-    _loss_fell(rows)
+    for before, after, _ in norms:
+        if before > clip:
+            assert after <= clip * (1 + 1e-5) and after >= clip * 0.99, (before, after)
+        else:
+            assert after == pytest.approx(before, rel=1e-6), (before, after)
+    _trained(rows)
 
 
 def test_channels_last_reaches_weights_and_inputs(monkeypatch, tmp_path):
@@ -242,7 +250,7 @@ def test_channels_last_reaches_weights_and_inputs(monkeypatch, tmp_path):
     monkeypatch.setattr(loop, "build_model", hooked)
     loop.run(compose([*TINY_RUN, "trainer.channels_last=true", "trainer.max_epochs=2"]), tmp_path / "run")
     assert layouts and all(layouts)
-    _loss_fell(_rows(tmp_path / "run"))
+    _trained(_rows(tmp_path / "run"))
 
 
 def test_precise_bn_recalibrates_model_and_ema_before_validation(monkeypatch, tmp_path):
@@ -259,7 +267,7 @@ def test_precise_bn_recalibrates_model_and_ema_before_validation(monkeypatch, tm
     _, rows, model = _train(monkeypatch, tmp_path / "run", "trainer.precise_bn_batches=3", "trainer.ema_decay=0.5",
                             "trainer.max_epochs=2")
     assert calls == [3, 3, 3, 3]  # model and EMA, at each of the 2 validations
-    _loss_fell(rows)
+    _trained(rows)
 
 
 def test_loader_workers_start_once_per_run(monkeypatch, tmp_path):

@@ -7,11 +7,14 @@ do. The kernels are plain loops (gcc vectorises them) parallel over rows with Op
 extension links the ``libgomp.so.1`` torch has already loaded, so they share torch's threads and
 follow ``torch.set_num_threads``.
 
-Build: ``$CC`` (default ``gcc``) ``-O3 -march=native -fopenmp -ffp-contract=off``, into
-``$DYRELU_NATIVE_CACHE`` (default ``~/.cache/dyrelu/native``), keyed by the source, the flags and
-the CPU's instruction-set flags (so nodes of a cluster sharing a home directory never load a
-library built for another CPU); written to a temporary name and renamed, so concurrent ranks
-are safe; into the temp directory when the cache directory cannot be written. When there is no
+Build: ``$CC`` (default ``gcc``) ``-O3 -fopenmp -ffp-contract=off`` for the architecture's
+generic target (``-march=x86-64 -mtune=generic`` on x86-64, ``-march=armv8-a`` on 64-bit Arm),
+never ``-march=native``: the ``omp simd`` reductions are summed in vector-width lanes, so a build
+for the host's widest vectors (AVX-512 on one machine, AVX2 on another) rounds differently and the
+same seed trained to a different top-1 on another CPU (issue 20). The baseline target gives every
+CPU of an architecture the same library and the same numbers. Into ``$DYRELU_NATIVE_CACHE``
+(default ``~/.cache/dyrelu/native``), keyed by the source, the compiler, the flags and the
+architecture; written to a temporary name and renamed, so concurrent ranks are safe; into the temp directory when the cache directory cannot be written. When there is no
 compiler or the build fails, ``library()`` returns None, one warning says why, and the ATen
 kernels (the ``bn`` backend) run instead. ``DYRELU_NATIVE=0`` turns the kernels off.
 """
@@ -30,26 +33,24 @@ from typing import Optional
 import torch
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_cpu_kernels.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared", "-std=c99"]
+# The generic target of each architecture (GCC's names); elsewhere the compiler's default.
+GENERIC_TARGET = {"x86_64": ["-march=x86-64", "-mtune=generic"], "amd64": ["-march=x86-64", "-mtune=generic"],
+                  "aarch64": ["-march=armv8-a"], "arm64": ["-march=armv8-a"]}
+
+
+def _machine() -> str:
+    import platform
+
+    return platform.machine().lower()
+
+
+FLAGS = ["-O3", *GENERIC_TARGET.get(_machine(), []), "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared", "-std=c99"]
 LIBS = ["-lm"]
 DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 MAX_K = 3
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib": the loaded library, or "error": why not
-
-
-def _cpu_key() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return line
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def _cache_dir() -> str:
@@ -60,6 +61,10 @@ def _cache_dir() -> str:
     return base
 
 
+def build_command(cc: str, out: str) -> list:
+    return [cc, *FLAGS, SOURCE, "-o", out, *LIBS]
+
+
 def _compile(cc: str, path: str) -> None:
     """Builds the library at ``path`` under a temporary name, then renames it (atomic)."""
     out_dir = os.path.dirname(path)
@@ -67,7 +72,7 @@ def _compile(cc: str, path: str) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *FLAGS, SOURCE, "-o", tmp, *LIBS], capture_output=True, text=True)
+        proc = subprocess.run(build_command(cc, tmp), capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
         os.replace(tmp, path)
@@ -82,7 +87,7 @@ def _build() -> ctypes.CDLL:
         raise RuntimeError(f"no C compiler ({cc!r} not found)")
     with open(SOURCE, "rb") as f:
         src = f.read()
-    key = hashlib.sha256(src + " ".join([cc] + FLAGS).encode() + _cpu_key().encode()).hexdigest()[:20]
+    key = hashlib.sha256(src + " ".join([cc, *FLAGS, *LIBS, _machine()]).encode()).hexdigest()[:20]
     name = f"dyrelu_cpu_{key}.so"
     path = os.path.join(_cache_dir(), name)
     if not os.path.exists(path):

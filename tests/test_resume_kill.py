@@ -1,0 +1,142 @@
+"""kill -9 at every kind of boundary, then the same command again: the rerun must end with exactly
+(bit for bit) the weights and the metrics.csv numbers of a run that was never interrupted.
+
+Each killed run is train.py started through a small wrapper that SIGKILLs its own process at a
+precise point, so the kill lands where it is meant to on any machine load:
+
+* ``epoch_end``: right after epoch 1's last.pt is renamed into place (the next epoch starts from
+  a fresh process, which starts the loader's workers then; issue 20's regression);
+* ``mid_epoch``: one training step after a mid-epoch last.pt (``trainer.save_every=2``) in epoch 2,
+  so the rerun continues the saved random stream from step 2;
+* ``validation``: after the first batch of epoch 2's validation (last.pt is still epoch 1's).
+
+Covered (one uninterrupted reference per activation and worker count, shared by its cases):
+ReLU with 0 workers at the epoch end and in validation, DY-ReLU-B with 2 workers at the epoch end
+and mid-epoch, ReLU with 2 workers mid-epoch, DY-ReLU-B with 0 workers in validation. Every kill
+point, activation and worker count is covered; the full cross product would double the runtime.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from runs import ROOT, TINY, env, run_train
+
+# 5 steps per epoch, 3 epochs, dropout and random crops on, a sync point every step.
+ARGS = [*TINY, "trainer.max_epochs=3", "trainer.deterministic=true", "trainer.log_every=1", "trainer.save_every=2",
+        "trainer.limit_val_batches=3"]
+
+# train.py, with a SIGKILL of its own process planted at $KILL_AT (see the module docstring).
+WRAPPER = r"""
+import os, runpy, signal, sys
+
+import torch
+
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from engine import checkpoint, loop
+
+where = os.environ["KILL_AT"]
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+save = checkpoint.atomic_save
+armed = []
+
+def save_then_maybe_die(obj, path):
+    save(obj, path)
+    if os.path.basename(str(path)) != "last.pt":
+        return
+    if where == "epoch_end" and obj["epoch"] == 1 and obj["step_in_epoch"] == 0:
+        die()
+    if where == "mid_epoch" and obj["epoch"] == 1 and obj["step_in_epoch"] > 0:
+        armed.append(obj["global_step"])
+
+checkpoint.atomic_save = save_then_maybe_die
+
+def step_hook(opt, args, kwargs):
+    if armed:  # one more step after the mid-epoch checkpoint, then die
+        die()
+
+register_optimizer_step_post_hook(step_hook)
+
+validations = []
+batches = loop._StoppableBatches.__iter__
+
+def batches_then_maybe_die(self):
+    validations.append(1)
+    for i, batch in enumerate(batches(self)):
+        if where == "validation" and len(validations) == 2 and i == 1:
+            die()
+        yield batch
+
+loop._StoppableBatches.__iter__ = batches_then_maybe_die
+sys.argv = [str(sys.argv[1]), *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+CASES = [
+    ("relu", 0, "epoch_end"),
+    ("dyrelu_b", 2, "epoch_end"),
+    ("dyrelu_b", 2, "mid_epoch"),
+    ("relu", 2, "mid_epoch"),
+    ("relu", 0, "validation"),
+    ("dyrelu_b", 0, "validation"),
+]
+
+
+def _args(act, workers):
+    return [*ARGS, f"act={act}", f"data.num_workers={workers}"]
+
+
+def _rows(run_dir):
+    with open(Path(run_dir) / "metrics.csv") as f:
+        # the numbers of the run, not its speed
+        return [{k: v for k, v in r.items() if k not in ("train_img_s", "epoch_time_s")} for r in csv.DictReader(f)]
+
+
+def _last(run_dir):
+    return torch.load(Path(run_dir) / "checkpoints" / "last.pt", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted run of each (act, workers), run once when a case first needs it."""
+    done = {}
+
+    def get(act, workers):
+        if (act, workers) not in done:
+            run_dir = tmp_path_factory.mktemp(f"straight_{act}_{workers}")
+            run_train(run_dir, *_args(act, workers))
+            done[act, workers] = run_dir
+        return done[act, workers]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("act,workers,where", CASES, ids=[f"{a}-w{w}-{k}" for a, w, k in CASES])
+def test_kill9_then_rerun_ends_exactly_as_the_uninterrupted_run(tmp_path, straight, act, workers, where):
+    ref = straight(act, workers)
+    run_dir = tmp_path / "run"
+    args = _args(act, workers)
+    cmd = [sys.executable, "-c", WRAPPER, str(ROOT / "train.py"), *args, f"hydra.run.dir={run_dir}"]
+    p = subprocess.run(cmd, cwd=ROOT, env={**env(), "KILL_AT": where}, capture_output=True, text=True, timeout=600)
+    assert p.returncode == -signal.SIGKILL, p.stdout[-2000:] + p.stderr[-3000:]
+    killed_at = _last(run_dir)
+    expected = {"epoch_end": (1, 0), "mid_epoch": (1, 2), "validation": (1, 4)}[where]
+    assert (killed_at["epoch"], killed_at["step_in_epoch"]) == expected
+
+    p = run_train(run_dir, *args)
+    assert "Resuming from" in p.stdout + p.stderr
+    a, b = _last(ref), _last(run_dir)
+    assert (b["epoch"], b["global_step"]) == (a["epoch"], a["global_step"]) == (3, 15)
+    assert a["model"].keys() == b["model"].keys()
+    different = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    assert _rows(run_dir) == _rows(ref)
