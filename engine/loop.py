@@ -153,13 +153,14 @@ class _Syncs:
 
 
 def train_one_epoch(state: TrainState, loader, num_steps: int, *, preempt, on_stop, run_logger=None, progress: bool = False,
-                    max_epochs: int = 0, save_every: int = 0, on_save=None) -> tuple[float, int, float]:
+                    max_epochs: int = 0, save_every: int = 0, on_save=None, on_sync=None) -> tuple[float, int, float]:
     """Train ``state.epoch`` from ``state.step_in_epoch`` to ``num_steps``.
 
     Returns (mean loss over the whole epoch, samples trained by this call over all ranks, its
     seconds). Calls ``on_stop()`` (which saves and raises) when a sync point sees a stop signal,
     and ``on_save()`` (which writes last.pt) at the first sync point ``save_every`` or more steps
-    after the previous save, unless the epoch ends there (its own checkpoint follows).
+    after the previous save, unless the epoch ends there (its own checkpoint follows);
+    ``on_sync()`` at every sync point.
     """
     model, opt, dist = state.train_model, state.optimizer, state.dist
     model.train()
@@ -213,6 +214,8 @@ def train_one_epoch(state: TrainState, loader, num_steps: int, *, preempt, on_st
                 f"Last good checkpoint: {state.last_good or 'none written yet'} (left intact)"
             )
         window_start = step + 1
+        if on_sync is not None:
+            on_sync()
         lr = opt.param_groups[0]["lr"]
         ips = seen * dist.world_size / max(time.perf_counter() - t0, 1e-9)
         if bar is not None:
@@ -596,7 +599,7 @@ def _run(cfg, run_dir: str | Path, threads: CpuThreads) -> dict:
                 train_loss, seen, secs = train_one_epoch(
                     state, batches, data.num_steps, preempt=preempt, on_stop=stop, run_logger=run_logger,
                     progress=cfg.trainer.progress, max_epochs=max_epochs, save_every=int(cfg.trainer.save_every or 0),
-                    on_save=lambda: save_last(state, last_path, extra))
+                    on_save=lambda: save_last(state, last_path, extra), on_sync=threads.poll)
                 row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": state.optimizer.param_groups[0]["lr"],
                        "train_img_s": seen / max(secs, 1e-9), "epoch_time_s": secs, **row}
                 improved = False

@@ -8,13 +8,14 @@ one thread each kept about half the solo speed. So a run takes its share of the 
 * ``trainer.threads=null`` (auto): the process's cores (torch's default thread count, which
   honours ``OMP_NUM_THREADS``, capped by ``os.sched_getaffinity``) divided by the number of
   dyrelu runs live on this machine, or by a local sweep's parallel jobs (a launcher's ``n_jobs``)
-  when that is larger. Re-checked at every epoch start, so an earlier run yields to a newer one
-  and takes its cores back when the other ends; except under ``trainer.deterministic=true``,
+  when that is larger. Re-checked at every epoch start and every 30 s at sync points, so an
+  earlier run yields to a newer one and takes its cores back when the other ends; except under ``trainer.deterministic=true``,
   where the count never depends on neighbours (it can change the last bits of results).
 
 The live runs are pid files in a per-user runtime folder (``$XDG_RUNTIME_DIR/dyrelu-runs``, else
 ``<tmp>/dyrelu-runs-<uid>``); files whose process is gone are ignored and removed. One warning
-line when the live runs' threads add up to more than the cores.
+line when the runs need more threads than there are cores even once every auto run has yielded
+to one thread.
 
 DataLoader workers run one thread each (torch's worker loop sets that), so only the main
 process needs a count.
@@ -25,6 +26,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -107,6 +109,7 @@ def _alive(pid: int, start: Optional[str]) -> bool:
 class Entry:
     pid: int
     threads: int
+    auto: bool = False  # its count follows the others (it can yield down to one thread)
 
 
 class Registry:
@@ -118,11 +121,11 @@ class Registry:
     def _path(self, pid: int) -> Path:
         return self.folder / f"{pid}.json"
 
-    def register(self, pid: int, threads: int) -> None:
+    def register(self, pid: int, threads: int, auto: bool = False) -> None:
         try:
             self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
             tmp = self.folder / f".{pid}.tmp"
-            tmp.write_text(json.dumps({"pid": pid, "start": _start_time(pid), "threads": threads}))
+            tmp.write_text(json.dumps({"pid": pid, "start": _start_time(pid), "threads": threads, "auto": auto}))
             tmp.replace(self._path(pid))
         except OSError as exc:  # a read-only /tmp: run without neighbours' knowledge
             log.debug("cannot register run %s in %s: %s", pid, self.folder, exc)
@@ -139,11 +142,11 @@ class Registry:
         for path in sorted(self.folder.glob("*.json")) if self.folder.is_dir() else []:
             try:
                 rec = json.loads(path.read_text())
-                pid, threads, start = int(rec["pid"]), int(rec["threads"]), rec.get("start")
+                pid, threads, start, auto = int(rec["pid"]), int(rec["threads"]), rec.get("start"), bool(rec.get("auto"))
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # being written, or not ours
             if _alive(pid, start):
-                out.append(Entry(pid, threads))
+                out.append(Entry(pid, threads, auto))
             else:
                 try:
                     path.unlink()
@@ -154,7 +157,10 @@ class Registry:
 
 class CpuThreads:
     """This run's thread count, registered for the others to see. ``start()`` before any work,
-    ``rebalance()`` at each epoch start, ``stop()`` at the end (restores the previous count)."""
+    ``rebalance()`` at each epoch start, ``poll()`` at sync points (a rebalance every
+    ``POLL_S`` seconds, for long epochs), ``stop()`` at the end (restores the previous count)."""
+
+    POLL_S = 30.0
 
     def __init__(self, requested: Optional[int], *, adaptive: bool = True, jobs: Optional[int] = None,
                  registry: Optional[Registry] = None, base: Optional[int] = None, ncores: Optional[int] = None,
@@ -169,6 +175,7 @@ class CpuThreads:
         self.threads = 0
         self._previous = torch.get_num_threads()
         self._warned = False
+        self._checked = 0.0
 
     def _choose(self, others: list[Entry]) -> int:
         if self.requested is not None:
@@ -185,13 +192,16 @@ class CpuThreads:
         return [e for e in self.registry.live() if e.pid != self.pid]
 
     def _check_oversubscribed(self, others: list[Entry]) -> None:
-        total = self.threads + sum(e.threads for e in others)
-        if total > self.ncores and not self._warned:
+        """Warn (once while it lasts) when the runs need more threads than there are cores even
+        after every auto run has yielded down to one thread."""
+        runs = [Entry(self.pid, self.threads, self.adaptive), *others]
+        least = sum(1 if e.auto else e.threads for e in runs)
+        if least > self.ncores and not self._warned:
             self._warned = True
-            log.warning("%d dyrelu runs on this machine use %d threads on %d cores, so each runs far below its share; "
-                        "set trainer.threads (this run: %d) so that they add up to at most %d",
-                        len(others) + 1, total, self.ncores, self.threads, self.ncores)
-        elif total <= self.ncores:
+            log.warning("%d dyrelu runs on this machine use %d threads on %d cores, so each runs far below its share: "
+                        "run fewer at once, or set trainer.threads (this run: %d) so that they add up to at most %d",
+                        len(runs), sum(e.threads for e in runs), self.ncores, self.threads, self.ncores)
+        elif least <= self.ncores:
             self._warned = False
 
     def start(self) -> "CpuThreads":
@@ -202,9 +212,10 @@ class CpuThreads:
             torch.set_num_interop_threads(self.threads)
         except RuntimeError:
             pass
-        self.registry.register(self.pid, self.threads)
+        self.registry.register(self.pid, self.threads, self.adaptive)
+        self._checked = time.monotonic()
         log.info("CPU threads: %d (%s)", self.threads, "trainer.threads" if self.requested is not None else
-                 f"auto: {self.base} cores shared by {max(self.jobs, len(others) + 1) if self.adaptive else self.jobs} run(s)")
+                 f"auto: {self.base} shared by {max(self.jobs, len(others) + 1) if self.adaptive else self.jobs} run(s)")
         self._check_oversubscribed(others)
         return self
 
@@ -216,8 +227,14 @@ class CpuThreads:
             if n != self.threads:
                 log.info("CPU threads: %d -> %d (%d dyrelu runs on this machine)", self.threads, n, len(others) + 1)
                 self._apply(n)
-                self.registry.register(self.pid, self.threads)
+                self.registry.register(self.pid, self.threads, self.adaptive)
         self._check_oversubscribed(others)
+        self._checked = time.monotonic()
+
+    def poll(self) -> None:
+        """rebalance(), at most every POLL_S seconds (cheap enough for every sync point)."""
+        if time.monotonic() - self._checked >= self.POLL_S:
+            self.rebalance()
 
     def stop(self) -> None:
         self.registry.unregister(self.pid)

@@ -67,20 +67,27 @@ def test_auto_takes_the_cores_alone_and_a_share_beside_another_run(tmp_path, nei
     cpu = th.CpuThreads(None, jobs=1, registry=reg, base=4, ncores=4).start()
     try:
         assert cpu.threads == torch.get_num_threads() == 4
-        assert {(e.pid, e.threads) for e in reg.live()} == {(os.getpid(), 4)}
-        reg.register(neighbour.pid, 4)  # another run starts with all 4 cores: 8 threads on 4 cores
+        assert {(e.pid, e.threads, e.auto) for e in reg.live()} == {(os.getpid(), 4, True)}
+        reg.register(neighbour.pid, 4, auto=True)  # another auto run starts with all 4 cores
         with caplog.at_level(logging.WARNING, logger="dyrelu.threads"):
-            cpu.rebalance()  # this run yields to half
-        assert cpu.threads == torch.get_num_threads() == 2
+            cpu.rebalance()  # this run yields to half (and the other will at its next check: no warning)
+            assert cpu.threads == torch.get_num_threads() == 2
+            assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+            reg.register(neighbour.pid, 4, auto=False)  # ... but one with trainer.threads=4 cannot yield
+            cpu.rebalance()
+            cpu.rebalance()
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-        assert len(warnings) == 1 and "6 threads on 4 cores" in warnings[0] and "trainer.threads" in warnings[0]
-        reg.register(neighbour.pid, 2)  # the other run yielded too
+        assert len(warnings) == 1, warnings  # once while it lasts
+        assert "6 threads on 4 cores" in warnings[0] and "trainer.threads" in warnings[0]
+        reg.register(neighbour.pid, 2, auto=False)
         caplog.clear()
+        cpu.poll()  # less than POLL_S since the last check: nothing to do
         cpu.rebalance()
         assert cpu.threads == 2 and not [r for r in caplog.records if r.levelno == logging.WARNING]
         neighbour.kill()
         neighbour.wait()
-        cpu.rebalance()  # alone again: the cores come back
+        cpu.POLL_S = 0.0
+        cpu.poll()  # alone again (seen at a sync point): the cores come back
         assert cpu.threads == torch.get_num_threads() == 4
     finally:
         cpu.stop()
