@@ -42,12 +42,21 @@ def recalibrate_bn(model: nn.Module, inputs: Iterable[torch.Tensor], num_batches
     # fvcore assigns new tensors to running_mean / running_var; copy the values back into the
     # original buffers so DDP, torch.compile and the EMA keep holding the live tensors.
     buffers = [(bn.running_mean, bn.running_var) for bn in bns]
+    # fvcore counts a BN layer's batch with a forward pre-hook on it and skips layers whose
+    # forward did not run; fused BN + DY-ReLU sites (models' fuse_bn_act) never call the BN's
+    # forward, so their statistics came out as zeros (a zero variance: inf in evaluation). The
+    # plain sequence computes the same statistics.
+    fused = [m for m in model.modules() if getattr(m, "fuse_bn_act", False)]
+    for m in fused:
+        m.fuse_bn_act = False
     rng = ckpt_io.rng_state()
     try:
         update_bn_stats(model, inputs, num_iters=num_batches)
     finally:
         ckpt_io.set_rng_state(rng)
         model.train(was_training)
+        for m in fused:
+            m.fuse_bn_act = True
     for bn, (mean, var) in zip(bns, buffers):
         mean.copy_(bn.running_mean)
         var.copy_(bn.running_var)

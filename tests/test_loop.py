@@ -285,3 +285,25 @@ def test_loader_workers_start_once_per_run(monkeypatch, tmp_path):
     _train(monkeypatch, tmp_path / "run", "data.num_workers=1", "trainer.max_epochs=3", "trainer.ema_decay=0.5",
            "trainer.precise_bn_batches=1")
     assert starts == [True, True]  # the training loader's workers and the validation loader's
+
+
+def test_precise_bn_sees_fused_bn_dyrelu_sites():
+    """Fused BN + DY-ReLU sites never call their BN's forward, where fvcore counts a layer's batch:
+    precise BN must still give them the statistics the plain sequence gets (it gave zero variances,
+    an inf in evaluation)."""
+    import copy
+
+    import models
+    from engine.precise_bn import recalibrate_bn
+
+    torch.manual_seed(0)
+    fused = models.build_model("mbv2_035", act={"name": "dyrelu_b"}, num_classes=10)
+    plain = models.set_fuse_bn_act(copy.deepcopy(fused), False)
+    xs = [torch.randn(8, 3, 32, 32) for _ in range(3)]
+    recalibrate_bn(fused, iter(xs), 3)
+    recalibrate_bn(plain, iter(xs), 3)
+    assert all(m.fuse_bn_act for m in fused.modules() if hasattr(type(m), "fuse_bn_act"))  # fusion back on
+    a, b = dict(fused.named_buffers()), dict(plain.named_buffers())
+    for k in a:
+        if k.endswith(("running_mean", "running_var")):
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
