@@ -74,6 +74,6 @@ def test_tau_schedule_hook():
     c = compose(["act=dyrelu_c", "data=imagenet", "data.root=/x"])
     assert tau_at(c, 0, 300) is None  # no schedule: every DY-ReLU-C keeps the act.tau it was built with
     c = compose(["act=dyrelu_c", "data=imagenet", "data.root=/x", "trainer.tau_schedule.end=1.0"])
-    assert tau_at(c, 0, 100) == 10.0 and tau_at(c, 25, 100) == pytest.approx(5.5) and tau_at(c, 80, 100) == 1.0
+    assert tau_at(c, 0, 100) == 30.0 and tau_at(c, 25, 100) == pytest.approx(15.5) and tau_at(c, 80, 100) == 1.0
     c = compose(["act=dyrelu_c", "act.tau=100", "data=imagenet", "data.root=/x", "trainer.tau_schedule.end=1.0"])
     assert tau_at(c, 0, 100) == 100.0  # the schedule starts from act.tau

@@ -1,13 +1,13 @@
 """DY-ReLU trains about as well as ReLU on the demo: the regression test for the first landing's
-DY-ReLU-B, which stayed near chance while its validation loss spiked to 1e2-1e6.
+DY-ReLU-B, which stayed near chance while its validation loss spiked to 1e2-1e6, and for DY-ReLU-C
+with the paper's recipe alone, which stayed at chance on some seeds (docs/training-health.md).
 
-The two activations are compared with each other on the same data, seed and schedule (the default
-demo, shortened to 4 epochs), not against absolute numbers. With ``act.hyper_init=random`` (the
-first landing's initialisation) this test fails on the validation-loss check: on the 2-core machine
-DY-ReLU-B's validation loss reached about 1e5 times its training loss in epoch 2. The training-loss
-check is the looser guard against a DY-ReLU that does not learn at all: over these 100 steps the
-fixed DY-ReLU-B's loss fell by 0.26 against ReLU's 0.48 (seed 0), and it catches up by epoch 12
-(README's demo table).
+Each DY-ReLU is compared with ReLU on the same data, seed and schedule (the default demo, shortened
+to 4 epochs), not against absolute numbers. With ``act.hyper_init=random`` (the first landing's
+initialisation) DY-ReLU-B fails on the validation-loss check (about 1e5 times the training loss in
+epoch 2 on the 2-core machine). The training-loss check is the looser guard against a DY-ReLU that
+does not learn at all: with the paper's recipe alone, DY-ReLU-C's loss fell by 0.005 over these 100
+steps against ReLU's 0.20; with today's defaults by 0.10.
 """
 from __future__ import annotations
 
@@ -28,20 +28,28 @@ def _epochs(run_dir: Path) -> list[dict]:
         return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
+@pytest.fixture(scope="module")
+def relu_curve(tmp_path_factory) -> list[dict]:
+    run_dir = tmp_path_factory.mktemp("health") / "relu"
+    run_train(run_dir, "act=relu", *SHORT_DEMO, timeout=600)
+    return _epochs(run_dir)
+
+
 @pytest.mark.slow
-def test_dyrelu_b_trains_about_as_fast_as_relu(tmp_path):
-    curves = {}
-    for act in ("relu", "dyrelu_b"):
-        run_train(tmp_path / act, f"act={act}", *SHORT_DEMO, timeout=600)
-        curves[act] = _epochs(tmp_path / act)
-    relu, dyb = curves["relu"], curves["dyrelu_b"]
+@pytest.mark.parametrize("act", ["dyrelu_b", "dyrelu_c"])
+def test_dyrelu_trains_about_as_fast_as_relu(act, relu_curve, tmp_path):
+    """DY-ReLU-B with act.hyper_init=random, or DY-ReLU-C with the paper's recipe alone
+    (optim.spatial_lr_scale=1.0 act.tau=10), fails this test."""
+    run_train(tmp_path / act, f"act={act}", *SHORT_DEMO, timeout=600)
+    curves = {"relu": relu_curve, act: _epochs(tmp_path / act)}
     for name, rows in curves.items():
         for r in rows:  # the first landing's symptom: eval-mode losses of 1e2-1e6
             assert r["val_loss"] <= 10 * r["train_loss"], (name, r)
-    # Over the first epochs both losses fall from about ln(10), DY-ReLU-B's by a good part of ReLU's drop.
+    # Over the first epochs both losses fall from about ln(10), DY-ReLU's by a good part of ReLU's drop.
     drop = {name: rows[0]["train_loss"] - rows[-1]["train_loss"] for name, rows in curves.items()}
     assert drop["relu"] > 0.05, drop  # the comparison means something only if ReLU learns
-    assert drop["dyrelu_b"] >= 0.3 * drop["relu"], (drop, [r["train_loss"] for r in dyb], [r["train_loss"] for r in relu])
+    assert drop[act] >= 0.3 * drop["relu"], (drop, [r["train_loss"] for r in curves[act]],
+                                             [r["train_loss"] for r in relu_curve])
 
 
 @pytest.mark.parametrize("variant", ["A", "B", "C"])
