@@ -61,7 +61,7 @@ from dyrelu.errors import BadNameError
 
 from dyrelu.fused.bn_act import bn_dyrelu
 
-from . import ActBuilder, register_model, set_fuse_bn_act
+from ._registry import ActBuilder, register_model, set_fuse_bn_act
 
 __all__ = ["MobileNetV2", "InvertedResidual", "ConvBNAct", "MBV2_SETTINGS", "POSITIONS", "SITES", "MAXOUT_SITES"]
 

@@ -40,7 +40,7 @@ from torch import nn
 from timm.layers import SEModule, make_divisible
 from dyrelu.errors import BadNameError, BadValueError
 
-from . import ActBuilder, register_model, set_fuse_bn_act
+from ._registry import ActBuilder, register_model, set_fuse_bn_act
 from .mobilenetv2 import ConvBNAct, _init_weights
 
 __all__ = ["MobileNetV3", "MBV3_LARGE", "MBV3_SMALL"]

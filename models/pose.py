@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from dyrelu.errors import BadNameError, BadValueError
 
-from . import ActBuilder, build_model, set_fuse_bn_act
+from ._registry import ActBuilder, build_model, set_fuse_bn_act
 from .mobilenetv2 import InvertedResidual, _SiteActs, _init_weights
 
 __all__ = ["build_pose_model", "PoseNet", "PoseHead", "POSE_BACKBONES"]

@@ -34,7 +34,7 @@ from dyrelu.errors import BadValueError
 
 from dyrelu.fused.bn_act import bn_dyrelu
 
-from . import ActBuilder, register_model, set_fuse_bn_act
+from ._registry import ActBuilder, register_model, set_fuse_bn_act
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck"]
 
