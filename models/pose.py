@@ -96,16 +96,19 @@ def _strip_classifier(backbone: nn.Module) -> nn.Module:
     return backbone
 
 
-def build_pose_model(backbone: str, act: Any = "relu", head_act: Any = "relu", num_joints: int = 17,
+def build_pose_model(name: str, act: Any = "relu", head_act: Any = "relu", num_joints: int = 17,
                      head_channels: Optional[Sequence[int]] = None, head_expansion: int = 6,
-                     **backbone_kwargs) -> PoseNet:
-    """Keypoint model: ``backbone`` in POSE_BACKBONES with activation ``act`` (its own placement rules,
-    plus ``backbone_kwargs``, e.g. positions=..., dropout is unused), head with ``head_act``."""
-    if backbone not in POSE_BACKBONES:
-        raise BadNameError(f"unknown pose backbone {backbone!r}; valid: {', '.join(POSE_BACKBONES)}")
+                     dropout: Optional[float] = None, **backbone_kwargs) -> PoseNet:
+    """Keypoint model: the backbone ``name`` (one of POSE_BACKBONES) with activation ``act`` (its own
+    placement rules, plus ``backbone_kwargs``, e.g. positions=...), head with ``head_act``.
+
+    Takes a model group's keys as they are (configs/task/kpt.yaml targets it): ``dropout`` is a
+    classifier setting and the pose model has no classifier, so it is accepted and unused."""
+    if name not in POSE_BACKBONES:
+        raise BadNameError(f"unknown pose backbone {name!r}; valid: {', '.join(POSE_BACKBONES)}")
     backbone_kwargs.pop("num_classes", None)
     fuse_bn_act = bool(backbone_kwargs.pop("fuse_bn_act", True))
-    net = _strip_classifier(build_model(backbone, act=act, num_classes=0, fuse_bn_act=fuse_bn_act, **backbone_kwargs))
+    net = _strip_classifier(build_model(name, act=act, num_classes=0, fuse_bn_act=fuse_bn_act, **backbone_kwargs))
     sizing = {k: backbone_kwargs[k] for k in ("hyper_min",) if k in backbone_kwargs}
     head = PoseHead(net.num_features, num_joints, act=head_act, channels=head_channels or DEFAULT_HEAD_CHANNELS,
                     expansion=head_expansion, **sizing)

@@ -1,10 +1,15 @@
-"""Every model x activation pair the paper uses composes from the configs and runs forward."""
+"""Every model x activation pair the paper uses composes from the configs and runs forward; the
+composed config names what is built."""
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 import torch
+import yaml
 
-from runs import compose
+from runs import ROOT, compose, env
 
 CLS_PAIRS = (
     [("mbv2_035", a) for a in ["relu", "dyrelu_a", "dyrelu_b", "dyrelu_c", "rrelu", "leaky_relu", "prelu",
@@ -44,6 +49,40 @@ def test_kpt_pair_composes_and_runs(model, act, head):
     with torch.no_grad():
         out = net(torch.randn(1, 3, 128, 96))
     assert out.shape == (1, 17, 32, 24)
+
+
+TASKS = sorted(p.stem for p in (ROOT / "configs" / "task").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_the_composed_target_is_what_the_task_builds(task, monkeypatch):
+    """``model._target_`` of the composed config is the function the engine calls to build the network."""
+    from hydra.utils import get_method
+
+    cfg = compose([f"task={task}"])
+    target = cfg.model._target_
+    module, _, name = target.rpartition(".")
+    builder, calls = get_method(target), []
+
+    def spy(*args, **kwargs):
+        calls.append(builder(*args, **kwargs))
+        return calls[-1]
+
+    monkeypatch.setattr(f"{module}.{name}", spy)
+    net = _build(cfg)
+    assert len(calls) == 1 and calls[0] is net
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_cfg_job_prints_the_target_that_is_built(task):
+    """``python train.py task=<t> --cfg job`` shows the same ``_target_`` the engine instantiates."""
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), f"task={task}", "--cfg", "job"], cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    printed = yaml.safe_load(p.stdout)
+    assert printed["task"]["name"] == task
+    assert printed["model"]["_target_"] == compose([f"task={task}"]).model._target_
+    assert printed["model"]["_target_"] == {"cls": "models.build_model", "kpt": "models.build_pose_model"}[task]
 
 
 def test_recipes_follow_the_paper():

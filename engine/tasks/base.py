@@ -1,7 +1,7 @@
 """The task interface the loop talks to."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from hydra.utils import instantiate
@@ -18,8 +18,6 @@ class Task:
 
     name: str = ""
     primary_metric: str = ""  # the metric that picks best.pt (higher is better)
-    #: what builds the network from the model group; None: the group's own ``_target_``
-    model_target: Optional[str] = None
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -28,9 +26,10 @@ class Task:
         raise NotImplementedError
 
     def build_model(self) -> nn.Module:
-        """The same for every task: instantiate the model group with the activation group
-        (and head_act when the task has one), the task's target and its ``model_kwargs()``."""
-        extra = {"_target_": self.model_target} if self.model_target else {}
+        """The same for every task: instantiate the model group (its ``_target_`` is what builds
+        the network; a task config sets its own) with the activation group (and head_act when the
+        task has one) and the task's ``model_kwargs()``."""
+        extra = {}
         if "head_act" in self.cfg and self.cfg.head_act is not None:
             extra["head_act"] = OmegaConf.to_container(self.cfg.head_act, resolve=True)
         return instantiate(self.cfg.model, act=OmegaConf.to_container(self.cfg.act, resolve=True), **extra,

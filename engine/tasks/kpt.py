@@ -13,14 +13,6 @@ from .base import Task
 KPT_DATASETS = ("coco", "coco_demo")
 
 
-def build_pose_net(name: str, dropout: float | None = None, **kwargs) -> nn.Module:
-    """models.build_pose_model for a model group: its ``name`` is the backbone; ``dropout`` is a
-    classifier setting, and the pose model has no classifier."""
-    from models import build_pose_model
-
-    return build_pose_model(name, **kwargs)
-
-
 class JointsMSELoss(nn.Module):
     """Mean over joints of 0.5 * MSE(heatmap), each joint weighted by its target weight."""
 
@@ -35,7 +27,6 @@ class JointsMSELoss(nn.Module):
 class KeypointTask(Task):
     name = "kpt"
     primary_metric = "ap"
-    model_target = "engine.tasks.kpt.build_pose_net"
 
     def __init__(self, cfg):
         super().__init__(cfg)
