@@ -18,13 +18,10 @@ from omegaconf import DictConfig
 def _train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> float | None:
     from engine.cli import check_added_keys
     from engine.errors import check_mandatory
-    from engine.validate import validate
 
-    # Config mistakes fail here, before the loop's heavy imports (timm, torchvision: seconds).
     check_added_keys(cfg, overrides)
     check_mandatory(cfg, "python train.py")
-    validate(cfg)
-    from engine.loop import run
+    from engine.loop import run  # run() validates the config before it builds anything
 
     results = run(cfg, run_dir)
     return results.get(f"best_{'top1' if results['task'] == 'cls' else 'ap'}")  # for Hydra sweepers
