@@ -173,8 +173,9 @@ def evaluate_checkpoint(argv: Sequence[str]) -> dict:
                                    f"{cfg.data.name} set (train.py does): leave data.root out to use the cached one")
 
     run = load_run(ckpt, prepare=prepare)
-    # The loop's module pulls in timm and torchvision (seconds): only once the command is known good.
-    from .loop import autocast_factory, make_loader, resolve_device, use_channels_last
+    # The runtime pulls in timm and torchvision (seconds): only once the command is known good.
+    from .loaders import make_loader
+    from .runtime import autocast_factory, resolve_device, use_channels_last
 
     cfg, state, path = run.cfg, run.state, Path(ckpt)
     device = resolve_device(cfg.trainer.device)

@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Iterator, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, get_worker_info
 
+from dyrelu.errors import BadValueError
+
 from .distributed import DistInfo
+
+if TYPE_CHECKING:
+    from .tasks.base import Task
 
 PREFETCH_FACTOR = 2  # batches in flight per worker
 
@@ -105,3 +111,35 @@ def val_indices(n: int, dist: DistInfo, limit_batches: Optional[int], per_rank_b
 
     common = min(math.ceil(len(share(r)) / per_rank_batch) for r in range(dist.world_size))
     return share(dist.rank), common
+
+
+@dataclass
+class Data:
+    """The loaders of one run and the numbers the loop needs from them."""
+    train_loader: torch.utils.data.DataLoader
+    sampler: EpochBatchSampler          # tells the training loader each epoch's batches
+    val_loader: torch.utils.data.DataLoader
+    val_common: int                     # validation batches that every rank has
+    steps_per_epoch: int                # full global batches in the training set
+    num_steps: int                      # steps trained per epoch (trainer.limit_train_batches)
+
+
+def build_data(cfg, task: Task, dist: DistInfo) -> Data:
+    """The task's datasets and persistent loaders: training batches strided over ranks from one
+    seeded order per epoch, validation samples strided over ranks."""
+    d, trainer = cfg.data, cfg.trainer
+    if d.batch_size % dist.world_size:
+        raise BadValueError(f"data.batch_size={d.batch_size} (global) is not divisible by the {dist.world_size} ranks")
+    per_rank_batch = d.batch_size // dist.world_size
+    train_ds, val_ds = task.build_datasets()
+    steps_per_epoch = len(train_ds) // d.batch_size
+    if steps_per_epoch == 0:
+        raise BadValueError(f"the training set has {len(train_ds)} samples, fewer than one global batch (data.batch_size={d.batch_size})")
+    sampler = EpochBatchSampler(len(train_ds), int(cfg.seed), per_rank_batch, dist)
+    val_share, val_common = val_indices(len(val_ds), dist, trainer.limit_val_batches, per_rank_batch)
+    return Data(
+        train_loader=make_train_loader(train_ds, sampler, int(d.num_workers), task.collate_fn()), sampler=sampler,
+        val_loader=make_loader(val_ds, val_share, per_rank_batch, int(d.num_workers), int(cfg.seed), task.collate_fn()),
+        val_common=val_common, steps_per_epoch=steps_per_epoch,
+        num_steps=min(steps_per_epoch, trainer.limit_train_batches or steps_per_epoch),
+    )

@@ -2,7 +2,9 @@
 
 Reads like torchvision's classification reference: `run` is the recipe (config, data, model,
 optimizer, resume, epochs, results); `train_one_epoch` and `evaluate` are plain functions
-that take a small `TrainState`.
+that take a small `TrainState`. What the recipe calls lives beside it: runtime.py (device,
+precision, process, the model on the device), loaders.py (the run's loaders), state.py
+(TrainState and its checkpoints).
 
 Host syncs: a training step never waits for the GPU. The loss, a non-finite-loss flag and the
 stop flag are summed on the device and read (one `.tolist()`, after one all-reduce under DDP)
@@ -11,30 +13,27 @@ stops the run within `log_every` steps.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 from omegaconf import OmegaConf
-from torch.nn.parallel import DistributedDataParallel
 
 import dyrelu
-from dyrelu.errors import USER_ERROR_EXIT_CODE, BadValueError, NonFiniteLossError  # user errors: one line, exit 2
+from dyrelu.errors import USER_ERROR_EXIT_CODE, NonFiniteLossError  # user errors: one line, exit 2
 
 from . import checkpoint as ckpt_io
-from .determinism import use_deterministic_algorithms, use_deterministic_pooling
-from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed
-from .loaders import EpochBatchSampler, make_loader, make_train_loader, val_indices
+from .distributed import all_gather_objects, all_reduce_sum, barrier, broadcast_object, cleanup
+from .loaders import Data, EpochBatchSampler, build_data
 from .loggers import RunLogger
-from .optim import build_optimizer, build_scheduler
 from .precise_bn import recalibrate_bn
-from .signals import PreemptionHandler, StopRequested, request_requeue
+from .runtime import build_model, setup_process, use_channels_last, wrap_for_training
+from .signals import PreemptionHandler, StoppableBatches, StopRequested
+from .state import TrainState, build_state, checkpoint, resume, save_and_stop, save_last, seed_epoch
 from .tasks import build_task
 from .tasks.base import Task
 from .threads import CpuThreads
@@ -42,87 +41,12 @@ from .validate import validate
 
 log = logging.getLogger("dyrelu.train")
 
-__all__ = ["run", "train_one_epoch", "evaluate", "TrainState", "make_loader", "resolve_device", "autocast_factory",
-           "use_channels_last", "NonFiniteLossError", "tau_at"]
+__all__ = ["run", "train_one_epoch", "evaluate", "tau_at"]
 
 
 # ---------------------------------------------------------------------------------------------
-# settings shared with eval.py
+# one epoch of training, one evaluation
 # ---------------------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise BadValueError("trainer.device=cuda but no CUDA device is available; use trainer.device=cpu or auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def use_channels_last(trainer_cfg, device: torch.device) -> bool:
-    """trainer.channels_last: auto means on for CUDA (cuDNN's fast layout), off on CPUs."""
-    if trainer_cfg.channels_last == "auto":
-        return device.type == "cuda"
-    return bool(trainer_cfg.channels_last)
-
-
-def autocast_factory(amp: str, device: torch.device):
-    """(a context-manager factory, a GradScaler or None) for trainer.amp."""
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "off"
-    if amp in ("off", False):
-        return contextlib.nullcontext, None
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
-
-
-def tau_at(cfg, epoch: int, max_epochs: int) -> Optional[float]:
-    """DY-ReLU-C's softmax temperature for ``epoch`` (trainer.tau_schedule), or None to leave each
-    module at the ``tau`` it was built with (the default: no schedule, so ``act.tau`` holds).
-
-    An unset ``start`` is ``act.tau``; an unset ``end`` is ``start`` (engine/validate.py rejects a
-    ``start`` that contradicts ``act.tau``).
-    """
-    ts = cfg.trainer.tau_schedule
-    if ts.start is None and ts.end is None:
-        return None
-    act_tau = cfg.act.get("tau") if "act" in cfg else None
-    start = float(ts.start if ts.start is not None else (act_tau if act_tau is not None else 10.0))
-    end_value = start if ts.end is None else float(ts.end)
-    end = max(1.0, float(ts.end_epoch_frac) * max_epochs)
-    frac = min(1.0, epoch / end)
-    return start + frac * (end_value - start)
-
-
-# ---------------------------------------------------------------------------------------------
-# the state one epoch reads and advances
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class TrainState:
-    model: torch.nn.Module            # the module as built (weights, checkpoints, EMA, evaluation)
-    train_model: torch.nn.Module      # what the steps call: `model`, DDP-wrapped under torchrun
-    task: Task
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    autocast: Callable
-    device: torch.device
-    channels_last: bool
-    dist: DistInfo
-    scaler: Optional[torch.amp.GradScaler] = None
-    ema: Optional[torch.nn.Module] = None
-    grad_clip: Optional[float] = None
-    log_every: int = 50
-    epoch: int = 0                    # the epoch being trained (0-based)
-    step_in_epoch: int = 0            # optimizer steps done in this epoch
-    global_step: int = 0
-    best: float = -math.inf
-    metrics: dict = field(default_factory=dict)
-    # This epoch's loss sum and sample count so far (saved mid-epoch, so a resumed epoch
-    # reports the same train_loss as an uninterrupted one).
-    epoch_loss_sum: float = 0.0
-    epoch_seen: int = 0
-    last_good: Optional[str] = None   # the newest checkpoint written, named if the loss blows up
-
-
 class _Syncs:
     """The per-epoch device-side accumulators, read at sync points only."""
 
@@ -243,160 +167,9 @@ def evaluate(model, task: Task, loader, *, device, autocast, channels_last, prog
     return task.evaluate(model, loader, device, autocast, channels_last)
 
 
-class _StoppableBatches:
-    """Yields a loader's batches; every ``every`` batches, all ranks agree on the stop flag and
-    ``on_stop()`` runs when it is set (validation honours preemption too). Ranks may hold
-    different numbers of validation batches, so they agree only within the first ``common``
-    batches, which every rank has."""
-
-    def __init__(self, loader, preempt, every: int, on_stop, common: int, device: torch.device):
-        self.loader, self.preempt, self.every, self.on_stop = loader, preempt, every, on_stop
-        self.common, self.device = common, device
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __iter__(self):
-        for i, batch in enumerate(self.loader, start=1):
-            yield batch
-            if i % self.every == 0 and i <= self.common and _agree(self.preempt.requested, self.device):
-                self.on_stop()
-
-
-def _agree(flag: bool, device: torch.device) -> bool:
-    """True when any rank has ``flag`` set (no collective without DDP)."""
-    import torch.distributed as tdist
-
-    if not (tdist.is_available() and tdist.is_initialized()):
-        return bool(flag)
-    return all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0
-
-
 # ---------------------------------------------------------------------------------------------
 # the recipe's steps
 # ---------------------------------------------------------------------------------------------
-def setup_process(cfg) -> tuple[torch.device, DistInfo]:
-    """Device, process group, determinism settings and the first seed."""
-    device = resolve_device(cfg.trainer.device)
-    dist = init_distributed(device.type)
-    if device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
-    if not dist.is_main:  # rank 0 speaks for the run
-        logging.getLogger().setLevel(logging.WARNING)
-    if device.type == "cpu":
-        # Tiny gradients (heatmap MSE) make Adam's second moments denormal, which is 10-100x
-        # slower on x86 CPUs; flushing them to zero changes nothing measurable.
-        torch.set_flush_denormal(True)
-    if cfg.trainer.deterministic:
-        use_deterministic_algorithms()
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    ckpt_io.seed_everything(int(cfg.seed) + dist.rank)
-    return device, dist
-
-
-def count_complexity(model, input_size) -> dict:
-    from dyrelu.flops import count_complexity as count
-
-    c = count(model, input_size)
-    # madds counts all of DY-ReLU's work; madds_paper is the paper's convention (its multiplies only).
-    return {k: int(c[k]) for k in ("params", "params_no_classifier", "madds", "madds_paper")}
-
-
-def build_model(cfg, task: Task, device: torch.device, dist: DistInfo, channels_last: bool):
-    """The task's model on ``device`` (global-batch BN under DDP) and its complexity."""
-    model = task.build_model()
-    complexity = broadcast_object(count_complexity(model, task.input_size()) if dist.is_main else None)
-    log.info("model %s act %s%s: %.3f M params, %.2f M MAdds at %s", cfg.model.name, cfg.act.name,
-             f" head {cfg.head_act.name}" if "head_act" in cfg else "", complexity["params"] / 1e6,
-             complexity["madds"] / 1e6, "x".join(map(str, task.input_size()[1:])))
-    if cfg.trainer.deterministic:
-        use_deterministic_pooling(model)
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    if dist.enabled and cfg.trainer.sync_bn:
-        if device.type == "cuda":
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        else:
-            from .sync_bn import convert_global_batchnorm
-
-            model = convert_global_batchnorm(model)
-    return model, complexity
-
-
-def wrap_for_training(model, cfg, device: torch.device, dist: DistInfo):
-    """torch.compile in place, then DDP: PyTorch's "Where to apply torch.compile?" page
-    (docs.pytorch.org/docs/stable/compile/programming_model.where_to_apply_compile.html) says
-    torch.compile does not handle wrappers like DDP well and shows ``model.compile()`` followed
-    by ``DistributedDataParallel(model)``. Compiling in place keeps state_dict keys unchanged."""
-    if cfg.trainer.compile:
-        model.compile()
-    if dist.enabled:
-        return DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
-    return model
-
-
-def resume(state: TrainState, last_path: Path, init_ckpt) -> Optional[dict]:
-    """Load last.pt into ``state`` (returns this rank's saved RNG state), or only the weights of
-    ``init_ckpt`` (a fresh optimizer). The schedule is a function of the config and the step
-    (its saved state is for inspection only), so a resumed run follows the config it runs with."""
-    if not last_path.exists():
-        if init_ckpt:
-            state.model.load_state_dict(ckpt_io.load(init_ckpt)["model"])
-            log.info("initialised weights from %s", init_ckpt)
-        return None
-    saved = ckpt_io.load(last_path)
-    state.model.load_state_dict(saved["model"])
-    state.optimizer.load_state_dict(saved["optimizer"])
-    if state.scaler is not None and saved.get("scaler"):
-        state.scaler.load_state_dict(saved["scaler"])
-    if state.ema is not None and saved.get("ema"):
-        state.ema.load_state_dict(saved["ema"])
-    state.epoch, state.step_in_epoch, state.global_step = saved["epoch"], saved.get("step_in_epoch", 0), saved["global_step"]
-    state.best, state.metrics = saved.get("best_metric", -math.inf), dict(saved.get("metrics", {}))
-    state.epoch_loss_sum, state.epoch_seen = saved.get("epoch_loss_sum", 0.0), saved.get("epoch_seen", 0)
-    state.scheduler.step_update(state.global_step)
-    if state.dist.is_main:
-        log.info("Resuming from %s: epoch %d, step %d (global step %d), best %s %.4f", last_path, state.epoch + 1,
-                 state.step_in_epoch, state.global_step, state.task.primary_metric, state.best)
-    rngs = saved["rng"]
-    return rngs[state.dist.rank] if isinstance(rngs, list) and state.dist.rank < len(rngs) else None
-
-
-def checkpoint(state: TrainState, rngs: list, extra: dict) -> dict:
-    """The contents of last.pt / best.pt; ``rngs`` is every rank's RNG state."""
-    return {
-        "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
-        "scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict() if state.scaler is not None else None,
-        "ema": state.ema.state_dict() if state.ema is not None else None,
-        "epoch": state.epoch, "step_in_epoch": state.step_in_epoch, "global_step": state.global_step,
-        "epoch_loss_sum": state.epoch_loss_sum, "epoch_seen": state.epoch_seen,
-        "best_metric": state.best, "metrics": state.metrics, "rng": rngs, **extra,
-    }
-
-
-def save_last(state: TrainState, last_path: Path, extra: dict) -> None:
-    """Write last.pt where the run stands (mid-epoch too: the RNG streams and the epoch's loss so far)."""
-    rngs = all_gather_objects(ckpt_io.rng_state())
-    if state.dist.is_main:
-        ckpt_io.atomic_save(checkpoint(state, rngs, extra), last_path)
-        state.last_good = str(last_path)
-    barrier()
-
-
-def save_and_stop(state: TrainState, preempt, last_path: Path, extra: dict):
-    """Write last.pt where the run stands, then unwind (handing the signal on, see signals.py)."""
-    chain = preempt.chained_handler()
-    save_last(state, last_path, extra)
-    if state.dist.is_main:
-        log.warning("saved %s at epoch %d step %d; stopping (run the same command to resume)", last_path,
-                    state.epoch + 1, state.step_in_epoch)
-        if chain is None:
-            request_requeue()
-    raise StopRequested(chain)
-
-
 def recalibrate_bn_stats(state: TrainState, loader, sampler: EpochBatchSampler, num_batches: int) -> None:
     """Precise BN (trainer.precise_bn_batches): the first batches of this epoch's order."""
     sampler.set_epoch(state.epoch, 0, num_batches)
@@ -406,75 +179,22 @@ def recalibrate_bn_stats(state: TrainState, loader, sampler: EpochBatchSampler, 
             recalibrate_bn(target, inputs, num_batches, state.dist.world_size)
 
 
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    return int(seed) * 1000 + epoch * 17 + rank
+def tau_at(cfg, epoch: int, max_epochs: int) -> Optional[float]:
+    """DY-ReLU-C's softmax temperature for ``epoch`` (trainer.tau_schedule), or None to leave each
+    module at the ``tau`` it was built with (the default: no schedule, so ``act.tau`` holds).
 
-
-def seed_epoch(cfg, state: TrainState, resumed_rng, train_loader) -> None:
-    """Each epoch's randomness depends only on (seed, epoch, rank), and mid-epoch on the saved
-    stream, in one order that the uninterrupted and the resumed run both follow:
-
-    1. the global generators (dropout, augmentation in the main process): seeded, or, in an
-       epoch resumed mid-way, the stream saved with the checkpoint;
-    2. the training loader's own generator, seeded. Starting its iterator draws a base seed (and,
-       when the workers start, their seeds) from it, never from the global generators, so it does
-       not matter whether this process starts the workers now (resumed) or started them epochs ago
-       (uninterrupted). Workers reseed per sample anyway (loaders.SeededSamples).
+    An unset ``start`` is ``act.tau``; an unset ``end`` is ``start`` (engine/validate.py rejects a
+    ``start`` that contradicts ``act.tau``).
     """
-    s = epoch_seed(cfg.seed, state.epoch, state.dist.rank)
-    if state.step_in_epoch > 0 and resumed_rng is not None:
-        ckpt_io.set_rng_state(resumed_rng)
-    else:
-        ckpt_io.seed_everything(s)
-    train_loader.generator.manual_seed((s * 1_000_003 + 1) % 2**63)
-
-
-@dataclass
-class Data:
-    """The loaders of one run and the numbers the loop needs from them."""
-    train_loader: torch.utils.data.DataLoader
-    sampler: EpochBatchSampler          # tells the training loader each epoch's batches
-    val_loader: torch.utils.data.DataLoader
-    val_common: int                     # validation batches that every rank has
-    steps_per_epoch: int                # full global batches in the training set
-    num_steps: int                      # steps trained per epoch (trainer.limit_train_batches)
-
-
-def build_data(cfg, task: Task, dist: DistInfo) -> Data:
-    """The task's datasets and persistent loaders: training batches strided over ranks from one
-    seeded order per epoch, validation samples strided over ranks."""
-    d, trainer = cfg.data, cfg.trainer
-    if d.batch_size % dist.world_size:
-        raise BadValueError(f"data.batch_size={d.batch_size} (global) is not divisible by the {dist.world_size} ranks")
-    per_rank_batch = d.batch_size // dist.world_size
-    train_ds, val_ds = task.build_datasets()
-    steps_per_epoch = len(train_ds) // d.batch_size
-    if steps_per_epoch == 0:
-        raise BadValueError(f"the training set has {len(train_ds)} samples, fewer than one global batch (data.batch_size={d.batch_size})")
-    sampler = EpochBatchSampler(len(train_ds), int(cfg.seed), per_rank_batch, dist)
-    val_share, val_common = val_indices(len(val_ds), dist, trainer.limit_val_batches, per_rank_batch)
-    return Data(
-        train_loader=make_train_loader(train_ds, sampler, int(d.num_workers), task.collate_fn()), sampler=sampler,
-        val_loader=make_loader(val_ds, val_share, per_rank_batch, int(d.num_workers), int(cfg.seed), task.collate_fn()),
-        val_common=val_common, steps_per_epoch=steps_per_epoch,
-        num_steps=min(steps_per_epoch, trainer.limit_train_batches or steps_per_epoch),
-    )
-
-
-def build_state(cfg, task: Task, model, data: Data, device: torch.device, dist: DistInfo, channels_last: bool) -> TrainState:
-    """Optimizer, per-step schedule, mixed precision and the EMA around ``model``."""
-    trainer = cfg.trainer
-    optimizer = build_optimizer(model, cfg.optim, cfg.data.batch_size)
-    scheduler = build_scheduler(optimizer, cfg.sched, int(trainer.max_epochs), data.num_steps)
-    autocast, scaler = autocast_factory(trainer.amp, device)
-    ema = None
-    if trainer.ema_decay:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(model, decay=float(trainer.ema_decay))  # before compile: a plain copy
-    return TrainState(model=model, train_model=model, task=task, optimizer=optimizer, scheduler=scheduler,
-                      autocast=autocast, device=device, channels_last=channels_last, dist=dist, scaler=scaler, ema=ema,
-                      grad_clip=trainer.grad_clip, log_every=int(trainer.log_every))
+    ts = cfg.trainer.tau_schedule
+    if ts.start is None and ts.end is None:
+        return None
+    act_tau = cfg.act.get("tau") if "act" in cfg else None
+    start = float(ts.start if ts.start is not None else (act_tau if act_tau is not None else 10.0))
+    end_value = start if ts.end is None else float(ts.end)
+    end = max(1.0, float(ts.end_epoch_frac) * max_epochs)
+    frac = min(1.0, epoch / end)
+    return start + frac * (end_value - start)
 
 
 def begin_epoch(cfg, state: TrainState, epoch: int, data: Data, resumed_rng) -> tuple[dict, Iterator]:
@@ -592,7 +312,7 @@ def _run(cfg, run_dir: str | Path, threads: CpuThreads) -> dict:
     try:
         with PreemptionHandler() as preempt:
             stop = lambda: save_and_stop(state, preempt, last_path, extra)  # noqa: E731
-            val_batches = _StoppableBatches(data.val_loader, preempt, state.log_every, stop, data.val_common, device)
+            val_batches = StoppableBatches(data.val_loader, preempt, state.log_every, stop, data.val_common, device)
             for epoch in range(state.epoch, max_epochs):
                 threads.rebalance()
                 row, batches = begin_epoch(cfg, state, epoch, data, resumed_rng)

@@ -3,7 +3,7 @@
 Signals handled: SIGTERM, SIGUSR1 and the one submitit uses for preemption and time-outs
 (SIGUSR2 unless ``SUBMITIT_PREEMPT_SIGNAL`` names another; see submitit's
 ``core/job_environment.py``). The handler only sets a flag. The loop reads it at its sync
-points (every ``trainer.log_every`` steps, and as often during validation), writes last.pt,
+points (every ``trainer.log_every`` steps, and as often during validation: StoppableBatches), writes last.pt,
 then either hands the signal to the handler that was installed before ours (submitit's, which
 pickles the job and requeues it) or, when there is none, exits with code 124 (and, under a
 plain SLURM batch job, requeues it with scontrol).
@@ -14,7 +14,10 @@ import logging
 import os
 import signal
 import subprocess
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -90,3 +93,35 @@ def request_requeue() -> None:
         log.warning("requeued SLURM job %s; it will resume from last.pt", job)
     except Exception as exc:  # the run is saved either way
         log.warning("could not requeue SLURM job %s: %s", job, exc)
+
+
+class StoppableBatches:
+    """Yields a loader's batches; every ``every`` batches, all ranks agree on the stop flag and
+    ``on_stop()`` runs when it is set (validation honours preemption too). Ranks may hold
+    different numbers of validation batches, so they agree only within the first ``common``
+    batches, which every rank has."""
+
+    def __init__(self, loader, preempt, every: int, on_stop, common: int, device: torch.device):
+        self.loader, self.preempt, self.every, self.on_stop = loader, preempt, every, on_stop
+        self.common, self.device = common, device
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader, start=1):
+            yield batch
+            if i % self.every == 0 and i <= self.common and any_rank(self.preempt.requested, self.device):
+                self.on_stop()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True when any rank has ``flag`` set (no collective without DDP)."""
+    import torch
+    import torch.distributed as tdist
+
+    from .distributed import all_reduce_sum
+
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return bool(flag)
+    return all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0

@@ -312,7 +312,8 @@ def main(argv=None) -> int:
     import torch
 
     from engine.errors import exit_on_user_error
-    from engine.loop import make_loader, resolve_device
+    from engine.loaders import make_loader
+    from engine.runtime import resolve_device
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     log = logging.getLogger("dyrelu.inspect")

@@ -20,7 +20,7 @@ from runs import ROOT, compose, env
 def test_user_errors_are_still_the_builtin_exceptions_callers_catch():
     from data.coco import CocoFormatError, CocoImageError
     from data.imagenet import BadImageError, DatasetRootError
-    from engine.loop import NonFiniteLossError
+    from dyrelu.errors import NonFiniteLossError
     from engine.validate import ConfigError
 
     assert issubclass(BadValueError, ValueError) and issubclass(BadNameError, ValueError)

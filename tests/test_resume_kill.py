@@ -41,7 +41,7 @@ import torch
 
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from engine import checkpoint, loop
+from engine import checkpoint, signals
 
 where = os.environ["KILL_AT"]
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
@@ -66,7 +66,7 @@ def step_hook(opt, args, kwargs):
 register_optimizer_step_post_hook(step_hook)
 
 validations = []
-batches = loop._StoppableBatches.__iter__
+batches = signals.StoppableBatches.__iter__
 
 def batches_then_maybe_die(self):
     validations.append(1)
@@ -75,7 +75,7 @@ def batches_then_maybe_die(self):
             die()
         yield batch
 
-loop._StoppableBatches.__iter__ = batches_then_maybe_die
+signals.StoppableBatches.__iter__ = batches_then_maybe_die
 sys.argv = [str(sys.argv[1]), *sys.argv[2:]]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
