@@ -7,11 +7,9 @@ from torch import nn
 from data import build_cls_datasets
 
 from ..distributed import all_reduce_sum
-from . import register_task
 from .base import Task
 
 
-@register_task("cls")
 class ClassificationTask(Task):
     name = "cls"
     primary_metric = "top1"

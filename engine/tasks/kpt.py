@@ -7,7 +7,6 @@ from torch import nn
 from dyrelu.errors import BadNameError
 
 from ..distributed import all_gather_objects
-from . import register_task
 from .base import Task
 
 KPT_DATASETS = ("coco", "coco_demo")
@@ -23,7 +22,6 @@ class JointsMSELoss(nn.Module):
         return 0.5 * ((pred * w - target * w) ** 2).mean()
 
 
-@register_task("kpt")
 class KeypointTask(Task):
     name = "kpt"
     primary_metric = "ap"
