@@ -42,9 +42,18 @@ def swap_data_group(cfg: DictConfig, name: str) -> None:
     cfg.data = loaded.data if path.read_text().lstrip().startswith("# @package _global_") else loaded
 
 
+def upgrade_stored_config(cfg: DictConfig) -> DictConfig:
+    """A checkpoint's config as today's configs would compose it. Until task=kpt's config named its
+    network's builder, a keypoint run stored the model group's ``models.build_model`` and the code
+    swapped in the pose builder; such a config now names ``models.build_pose_model`` itself."""
+    if OmegaConf.select(cfg, "task.name") == "kpt" and OmegaConf.select(cfg, "model._target_") == "models.build_model":
+        cfg.model._target_ = "models.build_pose_model"
+    return cfg
+
+
 def build_run(cfg: DictConfig, state: dict) -> LoadedRun:
     """The task, validation set and model (weights of ``state`` loaded, on the CPU) of a run config."""
-    task = build_task(cfg)
+    task = build_task(upgrade_stored_config(cfg))
     _, val_ds = task.build_datasets()
     model = task.build_model()
     model.load_state_dict(state["model"])

@@ -85,6 +85,17 @@ def test_cfg_job_prints_the_target_that_is_built(task):
     assert printed["model"]["_target_"] == {"cls": "models.build_model", "kpt": "models.build_pose_model"}[task]
 
 
+def test_a_keypoint_config_stored_before_kpt_named_its_builder_still_builds_the_pose_model():
+    from engine.evaluate import upgrade_stored_config
+    from models.pose import PoseNet
+
+    cfg = compose(["task=kpt", "model=mbv3_small", "act=relu"])
+    cfg.model._target_ = "models.build_model"  # what such a checkpoint stored
+    assert isinstance(_build(upgrade_stored_config(cfg)), PoseNet)
+    cls_cfg = compose(["model=mbv3_small"])
+    assert upgrade_stored_config(cls_cfg).model._target_ == "models.build_model"
+
+
 def test_recipes_follow_the_paper():
     c = compose(["model=mbv2_035", "data=imagenet", "data.root=/x"])
     assert (c.optim.name, c.optim.lr, c.optim.momentum, c.optim.weight_decay) == ("sgd", 0.05, 0.9, 2.0e-5)
