@@ -33,7 +33,7 @@ from .errors import BadValueError
 
 VARIANTS = ("A", "B", "C")
 IMPLS = ("auto", "reference", "fused")
-HYPER_INITS = ("zero", "random")
+HYPER_INITS = ("zero", "small", "random")
 #: How variant C's spatial logits z are normalised before the softmax (see DyReLU.spatial_pi).
 SPATIAL_NORMS = ("none", "bn", "std")
 
@@ -185,6 +185,13 @@ class DyReLU(nn.Module):
             # Linear init instead starts every channel at a different random piecewise function,
             # which on the demo left DY-ReLU-B near chance with eval losses of 1e2-1e6.
             nn.init.zeros_(self.fc2.weight)
+            nn.init.zeros_(self.fc2.bias)
+        elif hyper_init == "small":
+            # Between the two: the residuals start near zero (FC2 at a tenth of PyTorch's default
+            # weights, zero bias), but FC1 gets a gradient from the first step (with FC2 = 0 it gets none
+            # until FC2 has moved), so the hyper function can become input-dependent sooner.
+            with torch.no_grad():
+                self.fc2.weight.mul_(0.1)
             nn.init.zeros_(self.fc2.bias)
         self.register_load_state_dict_post_hook(DyReLU._after_load)
 

@@ -75,5 +75,12 @@ def test_random_hyper_init_is_not_its_initial_function():
     x = torch.randn(4, 16, 5, 5)
     act = dyrelu.DyReLU(16, variant="B", hyper_init="random")
     assert (act(x) - torch.relu(x)).abs().max() > 1e-2
+    # "small": near the initial function, a tenth of the random init's distance from it
+    dist = {}
+    for init in ("small", "random"):
+        torch.manual_seed(0)
+        a = dyrelu.DyReLU(16, variant="B", reduction=2, hyper_init=init).coefficients(x).a
+        dist[init] = float((a - torch.tensor([1.0, 0.0]).reshape(1, 2, 1)).abs().max())
+    assert 0 < dist["small"] < 0.2 * dist["random"], dist
     with pytest.raises(ValueError, match="hyper_init='ones' is not one of"):
         dyrelu.DyReLU(16, hyper_init="ones")
