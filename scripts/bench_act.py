@@ -78,7 +78,9 @@ VARIANTS = ("relu", "dyrelu_b_reference", "dyrelu_b_fused", "dyrelu_c_fused", "d
 EXTRA_VARIANTS = ("dyrelu_a_fused", "dyrelu_b_fused_nobn")
 INFERENCE_WAYS = ("eager", "prepared", "onnxrt", "aoti")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _bootstrap import ROOT as _ROOT  # the checkout on sys.path (the framework is not installed)
+
+ROOT = str(_ROOT)  # the workers' cwd and PYTHONPATH
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,7 +411,6 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
     if args.worker:
-        sys.path.insert(0, ROOT)
         print(json.dumps(run_worker(args.worker, args)))
         return None
     load_start = os.getloadavg()

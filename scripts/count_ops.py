@@ -22,12 +22,9 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from _bootstrap import ROOT  # noqa: F401  the checkout on sys.path (the framework is not installed)
 
 ACTS = ("relu", "dyrelu_b", "dyrelu_c")
 BUDGETS = {"dyrelu_b": 2.0, "dyrelu_c": 3.0}
