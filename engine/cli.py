@@ -173,19 +173,19 @@ def _returned_class(fn: Callable) -> Optional[type]:
 
 def accepted_arguments(node: DictConfig) -> Optional[set]:
     """The arguments the builder of a ``_target_`` node takes (None: it takes any). A builder taking
-    ``**kwargs`` is followed to the named builder it dispatches to (``models.build_model`` picks
-    ``node.name`` from its registry) and to the class that builder returns."""
+    ``**kwargs`` is followed to the network it dispatches to (``models.build_model`` and
+    ``models.build_pose_model`` pass them to the registered builder ``node.name``) and to the class
+    that builder returns."""
     from hydra.utils import get_method
+
+    from models import list_models, model_builder
 
     fn = get_method(str(node._target_))
     named, var = _params(fn)
-    if var and "name" in node:
-        registry = next((v for k, v in getattr(fn, "__globals__", {}).items()
-                         if k.startswith("_") and isinstance(v, dict) and node.name in v and callable(v[node.name])), None)
-        if registry is not None:
-            fn = registry[node.name]
-            more, var = _params(fn)
-            named |= more
+    if var and "name" in node and node.name in list_models():
+        fn = model_builder(node.name)
+        more, var = _params(fn)
+        named |= more
     if var:
         cls = _returned_class(fn)
         if cls is not None:

@@ -34,6 +34,13 @@ def register_model(fn: Optional[Callable] = None, *, name: Optional[str] = None)
     return deco(fn) if fn is not None else deco
 
 
+def model_builder(name: str) -> Callable[..., nn.Module]:
+    """The registered builder of network ``name``."""
+    if name not in _MODELS:
+        raise BadNameError(f"unknown model {name!r}; valid names: {', '.join(list_models())}")
+    return _MODELS[name]
+
+
 def list_models() -> List[str]:
     """Registered model names, sorted."""
     return sorted(_MODELS)

@@ -1,4 +1,4 @@
-# Shared by scripts/table*.sh and scripts/supp_table*.sh (sourced, not run). See README.md (Paper tables).
+# Shared by scripts/table*.sh and scripts/supp_table*.sh (sourced, not run). See docs/tables.md.
 #
 # A table script sets TABLE, ROWS_DEFAULT (its experiment entries, configs/experiment/$TABLE/<row>.yaml)
 # and SEEDS_DEFAULT, then calls `run_sweep "$@"`. Arguments are Hydra overrides passed to every run.

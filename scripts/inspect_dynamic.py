@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Is DY-ReLU dynamic? Fig. 3 and supplementary Fig. 1 of the paper, plus the two statistics of Sec. 5.2.
+r"""Is DY-ReLU dynamic? Fig. 3 and supplementary Fig. 1 of the paper, the two statistics of Sec. 5.2,
+and each layer's spread across images.
 
     python scripts/inspect_dynamic.py <run>/checkpoints/best.pt [--max-images 50000] [--out <dir>] \
         [--wandb auto|true|false] [data=imagenet] [data.root=/path/to/imagenet] [data.batch_size=256] \

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Supplementary Table 1: related activations on ImageNet, MobileNetV2 x1.0 (PReLU channel-wise and channel-shared).
-# Entries: configs/experiment/supp_table1/<row>.yaml. Options (ROWS, SEEDS, TORCHRUN, SLURM): README.md (Paper tables).
+# Entries: configs/experiment/supp_table1/<row>.yaml. Options (ROWS, SEEDS, TORCHRUN, SLURM): docs/tables.md.
 #
 #   bash scripts/supp_table1.sh data.root=/path/to/imagenet   # the real thing, local
 #   bash scripts/supp_table1.sh data.root=/path/to/imagenet hydra/launcher=submitit_slurm hydra.launcher.partition=<p>

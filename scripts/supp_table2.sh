@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Supplementary Table 2: all 16 backbone x head combinations on COCO keypoints, MobileNetV2 x0.5.
-# Entries: configs/experiment/supp_table2/<row>.yaml. Options (ROWS, SEEDS, TORCHRUN, SLURM): README.md (Paper tables).
+# Entries: configs/experiment/supp_table2/<row>.yaml. Options (ROWS, SEEDS, TORCHRUN, SLURM): docs/tables.md.
 #
 #   bash scripts/supp_table2.sh data.root=/path/to/coco   # the real thing, local
 #   bash scripts/supp_table2.sh data.root=/path/to/coco hydra/launcher=submitit_slurm hydra.launcher.partition=<p>

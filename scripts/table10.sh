@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Table 10: ReLU (ReLU/SE/HS) vs DY-ReLU-C K=2 in backbone and head on COCO keypoints.
-# Entries: configs/experiment/table10/<row>.yaml. Options (ROWS, SEEDS, TORCHRUN, SLURM): README.md (Paper tables).
+# Entries: configs/experiment/table10/<row>.yaml. Options (ROWS, SEEDS, TORCHRUN, SLURM): docs/tables.md.
 #
 #   bash scripts/table10.sh data.root=/path/to/coco   # the real thing, local
 #   bash scripts/table10.sh data.root=/path/to/coco hydra/launcher=submitit_slurm hydra.launcher.partition=<p>

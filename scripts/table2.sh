@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Table 2: DY-ReLU-A/B/C vs ReLU on ImageNet, MobileNetV2 x0.35, 3 seeds.
-# Entries: configs/experiment/table2/<row>.yaml. Options (ROWS, SEEDS, TORCHRUN, SLURM): README.md (Paper tables).
+# Entries: configs/experiment/table2/<row>.yaml. Options (ROWS, SEEDS, TORCHRUN, SLURM): docs/tables.md.
 #
 #   bash scripts/table2.sh data.root=/path/to/imagenet   # the real thing, local
 #   bash scripts/table2.sh data.root=/path/to/imagenet hydra/launcher=submitit_slurm hydra.launcher.partition=<p>

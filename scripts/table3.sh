@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Table 3: backbone/head DY-ReLU variants on COCO keypoints, MobileNetV2 x0.5, 3 seeds.
-# Entries: configs/experiment/table3/<row>.yaml. Options (ROWS, SEEDS, TORCHRUN, SLURM): README.md (Paper tables).
+# Entries: configs/experiment/table3/<row>.yaml. Options (ROWS, SEEDS, TORCHRUN, SLURM): docs/tables.md.
 #
 #   bash scripts/table3.sh data.root=/path/to/coco   # the real thing, local
 #   bash scripts/table3.sh data.root=/path/to/coco hydra/launcher=submitit_slurm hydra.launcher.partition=<p>

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Table 4: ReLU (ReLU/SE/HS) vs DY-ReLU-B K=2 on ImageNet: MobileNetV2 x0.35-1.0, MobileNetV3, ResNet-10..50.
-# Entries: configs/experiment/table4/<row>.yaml. Options (ROWS, SEEDS, TORCHRUN, SLURM): README.md (Paper tables).
+# Entries: configs/experiment/table4/<row>.yaml. Options (ROWS, SEEDS, TORCHRUN, SLURM): docs/tables.md.
 #
 #   bash scripts/table4.sh data.root=/path/to/imagenet   # the real thing, local
 #   bash scripts/table4.sh data.root=/path/to/imagenet hydra/launcher=submitit_slurm hydra.launcher.partition=<p>

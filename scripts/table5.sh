@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Table 5: related activations (RReLU, LeakyReLU, PReLU, SE+ReLU, Maxout, DY-ReLU-B K=2,3) on ImageNet, MobileNetV2 x0.35 and x1.0.
-# Entries: configs/experiment/table5/<row>.yaml. Options (ROWS, SEEDS, TORCHRUN, SLURM): README.md (Paper tables).
+# Entries: configs/experiment/table5/<row>.yaml. Options (ROWS, SEEDS, TORCHRUN, SLURM): docs/tables.md.
 #
 #   bash scripts/table5.sh data.root=/path/to/imagenet   # the real thing, local
 #   bash scripts/table5.sh data.root=/path/to/imagenet hydra/launcher=submitit_slurm hydra.launcher.partition=<p>

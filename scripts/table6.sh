@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Table 6: dynamic piecewise functions (dynamic segments, intercepts, K) on ImageNet, MobileNetV2 x0.35.
-# Entries: configs/experiment/table6/<row>.yaml. Options (ROWS, SEEDS, TORCHRUN, SLURM): README.md (Paper tables).
+# Entries: configs/experiment/table6/<row>.yaml. Options (ROWS, SEEDS, TORCHRUN, SLURM): docs/tables.md.
 #
 #   bash scripts/table6.sh data.root=/path/to/imagenet   # the real thing, local
 #   bash scripts/table6.sh data.root=/path/to/imagenet hydra/launcher=submitit_slurm hydra.launcher.partition=<p>

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Table 7: DY-ReLU-B at A1/A2/A3 (model.positions) on ImageNet, MobileNetV2 x0.35.
-# Entries: configs/experiment/table7/<row>.yaml. Options (ROWS, SEEDS, TORCHRUN, SLURM): README.md (Paper tables).
+# Entries: configs/experiment/table7/<row>.yaml. Options (ROWS, SEEDS, TORCHRUN, SLURM): docs/tables.md.
 #
 #   bash scripts/table7.sh data.root=/path/to/imagenet   # the real thing, local
 #   bash scripts/table7.sh data.root=/path/to/imagenet hydra/launcher=submitit_slurm hydra.launcher.partition=<p>

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Table 8: reduction ratio R (act.reduction) on ImageNet, MobileNetV2 x0.35.
-# Entries: configs/experiment/table8/<row>.yaml. Options (ROWS, SEEDS, TORCHRUN, SLURM): README.md (Paper tables).
+# Entries: configs/experiment/table8/<row>.yaml. Options (ROWS, SEEDS, TORCHRUN, SLURM): docs/tables.md.
 #
 #   bash scripts/table8.sh data.root=/path/to/imagenet   # the real thing, local
 #   bash scripts/table8.sh data.root=/path/to/imagenet hydra/launcher=submitit_slurm hydra.launcher.partition=<p>

@@ -2,7 +2,7 @@
 # Table 9: DY-ReLU-B hyper-parameters (init_a, init_b, lambda_a) on ImageNet, MobileNetV2 x0.35.
 # The default setting is one run ('default') shown in all three sub-tables. init_a_0_0 is expected
 # to diverge (the paper: 'not converge'); it runs last so that its failure cannot cut the sweep short.
-# Entries: configs/experiment/table9/<row>.yaml. Options (ROWS, SEEDS, TORCHRUN, SLURM): README.md (Paper tables).
+# Entries: configs/experiment/table9/<row>.yaml. Options (ROWS, SEEDS, TORCHRUN, SLURM): docs/tables.md.
 #
 #   bash scripts/table9.sh data.root=/path/to/imagenet   # the real thing, local
 #   bash scripts/table9.sh data.root=/path/to/imagenet hydra/launcher=submitit_slurm hydra.launcher.partition=<p>
