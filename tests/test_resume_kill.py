@@ -12,8 +12,9 @@ precise point, so the kill lands where it is meant to on any machine load:
 
 Covered (one uninterrupted reference per activation and worker count, shared by its cases):
 ReLU with 0 workers at the epoch end and in validation, DY-ReLU-B with 2 workers at the epoch end
-and mid-epoch, ReLU with 2 workers mid-epoch, DY-ReLU-B with 0 workers in validation. Every kill
-point, activation and worker count is covered; the full cross product would double the runtime.
+and mid-epoch. Every kill point, activation and worker count is covered; the full cross product
+(12 cases, 4 references) would take about three times as long, and the suite must stay under 15
+minutes on 2 cores.
 """
 from __future__ import annotations
 
@@ -84,9 +85,7 @@ CASES = [
     ("relu", 0, "epoch_end"),
     ("dyrelu_b", 2, "epoch_end"),
     ("dyrelu_b", 2, "mid_epoch"),
-    ("relu", 2, "mid_epoch"),
     ("relu", 0, "validation"),
-    ("dyrelu_b", 0, "validation"),
 ]
 
 
