@@ -73,6 +73,12 @@ def param_groups(model: nn.Module, optim_cfg) -> list[dict]:
     return [groups[k] for k in sorted(groups)]
 
 
+def _has_spatial_convs(model: nn.Module) -> bool:
+    from dyrelu import DyReLU
+
+    return any(isinstance(m, DyReLU) and m.spatial is not None for m in model.modules())
+
+
 def build_optimizer(model, optim_cfg, global_batch: int):
     name = str(optim_cfg.name)
     if name not in OPTIMIZERS:
@@ -86,7 +92,7 @@ def build_optimizer(model, optim_cfg, global_batch: int):
     log.info("optimizer %s lr %.5g (base %.5g at batch %d, global batch %d) weight decay %.3g",
              name, lr, optim_cfg.lr, optim_cfg.base_batch_size, global_batch, optim_cfg.weight_decay)
     hyper_scale, hyper_wd = _hyper_lr_scale(optim_cfg), _hyper_weight_decay(optim_cfg)
-    spatial_scale = _spatial_lr_scale(optim_cfg)
+    spatial_scale = _spatial_lr_scale(optim_cfg) if _has_spatial_convs(model) else 1.0
     if hyper_scale == 1.0 and spatial_scale == 1.0 and hyper_wd is None:
         # Today's groups exactly (so checkpoints' optimizer states keep loading).
         params, filter_bias_and_bn = model, not optim_cfg.decay_norm_and_bias

@@ -70,6 +70,10 @@ def test_default_hyper_knobs_keep_todays_optimizer():
     model = _net()
     opt = build_optimizer(model, _optim_cfg(), global_batch=256)
     assert len(opt.param_groups) == 1 and opt.param_groups[0]["weight_decay"] == 1e-4
+    # spatial_lr_scale only splits the groups of a model that has spatial convs (checkpoints of A/B
+    # and static runs keep their one group)
+    b_net = nn.Sequential(nn.Conv2d(3, 8, 3), dyrelu.DyReLU(8, variant="B"))
+    assert len(build_optimizer(b_net, _optim_cfg(spatial_lr_scale=0.1), global_batch=256).param_groups) == 1
     sched = build_scheduler(opt, _sched_cfg(warmup_epochs=0), epochs=2, steps_per_epoch=10)
     assert opt.param_groups[0]["lr"] == 0.1
     # Excluding norms and biases from decay still works with a scaled hyper group.
