@@ -153,7 +153,7 @@ class InferenceDyReLU(nn.Module):
         if self._site_ok(x):
             x3 = x.view(n, x.shape[1], -1)
             return _native.site(x3, self.w1, self.b1, self.w2, self.b2, self.offset, self.scale, self.k,
-                                self.width, out=x3 if self.inplace else None).view(x.shape)
+                                self.width, inplace=self.inplace).view(x.shape)
         pi = None
         if self.spatial is not None:  # from x, before an in-place apply overwrites it
             xs = x if x.dim() == 4 else x.reshape(n, x.shape[1], -1, 1)
@@ -171,7 +171,7 @@ class InferenceDyReLU(nn.Module):
                 b = self.static_b.to(x.dtype).reshape(1, self.k, 1).expand(n, self.k, self.width)
             x3 = x.view(n, x.shape[1], -1)
             y = _native.forward(x3, coef[:, 0].contiguous(), None if b is None else b.contiguous(), None,
-                                out=x3 if self.inplace else None).view(x.shape)
+                                inplace=self.inplace).view(x.shape)
         elif _fast_ok(x):
             y = self._apply_rows(x, coef.reshape(n, groups, self.width), self.dynamic_segments)
         else:

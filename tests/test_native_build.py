@@ -1,38 +1,96 @@
-"""The native kernels are built for the architecture's generic target, never for the build host,
-so that results (and the library) travel between machines (issue 20)."""
+"""How the native CPU kernels are built: as torch operators through torch.utils.cpp_extension, for the
+architecture's generic target, never for the build host, so that results (and the library) travel
+between machines (issue 20)."""
 from __future__ import annotations
 
 import platform
+import tempfile
+
+import pytest
+import torch
 
 from dyrelu.fused import _native
 
 HOST_SPECIFIC = ("native",)  # -march=native, -mtune=native, -mcpu=native
 
 
-def test_build_command_has_no_host_specific_flag():
-    cmd = _native.build_command("gcc", "/tmp/out.so")
-    target_flags = [f for f in cmd if f.startswith(("-march=", "-mtune=", "-mcpu="))]
-    assert not [f for f in target_flags if f.split("=", 1)[1] in HOST_SPECIFIC], cmd
-    assert "-ffp-contract=off" in cmd  # no FMA contraction: a * b + c rounds twice everywhere
+def test_flags_have_no_host_specific_target():
+    target_flags = [f for f in _native.FLAGS if f.startswith(("-march=", "-mtune=", "-mcpu="))]
+    assert not [f for f in target_flags if f.split("=", 1)[1] in HOST_SPECIFIC], _native.FLAGS
+    assert "-ffp-contract=off" in _native.FLAGS  # no FMA contraction: a * b + c rounds twice everywhere
     if platform.machine().lower() in ("x86_64", "amd64"):
-        assert "-march=x86-64" in cmd and "-mtune=generic" in cmd, cmd
+        assert "-march=x86-64" in _native.FLAGS and "-mtune=generic" in _native.FLAGS, _native.FLAGS
 
 
-def test_cache_key_changes_with_the_flags(monkeypatch, tmp_path):
+@pytest.fixture
+def fake_build(monkeypatch, tmp_path):
+    """_build as in a fresh process, with cpp_extension's load recorded instead of run."""
+    calls = []
+
+    def fake_load(build_dir, name):
+        calls.append((build_dir, name))
+        if build_dir.startswith(str(tmp_path)):
+            raise OSError("read-only cache")
+        raise RuntimeError("not building in this test")
+
+    monkeypatch.setattr(_native, "_loaded", lambda: False)
+    monkeypatch.setattr(_native, "_load", fake_load)
+    monkeypatch.setattr(_native, "_find_ninja", lambda: None)
+    monkeypatch.setenv("DYRELU_NATIVE_CACHE", str(tmp_path / "cache"))
+    return calls
+
+
+def test_the_build_key_changes_with_the_flags(monkeypatch, fake_build):
     """A library built with other flags (say, an old -march=native one) is never loaded."""
-    names = []
-
-    def fake_compile(cc, path):
-        names.append(path)
-        raise OSError("not building in this test")
-
-    monkeypatch.setenv("DYRELU_NATIVE_CACHE", str(tmp_path))
-    monkeypatch.setattr(_native, "_compile", fake_compile)
-    monkeypatch.setattr(_native.shutil, "which", lambda cc: "/usr/bin/" + cc)
     for flags in (_native.FLAGS, [*_native.FLAGS, "-march=native"]):
         monkeypatch.setattr(_native, "FLAGS", flags)
-        try:
+        with pytest.raises(RuntimeError, match="not building"):
             _native._build()
-        except OSError:
-            pass
-    assert len(names) >= 2 and len({n.rsplit("/", 1)[-1] for n in names}) >= 2
+    names = {name for _, name in fake_build}
+    assert len(names) == 2, fake_build
+
+
+def test_an_unwritable_cache_builds_into_the_temp_directory(fake_build, tmp_path):
+    with pytest.raises(RuntimeError, match="not building"):
+        _native._build()
+    (first, _), (second, _) = fake_build
+    assert first.startswith(str(tmp_path / "cache")) and second.startswith(tempfile.gettempdir()), fake_build
+
+
+def test_no_compiler_is_one_short_reason(monkeypatch, fake_build):
+    monkeypatch.setenv("CXX", "no-such-compiler-dyrelu")
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler .*no-such-compiler-dyrelu"):
+        _native._build()
+    assert not fake_build
+
+
+def test_the_kernels_are_registered_operators_that_pass_opcheck():
+    """Real operators with schemas and fake implementations: what torch.compile, export and an
+    AOTInductor package need (ctypes gave none of that)."""
+    ops = _native.library()
+    assert ops is not None  # CI has a C++ compiler and ninja
+    torch.manual_seed(0)
+    n, c, l, k = 2, 6, 40, 2
+    x, g = torch.randn(n, c, l), torch.randn(n, c, l)
+    a, b = torch.randn(n, k, c), torch.randn(n, k, c)
+    pi = torch.rand(n, 1, l)
+    w, bias, gz = torch.randn(c), torch.randn(1), torch.randn(n, l)
+    w1, b1, w2, b2 = torch.randn(3, c), torch.randn(3), torch.randn(2 * k * c, 3), torch.randn(2 * k * c)
+    off, scale = torch.randn(2 * k * c), torch.randn(2 * k * c)
+    cases = [
+        (ops.forward, (x, a, b, pi)), (ops.forward, (x, a, None, None)), (ops.forward_, (x.clone(), a, b, None)),
+        (ops.backward, (g, x, a, b, pi, True)), (ops.backward, (g, x, a, None, None, False)),
+        (ops.row_moments, (x,)), (ops.spatial, (x, w, bias)), (ops.spatial_backward, (x, w, gz)),
+        (ops.site, (x, w1, b1, w2, b2, off, scale, k, c)), (ops.site_, (x.clone(), w1, b1, w2, b2, off, scale, k, c)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_bad_input_is_a_clear_error_not_a_crash():
+    ops = _native.library()
+    x = torch.randn(2, 4, 9)
+    with pytest.raises(RuntimeError, match="K <= 3"):
+        ops.forward(x, torch.randn(2, 4, 4), None, None)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ops.forward(x.transpose(1, 2).contiguous().transpose(1, 2), torch.randn(2, 2, 4), None, None)

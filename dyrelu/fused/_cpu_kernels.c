@@ -1,8 +1,9 @@
 /* One-pass CPU kernels of the fused DY-ReLU apply and of the fused BatchNorm statistics.
  *
- * Built at first use by dyrelu/fused/_native.py (gcc -O3 -fopenmp, loaded with ctypes) and run on
- * the (N, C, L) view of an NCHW-contiguous input, row r = n * C + c. OpenMP here is the one torch
- * already loaded (same soname), so these kernels share torch's thread pool.
+ * Compiled (as C++) inside _cpu_ops.cpp, which registers them as torch operators dyrelu_cpu::*,
+ * built at first use by dyrelu/fused/_native.py; run on the (N, C, L) view of an NCHW-contiguous
+ * input, row r = n * C + c. OpenMP here is the one torch already loaded (same soname), so these
+ * kernels share torch's thread pool.
  *
  *   fwd        y = max_k(a_k x + b_k) [* pi]                       one read of x, one write of y
  *   bwd        grad_x = g a_sel [pi]; per-(n, k, c) sums of g x and g over the positions where

@@ -1,30 +1,33 @@
-"""The CPU kernels of ``_cpu_kernels.c``: built with the system C compiler at first use, called
-through ctypes on NCHW-contiguous float32 / float64 tensors.
+"""The CPU kernels of ``_cpu_kernels.c`` as real PyTorch operators (``torch.ops.dyrelu_cpu.*``,
+declared in ``_cpu_ops.cpp``), built by ``torch.utils.cpp_extension`` at first use, for NC-contiguous
+float32 / float64 tensors.
 
 Why C: in eager mode the K = 2 apply costs five full-size memory streams with ATen ops (two
 affine passes and a max) where one read and one write do, and its backward about ten where two
 do. The kernels are plain loops (gcc vectorises them) parallel over rows with OpenMP; the
 extension links the ``libgomp.so.1`` torch has already loaded, so they share torch's threads and
-follow ``torch.set_num_threads``.
+follow ``torch.set_num_threads``. As registered operators they have schemas and fake (meta)
+implementations (below), so ``torch.library.opcheck`` tests them, and they can be called from
+C++ and from an AOTInductor package, not only from Python.
 
-Build: ``$CC`` (default ``gcc``) ``-O3 -fopenmp -ffp-contract=off`` for the architecture's
-generic target (``-march=x86-64 -mtune=generic`` on x86-64, ``-march=armv8-a`` on 64-bit Arm),
-never ``-march=native``: the ``omp simd`` reductions are summed in vector-width lanes, so a build
-for the host's widest vectors (AVX-512 on one machine, AVX2 on another) rounds differently and the
-same seed trained to a different top-1 on another CPU (issue 20). The baseline target gives every
-CPU of an architecture the same library and the same numbers. Into ``$DYRELU_NATIVE_CACHE``
-(default ``~/.cache/dyrelu/native``), keyed by the source, the compiler, the flags and the
-architecture; written to a temporary name and renamed, so concurrent ranks are safe; into the temp directory when the cache directory cannot be written. When there is no
-compiler or the build fails, ``library()`` returns None, one warning says why, and the ATen
-kernels (the ``bn`` backend) run instead. ``DYRELU_NATIVE=0`` turns the kernels off.
+Build: the C++ compiler (``$CXX``, default ``c++``) through ninja, ``-O3 -fopenmp
+-ffp-contract=off`` for the architecture's generic target (``-march=x86-64 -mtune=generic`` on
+x86-64, ``-march=armv8-a`` on 64-bit Arm), never ``-march=native``: the ``omp simd`` reductions are
+summed in vector-width lanes, so a build for the host's widest vectors (AVX-512 on one machine,
+AVX2 on another) rounds differently and the same seed trained to a different top-1 on another CPU
+(issue 20). The baseline target gives every CPU of an architecture the same library and the same
+numbers. Into ``$DYRELU_NATIVE_CACHE`` (default ``~/.cache/dyrelu/native``), one folder per key of
+the sources, the flags, the architecture and torch's version; cpp_extension locks the folder, so
+concurrent ranks build once; into the temp directory when the cache directory cannot be written.
+When there is no compiler or ninja, or the build fails, ``library()`` returns None, one warning says
+why, and the ATen kernels (the ``bn`` backend) run instead. ``DYRELU_NATIVE=0`` turns the kernels off.
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
+import logging
 import os
 import shutil
-import subprocess
 import tempfile
 import threading
 import warnings
@@ -32,7 +35,9 @@ from typing import Optional
 
 import torch
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_cpu_kernels.c")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCE = os.path.join(_HERE, "_cpu_kernels.c")  # the kernels (C, included by the operator file)
+OPS_SOURCE = os.path.join(_HERE, "_cpu_ops.cpp")  # their registration as torch operators
 # The generic target of each architecture (GCC's names); elsewhere the compiler's default.
 GENERIC_TARGET = {"x86_64": ["-march=x86-64", "-mtune=generic"], "amd64": ["-march=x86-64", "-mtune=generic"],
                   "aarch64": ["-march=armv8-a"], "arm64": ["-march=armv8-a"]}
@@ -44,13 +49,13 @@ def _machine() -> str:
     return platform.machine().lower()
 
 
-FLAGS = ["-O3", *GENERIC_TARGET.get(_machine(), []), "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared", "-std=c99"]
-LIBS = ["-lm"]
+FLAGS = ["-O3", *GENERIC_TARGET.get(_machine(), []), "-fopenmp", "-ffp-contract=off"]
+LDFLAGS = ["-fopenmp"]
 DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 MAX_K = 3
 
 _lock = threading.Lock()
-_state: dict = {}  # "lib": the loaded library, or "error": why not
+_state: dict = {}  # "lib": the operator namespace, or "error": why not
 
 
 def _cache_dir() -> str:
@@ -61,62 +66,72 @@ def _cache_dir() -> str:
     return base
 
 
-def build_command(cc: str, out: str) -> list:
-    return [cc, *FLAGS, SOURCE, "-o", out, *LIBS]
+def build_key() -> str:
+    """Names the build: a change of source, flags, architecture or torch gives a new library."""
+    h = hashlib.sha256()
+    for path in (SOURCE, OPS_SOURCE):
+        with open(path, "rb") as f:
+            h.update(f.read())
+    h.update(" ".join([os.environ.get("CXX", "c++"), *FLAGS, *LDFLAGS, _machine(), torch.__version__]).encode())
+    return h.hexdigest()[:20]
 
 
-def _compile(cc: str, path: str) -> None:
-    """Builds the library at ``path`` under a temporary name, then renames it (atomic)."""
-    out_dir = os.path.dirname(path)
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-    os.close(fd)
+def _find_ninja() -> None:
+    """cpp_extension runs ``ninja``; the PyPI package puts it beside the interpreter, which a
+    non-activated venv does not have on PATH."""
+    if shutil.which("ninja"):
+        return
     try:
-        proc = subprocess.run(build_command(cc, tmp), capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        import ninja  # noqa: F401  (the PyPI wheel)
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+    if not shutil.which("ninja"):
+        raise RuntimeError("ninja not found (pip install ninja)")
 
 
-def _build() -> ctypes.CDLL:
-    cc = os.environ.get("CC", "gcc")
-    if shutil.which(cc) is None:
-        raise RuntimeError(f"no C compiler ({cc!r} not found)")
-    with open(SOURCE, "rb") as f:
-        src = f.read()
-    key = hashlib.sha256(src + " ".join([cc, *FLAGS, *LIBS, _machine()]).encode()).hexdigest()[:20]
-    name = f"dyrelu_cpu_{key}.so"
-    path = os.path.join(_cache_dir(), name)
-    if not os.path.exists(path):
-        try:
-            _compile(cc, path)
-        except OSError:  # a read-only or full cache directory: build into the temp directory
-            path = os.path.join(tempfile.gettempdir(), f"dyrelu-native-{os.getuid()}", name)
-            if not os.path.exists(path):
-                _compile(cc, path)
-    lib = ctypes.CDLL(path)
-    p, i = ctypes.c_void_p, ctypes.c_int64
-    for suf in DTYPES.values():
-        getattr(lib, f"dyrelu_fwd_{suf}").argtypes = [p] * 5 + [i] * 6
-        getattr(lib, f"dyrelu_bwd_{suf}").argtypes = [p] * 7 + [i] * 6
-        getattr(lib, f"dyrelu_bwd_pi_{suf}").argtypes = [p] * 9 + [i] * 7
-        getattr(lib, f"row_moments_{suf}").argtypes = [p] * 3 + [i] * 3
-        getattr(lib, f"dyrelu_site_{suf}").argtypes = [p] * 8 + [i] * 7
-        getattr(lib, f"spatial_fwd_{suf}").argtypes = [p] * 4 + [i] * 5
-        getattr(lib, f"spatial_bwd_{suf}").argtypes = [p] * 5 + [i] * 4
-        getattr(lib, f"spatial_fwd_{suf}").restype = None
-        getattr(lib, f"spatial_bwd_{suf}").restype = None
-        for name in ("dyrelu_fwd", "dyrelu_bwd", "dyrelu_bwd_pi", "row_moments"):
-            getattr(lib, f"{name}_{suf}").restype = None
-        getattr(lib, f"dyrelu_site_{suf}").restype = ctypes.c_int
-    return lib
+def _load(build_dir: str, name: str) -> None:
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" on CPU hosts
+    from torch.utils import cpp_extension
+
+    os.makedirs(build_dir, exist_ok=True)
+    cpp_extension.load(name=name, sources=[OPS_SOURCE], extra_cflags=FLAGS, extra_ldflags=LDFLAGS,
+                       build_directory=build_dir, is_python_module=False, verbose=False)
 
 
-def library() -> Optional[ctypes.CDLL]:
-    """The loaded kernels, or None (no compiler, build failed, or DYRELU_NATIVE=0)."""
+def _loaded() -> bool:
+    """The operators are registered in this process (a namespace registers once per process)."""
+    return hasattr(torch.ops.dyrelu_cpu, "forward")
+
+
+def _build():
+    """Builds (or finds) and loads the operator library; returns ``torch.ops.dyrelu_cpu``."""
+    if _loaded():
+        _register_fakes()
+        return torch.ops.dyrelu_cpu
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        raise RuntimeError(f"no C++ compiler ({cxx!r} not found)")
+    _find_ninja()
+    key = build_key()
+    name = f"dyrelu_cpu_{key}"
+    try:
+        _load(os.path.join(_cache_dir(), key), name)
+    except OSError:  # a read-only or full cache directory: build into the temp directory
+        _load(os.path.join(tempfile.gettempdir(), f"dyrelu-native-{os.getuid()}", key), name)
+    _register_fakes()
+    return torch.ops.dyrelu_cpu
+
+
+def _short(err: Exception) -> str:
+    """The last line of a compiler's error: enough to say why, short enough for one warning."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return f"{type(err).__name__}: {lines[-1] if lines else ''}"
+
+
+def library():
+    """The operators (``torch.ops.dyrelu_cpu``), or None (no compiler, build failed, or DYRELU_NATIVE=0)."""
     if os.environ.get("DYRELU_NATIVE", "1") == "0":
         return None
     lib = _state.get("lib")
@@ -126,9 +141,9 @@ def library() -> Optional[ctypes.CDLL]:
         if "lib" not in _state and "error" not in _state:
             try:
                 _state["lib"] = _build()
-            except Exception as err:  # no compiler, no OpenMP, read-only cache: the ATen kernels run
-                _state["error"] = repr(err)
-                warnings.warn(f"dyrelu: the native CPU kernels are not available ({err}); "
+            except Exception as err:  # no compiler or ninja, read-only cache: the ATen kernels run
+                _state["error"] = _short(err)
+                warnings.warn(f"dyrelu: the native CPU kernels are not available ({_state['error']}); "
                               "using the slower ATen kernels", RuntimeWarning, stacklevel=3)
     return _state.get("lib")
 
@@ -140,98 +155,90 @@ def error() -> Optional[str]:
     return _state.get("error")
 
 
+_FAKES_DONE: list = []
+
+
+def _register_fakes() -> None:
+    """Fake (meta) implementations: shapes only, so torch.compile, export and opcheck can trace."""
+    if _FAKES_DONE:
+        return
+    _FAKES_DONE.append(True)
+    reg = torch.library.register_fake
+
+    @reg("dyrelu_cpu::forward")
+    def _(x, a, b, pi):
+        return torch.empty_like(x)
+
+    @reg("dyrelu_cpu::forward_")
+    def _(x, a, b, pi):
+        return x
+
+    @reg("dyrelu_cpu::backward")
+    def _(g, x, a, b, pi, need_pi):
+        n, c, l = x.shape
+        k = a.shape[1]
+        return (torch.empty_like(x), x.new_empty(n, k, c), x.new_empty(n, k, c),
+                x.new_empty(n, 1, l) if (pi is not None and need_pi) else x.new_empty(0))
+
+    @reg("dyrelu_cpu::row_moments")
+    def _(x):
+        return x.new_empty(x.shape[:2]), x.new_empty(x.shape[:2])
+
+    @reg("dyrelu_cpu::site")
+    def _(x, w1, b1, w2, b2, offset, scale, k, width):
+        return torch.empty_like(x)
+
+    @reg("dyrelu_cpu::site_")
+    def _(x, w1, b1, w2, b2, offset, scale, k, width):
+        return x
+
+    @reg("dyrelu_cpu::spatial")
+    def _(x, w, bias):
+        return x.new_empty(x.shape[0], x.shape[2])
+
+    @reg("dyrelu_cpu::spatial_backward")
+    def _(x, w, gz):
+        return torch.empty_like(x), x.new_empty(x.shape[1])
+
+
 def ok(x3: torch.Tensor, k: int) -> bool:
     """The kernels apply: an NC-contiguous (N, C, L) CPU float32 / float64 view, K <= 3."""
     return (x3.device.type == "cpu" and x3.dtype in DTYPES and k <= MAX_K and x3.is_contiguous()
             and library() is not None)
 
 
-def _ptr(t: Optional[torch.Tensor]):
-    return None if t is None else t.data_ptr()
-
-
-def _threads() -> int:
-    return torch.get_num_threads()
-
-
-def _chunks(n: int, length: int) -> int:
-    """Position chunks per sample for the (sample, chunk) kernels: enough tasks for every thread,
-    at least 512 positions per chunk."""
-    return max(1, min(-(-length // 512), -(-2 * _threads() // n)))
-
-
-def forward(x3, a, b, pi, out=None):
-    """max_k(a_k x + b_k) [* pi] on (N, C, L); a, b (N, K, W) contiguous in x's dtype; pi (N, L)."""
-    n, c, l = x3.shape
-    y = torch.empty_like(x3) if out is None else out
-    getattr(_state["lib"], f"dyrelu_fwd_{DTYPES[x3.dtype]}")(
-        x3.data_ptr(), y.data_ptr(), a.data_ptr(), _ptr(b), _ptr(pi), n, c, l, a.shape[1], a.shape[2], _threads())
-    return y
+def forward(x3, a, b, pi, inplace: bool = False):
+    """max_k(a_k x + b_k) [* pi] on (N, C, L); a, b (N, K, W) contiguous in x's dtype; pi (N, L).
+    ``inplace`` writes the result over x3."""
+    ops = _state["lib"]
+    return ops.forward_(x3, a, b, pi) if inplace else ops.forward(x3, a, b, pi)
 
 
 def backward(g3, x3, a, b, pi, need_pi: bool):
     """grad_x (N, C, L), sum_gx and sum_g (N, K, C), grad_pi (N, 1, L) or None; one pass."""
-    n, c, l = x3.shape
-    k, w = a.shape[1], a.shape[2]
-    gx = torch.empty_like(x3)
-    suf = DTYPES[x3.dtype]
-    lib = _state["lib"]
-    if pi is None:
-        s_gx = x3.new_empty(n, k, c)
-        s_g = x3.new_empty(n, k, c)
-        getattr(lib, f"dyrelu_bwd_{suf}")(g3.data_ptr(), x3.data_ptr(), gx.data_ptr(), a.data_ptr(), _ptr(b),
-                                          s_gx.data_ptr(), s_g.data_ptr(), n, c, l, k, w, _threads())
-        return gx, s_gx, s_g, None
-    chunks = _chunks(n, l)
-    part_gx = x3.new_empty(chunks, n, k, c)
-    part_g = x3.new_empty(chunks, n, k, c)
-    grad_pi = x3.new_empty(n, 1, l)
-    getattr(lib, f"dyrelu_bwd_pi_{suf}")(g3.data_ptr(), x3.data_ptr(), gx.data_ptr(), a.data_ptr(), _ptr(b),
-                                         pi.data_ptr(), grad_pi.data_ptr(), part_gx.data_ptr(), part_g.data_ptr(),
-                                         n, c, l, k, w, chunks, _threads())
-    s_gx = part_gx[0] if chunks == 1 else part_gx.sum(0)
-    s_g = part_g[0] if chunks == 1 else part_g.sum(0)
-    return gx, s_gx, s_g, grad_pi if need_pi else None
+    gx, s_gx, s_g, grad_pi = _state["lib"].backward(g3, x3, a, b, pi, bool(need_pi and pi is not None))
+    return gx, s_gx, s_g, grad_pi if (need_pi and pi is not None) else None
 
 
 def row_moments(x3):
     """Per-(n, c) mean and biased variance over L, both (N, C) in x's dtype."""
-    n, c, l = x3.shape
-    m = x3.new_empty(n, c)
-    v = x3.new_empty(n, c)
-    getattr(_state["lib"], f"row_moments_{DTYPES[x3.dtype]}")(x3.data_ptr(), m.data_ptr(), v.data_ptr(),
-                                                              n * c, l, _threads())
-    return m, v
+    return _state["lib"].row_moments(x3)
 
 
-def site(x3, w1, b1, w2, b2, offset, scale, k: int, width: int, out=None):
+def site(x3, w1, b1, w2, b2, offset, scale, k: int, width: int, inplace: bool = False):
     """A whole inference-mode DY-ReLU (A or B, intercepts, all segments dynamic) in one call:
     pool, FC1, ReLU, FC2, ``coef = offset + scale * sigmoid``, apply. All tensors contiguous in
-    x's dtype; W1 (H, C), W2 (2 K W, H). ``out=x3`` writes over the input."""
-    n, c, l = x3.shape
-    y = torch.empty_like(x3) if out is None else out
-    rc = getattr(_state["lib"], f"dyrelu_site_{DTYPES[x3.dtype]}")(
-        x3.data_ptr(), y.data_ptr(), w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr(),
-        offset.data_ptr(), scale.data_ptr(), n, c, l, w1.shape[0], k, width, _threads())
-    if rc != 0:
-        raise MemoryError("dyrelu native site kernel: out of memory for its scratch buffers")
-    return y
+    x's dtype; W1 (H, C), W2 (2 K W, H). ``inplace`` writes over the input."""
+    ops = _state["lib"]
+    fn = ops.site_ if inplace else ops.site
+    return fn(x3, w1, b1, w2, b2, offset, scale, k, width)
 
 
 def spatial_forward(x3, w, bias):
     """Variant C's logits z = sum_c w_c x + bias: (N, C, L) -> (N, L); w (C,), bias (1,) in x's dtype."""
-    n, c, l = x3.shape
-    z = x3.new_empty(n, l)
-    getattr(_state["lib"], f"spatial_fwd_{DTYPES[x3.dtype]}")(
-        x3.data_ptr(), w.data_ptr(), bias.data_ptr(), z.data_ptr(), n, c, l, _chunks(n, l), _threads())
-    return z
+    return _state["lib"].spatial(x3, w, bias)
 
 
 def spatial_backward(x3, w, gz):
     """(grad_x = w_c gz (N, C, L), grad_w = sum over n and l of gz x (C,)); gz (N, L) contiguous."""
-    n, c, l = x3.shape
-    gx = torch.empty_like(x3)
-    part = x3.new_empty(n, c)
-    getattr(_state["lib"], f"spatial_bwd_{DTYPES[x3.dtype]}")(
-        x3.data_ptr(), w.data_ptr(), gz.data_ptr(), gx.data_ptr(), part.data_ptr(), n, c, l, _threads())
-    return gx, part.sum(0)
+    return _state["lib"].spatial_backward(x3, w, gz)
