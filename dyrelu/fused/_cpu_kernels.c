@@ -29,6 +29,7 @@
 #include <stdint.h>
 #include <stddef.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define BLOCK 256
 #define CAT_(a, b) a##_##b
@@ -37,7 +38,15 @@
 #define PARALLEL_MIN 32768
 /* rows shorter than this take a plain scalar loop */
 #define SHORT_ROW 16
+/* Every vector sum keeps LANES partial sums, element l going to lane l % LANES, added up in one
+ * fixed order at the end. The compiler may not reorder floating-point additions, so the result is
+ * the same bit for bit whatever the vector width the code runs with (SSE2, AVX2, AVX-512): the
+ * per-ISA builds below compute the same numbers, and so does every x86-64 CPU. */
+#define LANES 8
 
+/* One body per element type and instruction set: the generic target of the build flags, and on
+ * x86-64 also AVX2 (x86-64-v3) and AVX-512 (x86-64-v4) builds that _cpu_ops.cpp picks at run
+ * time. Only speed differs between them (see LANES; FMA contraction is off for all). */
 #define T float
 #define SUF f32
 #include __FILE__
@@ -49,6 +58,37 @@
 #include __FILE__
 #undef T
 #undef SUF
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DYRELU_X86_ISAS 1
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v3")
+#define T float
+#define SUF f32_avx2
+#include __FILE__
+#undef T
+#undef SUF
+#define T double
+#define SUF f64_avx2
+#include __FILE__
+#undef T
+#undef SUF
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v4")
+#define T float
+#define SUF f32_avx512
+#include __FILE__
+#undef T
+#undef SUF
+#define T double
+#define SUF f64_avx512
+#include __FILE__
+#undef T
+#undef SUF
+#pragma GCC pop_options
+#endif
 
 #else /* ------------------------------------------------------------------ body, once per T */
 
@@ -96,16 +136,57 @@ static inline __attribute__((always_inline)) void CAT(fwd_dispatch, SUF)(
   else CAT(fwd_row, SUF)(x, y, ak, bk, p, L, has_b, 3);
 }
 
+/* the LANES partial sums added in one fixed (pairwise) order */
+static inline __attribute__((always_inline)) T CAT(lane_total, SUF)(const T *acc) {
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+/* sum of xr[b0:e) in LANES partial sums (fixed order); sq: of (xr - m)^2 instead */
+static inline __attribute__((always_inline)) T CAT(block_sum, SUF)(const T *xr, int64_t b0, int64_t e, int sq, T m) {
+  typedef T V __attribute__((vector_size(LANES * sizeof(T))));
+  V acc = {};
+  int64_t l = b0;
+  for (; l + LANES <= e; l += LANES) {
+    V v;
+    memcpy(&v, xr + l, sizeof v);
+    if (sq) { v = v - m; v = v * v; }
+    acc += v;
+  }
+  T lanes[LANES];
+  memcpy(lanes, &acc, sizeof acc);
+  T s = CAT(lane_total, SUF)(lanes);
+  for (; l < e; ++l) {
+    T d = sq ? xr[l] - m : xr[l];
+    s += sq ? d * d : d;
+  }
+  return s;
+}
+
 /* sum of xr[0:L) in float blocks of BLOCK, carried in double */
 static inline double CAT(row_sum, SUF)(const T *xr, int64_t L) {
   double s = 0;
   for (int64_t b0 = 0; b0 < L; b0 += BLOCK) {
     int64_t e = b0 + BLOCK < L ? b0 + BLOCK : L;
-    T acc = 0;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t l = b0; l < e; ++l) acc += xr[l];
-    s += acc;
+    s += CAT(block_sum, SUF)(xr, b0, e, 0, 0);
   }
+  return s;
+}
+
+/* sum of a[0:n) b[0:n) in LANES partial sums (fixed order) */
+static inline __attribute__((always_inline)) T CAT(dot, SUF)(const T *a, const T *b, int64_t n) {
+  typedef T V __attribute__((vector_size(LANES * sizeof(T))));
+  V acc = {};
+  int64_t i = 0;
+  for (; i + LANES <= n; i += LANES) {
+    V u, v;
+    memcpy(&u, a + i, sizeof u);
+    memcpy(&v, b + i, sizeof v);
+    acc += u * v;
+  }
+  T lanes[LANES];
+  memcpy(lanes, &acc, sizeof acc);
+  T s = CAT(lane_total, SUF)(lanes);
+  for (; i < n; ++i) s += a[i] * b[i];
   return s;
 }
 
@@ -136,7 +217,7 @@ void CAT(dyrelu_fwd, SUF)(const T *x, T *y, const T *a, const T *b, const T *pi,
 static inline __attribute__((always_inline)) void CAT(bwd_row, SUF)(
     const T *restrict g, const T *restrict x, T *restrict gx, const T *ak, const T *bk,
     const T *restrict p, T *restrict gp, int64_t l0, int64_t l1, double *sx, double *sg,
-    const int KK) {
+    const int KK, const int HAS_P) {
   T a0 = ak[0], a1 = KK > 1 ? ak[1] : 0, a2 = KK > 2 ? ak[2] : 0;
   T b0 = bk[0], b1 = KK > 1 ? bk[1] : 0, b2 = KK > 2 ? bk[2] : 0;
   if (l1 - l0 < SHORT_ROW) { /* deep layers (L = 1..16): plain loop, no vector set-up per row */
@@ -147,7 +228,7 @@ static inline __attribute__((always_inline)) void CAT(bwd_row, SUF)(
       int k = 0;
       if (KK > 1) { T u = v * a1 + b1; if (u > best) { best = u; k = 1; } }
       if (KK > 2) { T u = v * a2 + b2; if (u > best) { best = u; k = 2; } }
-      if (p) { gp[l] += gv * best; gv = gv * p[l]; }
+      if (HAS_P) { gp[l] += gv * best; gv = gv * p[l]; }
       if (k == 0) { gx[l] = gv * a0; x0 += gv * v; g0 += gv; }
       else if (k == 1) { gx[l] = gv * a1; x1 += gv * v; g1 += gv; }
       else { gx[l] = gv * a2; x2 += gv * v; g2 += gv; }
@@ -159,22 +240,55 @@ static inline __attribute__((always_inline)) void CAT(bwd_row, SUF)(
   }
   for (int64_t s = l0; s < l1; s += BLOCK) {
     int64_t e = s + BLOCK < l1 ? s + BLOCK : l1;
-    T x0 = 0, x1 = 0, x2 = 0, g0 = 0, g1 = 0, g2 = 0;
-#pragma omp simd reduction(+ : x0, x1, x2, g0, g1, g2)
-    for (int64_t l = s; l < e; ++l) {
-      T v = x[l];
+    /* per-lane partial sums of g x and g for each segment (see LANES), in GCC vector types: one
+     * AVX-512 register, two AVX2 or four SSE2 registers per LANES-wide value, elementwise IEEE
+     * operations in every case */
+    typedef T V __attribute__((vector_size(LANES * sizeof(T))));
+    typedef decltype(V{} > V{}) M;
+    const V zero = {};
+    V x0v = {}, x1v = {}, x2v = {}, g0v = {}, g1v = {}, g2v = {};
+    int64_t l = s;
+    for (; l + LANES <= e; l += LANES) {
+      V v, gv;
+      memcpy(&v, x + l, sizeof v);
+      memcpy(&gv, g + l, sizeof gv);
+      V best = v * a0 + b0;
+      M s1 = {}, s2 = {};
+      if (KK > 1) { V u = v * a1 + b1; s1 = u > best; best = s1 ? u : best; }
+      if (KK > 2) { V u = v * a2 + b2; s2 = u > best; best = s2 ? u : best; s1 = s2 ? M{} : s1; }
+      if (HAS_P) {
+        V pv, gpv;
+        memcpy(&pv, p + l, sizeof pv);
+        memcpy(&gpv, gp + l, sizeof gpv);
+        gpv += gv * best;
+        memcpy(gp + l, &gpv, sizeof gpv);
+        gv = gv * pv;
+      }
+      V gk1 = s1 ? gv : zero, gk2 = s2 ? gv : zero;
+      V gk0 = gv - gk1 - gk2; /* exactly gv or 0: only one of gk1, gk2 is non-zero */
+      V out = gk0 * a0 + gk1 * a1 + gk2 * a2;
+      memcpy(gx + l, &out, sizeof out);
+      x0v += gk0 * v; g0v += gk0;
+      if (KK > 1) { x1v += gk1 * v; g1v += gk1; }
+      if (KK > 2) { x2v += gk2 * v; g2v += gk2; }
+    }
+    T lanes[6][LANES];
+    memcpy(lanes[0], &x0v, sizeof x0v); memcpy(lanes[1], &g0v, sizeof g0v);
+    memcpy(lanes[2], &x1v, sizeof x1v); memcpy(lanes[3], &g1v, sizeof g1v);
+    memcpy(lanes[4], &x2v, sizeof x2v); memcpy(lanes[5], &g2v, sizeof g2v);
+    T x0 = CAT(lane_total, SUF)(lanes[0]), g0 = CAT(lane_total, SUF)(lanes[1]);
+    T x1 = CAT(lane_total, SUF)(lanes[2]), g1 = CAT(lane_total, SUF)(lanes[3]);
+    T x2 = CAT(lane_total, SUF)(lanes[4]), g2 = CAT(lane_total, SUF)(lanes[5]);
+    for (; l < e; ++l) { /* the block's last l % LANES positions */
+      T v = x[l], gv = g[l];
       T best = v * a0 + b0;
-      T sel1 = 0, sel2 = 0;
-      if (KK > 1) { T u = v * a1 + b1; sel1 = u > best ? 1 : 0; best = u > best ? u : best; }
-      if (KK > 2) { T u = v * a2 + b2; sel2 = u > best ? 1 : 0; best = u > best ? u : best; if (sel2) sel1 = 0; }
-      T gv = g[l];
-      if (p) { gp[l] += gv * best; gv = gv * p[l]; }
-      T gk1 = sel1 ? gv : 0, gk2 = sel2 ? gv : 0;
-      T gk0 = gv - gk1 - gk2; /* exactly gv or 0: only one of gk1, gk2 is non-zero */
-      gx[l] = gk0 * a0 + gk1 * a1 + gk2 * a2;
-      x0 += gk0 * v; g0 += gk0;
-      if (KK > 1) { x1 += gk1 * v; g1 += gk1; }
-      if (KK > 2) { x2 += gk2 * v; g2 += gk2; }
+      int k = 0;
+      if (KK > 1) { T u = v * a1 + b1; if (u > best) { best = u; k = 1; } }
+      if (KK > 2) { T u = v * a2 + b2; if (u > best) { best = u; k = 2; } }
+      if (HAS_P) { gp[l] += gv * best; gv = gv * p[l]; }
+      if (k == 0) { gx[l] = gv * a0; x0 += gv * v; g0 += gv; }
+      else if (k == 1) { gx[l] = gv * a1; x1 += gv * v; g1 += gv; }
+      else { gx[l] = gv * a2; x2 += gv * v; g2 += gv; }
     }
     sx[0] += x0; sg[0] += g0;
     if (KK > 1) { sx[1] += x1; sg[1] += g1; }
@@ -185,9 +299,15 @@ static inline __attribute__((always_inline)) void CAT(bwd_row, SUF)(
 static inline __attribute__((always_inline)) void CAT(bwd_dispatch, SUF)(
     const T *g, const T *x, T *gx, const T *ak, const T *bk, const T *p, T *gp, int64_t l0,
     int64_t l1, double *sx, double *sg, int64_t K) {
-  if (K == 1) CAT(bwd_row, SUF)(g, x, gx, ak, bk, p, gp, l0, l1, sx, sg, 1);
-  else if (K == 2) CAT(bwd_row, SUF)(g, x, gx, ak, bk, p, gp, l0, l1, sx, sg, 2);
-  else CAT(bwd_row, SUF)(g, x, gx, ak, bk, p, gp, l0, l1, sx, sg, 3);
+  if (p) {
+    if (K == 1) CAT(bwd_row, SUF)(g, x, gx, ak, bk, p, gp, l0, l1, sx, sg, 1, 1);
+    else if (K == 2) CAT(bwd_row, SUF)(g, x, gx, ak, bk, p, gp, l0, l1, sx, sg, 2, 1);
+    else CAT(bwd_row, SUF)(g, x, gx, ak, bk, p, gp, l0, l1, sx, sg, 3, 1);
+  } else {
+    if (K == 1) CAT(bwd_row, SUF)(g, x, gx, ak, bk, p, gp, l0, l1, sx, sg, 1, 0);
+    else if (K == 2) CAT(bwd_row, SUF)(g, x, gx, ak, bk, p, gp, l0, l1, sx, sg, 2, 0);
+    else CAT(bwd_row, SUF)(g, x, gx, ak, bk, p, gp, l0, l1, sx, sg, 3, 0);
+  }
 }
 
 /* Without pi: rows in parallel; sum_gx, sum_g are (N, K, C). */
@@ -255,10 +375,7 @@ void CAT(row_moments, SUF)(const T *x, T *mean, T *var, int64_t rows, int64_t L,
     double q = 0;
     for (int64_t b0 = 0; b0 < L; b0 += BLOCK) {
       int64_t e = b0 + BLOCK < L ? b0 + BLOCK : L;
-      T acc = 0;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t l = b0; l < e; ++l) { T d = xr[l] - mt; acc += d * d; }
-      q += acc;
+      q += CAT(block_sum, SUF)(xr, b0, e, 1, mt);
     }
     /* the mean's own rounding (mt vs m) adds (m - mt)^2, removed exactly in double */
     double dm = m - (double)mt;
@@ -290,20 +407,14 @@ int CAT(dyrelu_site, SUF)(const T *x, T *y, const T *w1, const T *b1, const T *w
     for (int64_t i = 0; i < N * H; ++i) {
       int64_t n = i / H, j = i % H;
       const T *wr = w1 + j * C, *p = pooled + n * C;
-      T acc = 0;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t c = 0; c < C; ++c) acc += wr[c] * p[c];
-      acc += b1[j];
+      T acc = CAT(dot, SUF)(wr, p, C) + b1[j];
       hid[i] = acc > 0 ? acc : 0;
     }
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < N * G; ++i) {
       int64_t n = i / G, j = i % G;
       const T *wr = w2 + j * H, *h = hid + n * H;
-      T acc = 0;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t q = 0; q < H; ++q) acc += wr[q] * h[q];
-      acc += b2[j];
+      T acc = CAT(dot, SUF)(wr, h, H) + b2[j];
       coef[i] = offset[j] + scale[j] * (T)(1.0 / (1.0 + exp(-(double)acc)));
     }
 #pragma omp for collapse(2) schedule(static)
@@ -354,10 +465,8 @@ void CAT(spatial_bwd, SUF)(const T *x, const T *w, const T *gz, T *gx, T *part_w
     double s = 0;
     for (int64_t b0 = 0; b0 < L; b0 += BLOCK) {
       int64_t e = b0 + BLOCK < L ? b0 + BLOCK : L;
-      T acc = 0;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t l = b0; l < e; ++l) { o[l] = wc * g[l]; acc += g[l] * xr[l]; }
-      s += acc;
+      for (int64_t l = b0; l < e; ++l) o[l] = wc * g[l];
+      s += CAT(dot, SUF)(g + b0, xr + b0, e - b0);
     }
     part_w[r] = (T)s;
   }

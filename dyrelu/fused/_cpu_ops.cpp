@@ -11,6 +11,8 @@
 //                                            a whole inference-mode DY-ReLU A / B in one call
 //   spatial(x, w, bias)                      variant C's logits z (N, L)
 //   spatial_backward(x, w, gz)               (grad_x, grad_w (C,))
+//   isa_level(cap?)                          the instruction set in use (0 generic, 1 AVX2,
+//                                            2 AVX-512), optionally capped: same results at each
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -19,6 +21,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <optional>
 #include <tuple>
 
@@ -27,6 +30,43 @@
 #undef restrict
 
 namespace {
+
+// The instruction set the kernels run with: 0 the build's generic target, 1 AVX2 (x86-64-v3),
+// 2 AVX-512 (x86-64-v4); the best this CPU has, capped by isa_level(cap). The results are the
+// same at every level (_cpu_kernels.c, LANES); only the speed differs.
+int detect_isa() {
+#ifdef DYRELU_X86_ISAS
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512cd"))
+    return 2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2"))
+    return 1;
+#endif
+  return 0;
+}
+
+std::atomic<int64_t> isa_cap{2};
+
+int64_t isa() {
+  static const int64_t hw = detect_isa();
+  return std::min(hw, isa_cap.load(std::memory_order_relaxed));
+}
+
+#ifdef DYRELU_X86_ISAS
+#define KERNEL(name, suf) (isa() == 2 ? name##_##suf##_avx512 : isa() == 1 ? name##_##suf##_avx2 : name##_##suf)
+#else
+#define KERNEL(name, suf) name##_##suf
+#endif
+
+// cap >= 0 caps the level (tests compare the levels; 0 runs the generic build); returns the level in use
+int64_t isa_level(std::optional<int64_t> cap) {
+  if (cap) {
+    TORCH_CHECK(*cap >= 0 && *cap <= 2, "dyrelu_cpu: isa_level cap must be 0, 1 or 2, got ", *cap);
+    isa_cap.store(*cap, std::memory_order_relaxed);
+  }
+  return isa();
+}
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
@@ -76,10 +116,10 @@ const T* ptr(const OptTensor& t) {
 void run_forward(const Tensor& x, const Tensor& y, const Tensor& a, const OptTensor& b, const OptTensor& pi) {
   int64_t n = x.size(0), c = x.size(1), l = x.size(2), k = a.size(1), w = a.size(2);
   if (x.scalar_type() == at::kFloat)
-    dyrelu_fwd_f32(x.data_ptr<float>(), y.data_ptr<float>(), a.data_ptr<float>(), ptr<float>(b),
+    KERNEL(dyrelu_fwd, f32)(x.data_ptr<float>(), y.data_ptr<float>(), a.data_ptr<float>(), ptr<float>(b),
                    ptr<float>(pi), n, c, l, k, w, threads());
   else
-    dyrelu_fwd_f64(x.data_ptr<double>(), y.data_ptr<double>(), a.data_ptr<double>(), ptr<double>(b),
+    KERNEL(dyrelu_fwd, f64)(x.data_ptr<double>(), y.data_ptr<double>(), a.data_ptr<double>(), ptr<double>(b),
                    ptr<double>(pi), n, c, l, k, w, threads());
 }
 
@@ -110,10 +150,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& g, const Tenso
   if (!pi) {
     Tensor s_gx = x.new_empty({n, k, c}), s_g = x.new_empty({n, k, c});
     if (dbl)
-      dyrelu_bwd_f64(g.data_ptr<double>(), x.data_ptr<double>(), gx.data_ptr<double>(), a.data_ptr<double>(),
+      KERNEL(dyrelu_bwd, f64)(g.data_ptr<double>(), x.data_ptr<double>(), gx.data_ptr<double>(), a.data_ptr<double>(),
                      ptr<double>(b), s_gx.data_ptr<double>(), s_g.data_ptr<double>(), n, c, l, k, w, threads());
     else
-      dyrelu_bwd_f32(g.data_ptr<float>(), x.data_ptr<float>(), gx.data_ptr<float>(), a.data_ptr<float>(),
+      KERNEL(dyrelu_bwd, f32)(g.data_ptr<float>(), x.data_ptr<float>(), gx.data_ptr<float>(), a.data_ptr<float>(),
                      ptr<float>(b), s_gx.data_ptr<float>(), s_g.data_ptr<float>(), n, c, l, k, w, threads());
     return {gx, s_gx, s_g, x.new_empty({0})};
   }
@@ -121,11 +161,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& g, const Tenso
   Tensor part_gx = x.new_empty({chunks, n, k, c}), part_g = x.new_empty({chunks, n, k, c});
   Tensor grad_pi = x.new_empty({n, 1, l});
   if (dbl)
-    dyrelu_bwd_pi_f64(g.data_ptr<double>(), x.data_ptr<double>(), gx.data_ptr<double>(), a.data_ptr<double>(),
+    KERNEL(dyrelu_bwd_pi, f64)(g.data_ptr<double>(), x.data_ptr<double>(), gx.data_ptr<double>(), a.data_ptr<double>(),
                       ptr<double>(b), pi->data_ptr<double>(), grad_pi.data_ptr<double>(),
                       part_gx.data_ptr<double>(), part_g.data_ptr<double>(), n, c, l, k, w, chunks, threads());
   else
-    dyrelu_bwd_pi_f32(g.data_ptr<float>(), x.data_ptr<float>(), gx.data_ptr<float>(), a.data_ptr<float>(),
+    KERNEL(dyrelu_bwd_pi, f32)(g.data_ptr<float>(), x.data_ptr<float>(), gx.data_ptr<float>(), a.data_ptr<float>(),
                       ptr<float>(b), pi->data_ptr<float>(), grad_pi.data_ptr<float>(), part_gx.data_ptr<float>(),
                       part_g.data_ptr<float>(), n, c, l, k, w, chunks, threads());
   Tensor s_gx = chunks == 1 ? part_gx[0] : part_gx.sum(0);
@@ -138,9 +178,9 @@ std::tuple<Tensor, Tensor> row_moments(const Tensor& x) {
   int64_t n = x.size(0), c = x.size(1), l = x.size(2);
   Tensor m = x.new_empty({n, c}), v = x.new_empty({n, c});
   if (x.scalar_type() == at::kDouble)
-    row_moments_f64(x.data_ptr<double>(), m.data_ptr<double>(), v.data_ptr<double>(), n * c, l, threads());
+    KERNEL(row_moments, f64)(x.data_ptr<double>(), m.data_ptr<double>(), v.data_ptr<double>(), n * c, l, threads());
   else
-    row_moments_f32(x.data_ptr<float>(), m.data_ptr<float>(), v.data_ptr<float>(), n * c, l, threads());
+    KERNEL(row_moments, f32)(x.data_ptr<float>(), m.data_ptr<float>(), v.data_ptr<float>(), n * c, l, threads());
   return {m, v};
 }
 
@@ -155,11 +195,11 @@ void run_site(const Tensor& x, const Tensor& y, const Tensor& w1, const Tensor& 
                   scale.numel() == w2.size(0),
               "dyrelu_cpu: site's hyper-function shapes do not match x");
   int rc = x.scalar_type() == at::kDouble
-               ? dyrelu_site_f64(x.data_ptr<double>(), y.data_ptr<double>(), w1.data_ptr<double>(),
+               ? KERNEL(dyrelu_site, f64)(x.data_ptr<double>(), y.data_ptr<double>(), w1.data_ptr<double>(),
                                  b1.data_ptr<double>(), w2.data_ptr<double>(), b2.data_ptr<double>(),
                                  offset.data_ptr<double>(), scale.data_ptr<double>(), n, c, l, h, k, width,
                                  threads())
-               : dyrelu_site_f32(x.data_ptr<float>(), y.data_ptr<float>(), w1.data_ptr<float>(),
+               : KERNEL(dyrelu_site, f32)(x.data_ptr<float>(), y.data_ptr<float>(), w1.data_ptr<float>(),
                                  b1.data_ptr<float>(), w2.data_ptr<float>(), b2.data_ptr<float>(),
                                  offset.data_ptr<float>(), scale.data_ptr<float>(), n, c, l, h, k, width, threads());
   TORCH_CHECK(rc == 0, "dyrelu_cpu: site kernel out of memory for its scratch buffers");
@@ -186,10 +226,10 @@ Tensor spatial(const Tensor& x, const Tensor& w, const Tensor& bias) {
   int64_t n = x.size(0), c = x.size(1), l = x.size(2);
   Tensor z = x.new_empty({n, l});
   if (x.scalar_type() == at::kDouble)
-    spatial_fwd_f64(x.data_ptr<double>(), w.data_ptr<double>(), bias.data_ptr<double>(), z.data_ptr<double>(), n,
+    KERNEL(spatial_fwd, f64)(x.data_ptr<double>(), w.data_ptr<double>(), bias.data_ptr<double>(), z.data_ptr<double>(), n,
                     c, l, chunks_for(n, l), threads());
   else
-    spatial_fwd_f32(x.data_ptr<float>(), w.data_ptr<float>(), bias.data_ptr<float>(), z.data_ptr<float>(), n, c,
+    KERNEL(spatial_fwd, f32)(x.data_ptr<float>(), w.data_ptr<float>(), bias.data_ptr<float>(), z.data_ptr<float>(), n, c,
                     l, chunks_for(n, l), threads());
   return z;
 }
@@ -202,10 +242,10 @@ std::tuple<Tensor, Tensor> spatial_backward(const Tensor& x, const Tensor& w, co
   TORCH_CHECK(w.numel() == c && gz.numel() == n * l, "dyrelu_cpu: spatial_backward takes w (C,) and gz (N, L)");
   Tensor gx = at::empty_like(x), part = x.new_empty({n, c});
   if (x.scalar_type() == at::kDouble)
-    spatial_bwd_f64(x.data_ptr<double>(), w.data_ptr<double>(), gz.data_ptr<double>(), gx.data_ptr<double>(),
+    KERNEL(spatial_bwd, f64)(x.data_ptr<double>(), w.data_ptr<double>(), gz.data_ptr<double>(), gx.data_ptr<double>(),
                     part.data_ptr<double>(), n, c, l, threads());
   else
-    spatial_bwd_f32(x.data_ptr<float>(), w.data_ptr<float>(), gz.data_ptr<float>(), gx.data_ptr<float>(),
+    KERNEL(spatial_bwd, f32)(x.data_ptr<float>(), w.data_ptr<float>(), gz.data_ptr<float>(), gx.data_ptr<float>(),
                     part.data_ptr<float>(), n, c, l, threads());
   return {gx, part.sum(0)};
 }
@@ -221,6 +261,11 @@ TORCH_LIBRARY(dyrelu_cpu, m) {
   m.def("site_(Tensor(a!) x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor offset, Tensor scale, int k, int width) -> Tensor(a!)");
   m.def("spatial(Tensor x, Tensor w, Tensor bias) -> Tensor");
   m.def("spatial_backward(Tensor x, Tensor w, Tensor gz) -> (Tensor, Tensor)");
+  m.def("isa_level(int? cap=None) -> int");
+}
+
+TORCH_LIBRARY_IMPL(dyrelu_cpu, CompositeExplicitAutograd, m) {
+  m.impl("isa_level", &isa_level);
 }
 
 TORCH_LIBRARY_IMPL(dyrelu_cpu, CPU, m) {

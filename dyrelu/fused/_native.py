@@ -16,7 +16,9 @@ x86-64, ``-march=armv8-a`` on 64-bit Arm), never ``-march=native``: the ``omp si
 summed in vector-width lanes, so a build for the host's widest vectors (AVX-512 on one machine,
 AVX2 on another) rounds differently and the same seed trained to a different top-1 on another CPU
 (issue 20). The baseline target gives every CPU of an architecture the same library and the same
-numbers. Into ``$DYRELU_NATIVE_CACHE`` (default ``~/.cache/dyrelu/native``), one folder per key of
+numbers. The file is also compiled for AVX2 and AVX-512 (x86-64-v3 / v4, by ``#pragma GCC target``)
+and the operators run the best level the CPU has (``torch.ops.dyrelu_cpu.isa_level()``); every level
+computes the same bits (``_cpu_kernels.c``: LANES). Into ``$DYRELU_NATIVE_CACHE`` (default ``~/.cache/dyrelu/native``), one folder per key of
 the sources, the flags, the architecture and torch's version; cpp_extension locks the folder, so
 concurrent ranks build once; into the temp directory when the cache directory cannot be written.
 When there is no compiler or ninja, or the build fails, ``library()`` returns None, one warning says
