@@ -80,8 +80,10 @@ def validate(cfg: DictConfig) -> None:
     if name not in valid_models:
         raise ConfigError(f"model.name={name!r} is not a known model; valid: {', '.join(valid_models)}")
     for key in ("act", "head_act"):
-        if key in cfg and cfg[key] is not None and cfg[key].name not in dyrelu.ACT_NAMES:
-            raise ConfigError(f"{key}.name={cfg[key].name!r} is not a known activation; valid: {', '.join(dyrelu.ACT_NAMES)}")
+        if key in cfg and cfg[key] is not None:
+            if cfg[key].name not in dyrelu.ACT_NAMES:
+                raise ConfigError(f"{key}.name={cfg[key].name!r} is not a known activation; valid: {', '.join(dyrelu.ACT_NAMES)}")
+            _check_act_values(key, cfg[key])
     import dyrelu.fused
 
     dyrelu.fused.forced_backend()  # the environment's kernel override, before anything is built
@@ -95,3 +97,28 @@ def _check_tau_schedule(cfg: DictConfig) -> None:
     if start is not None and act_tau is not None and float(start) != float(act_tau):
         raise ConfigError(f"trainer.tau_schedule.start={start} contradicts act.tau={act_tau}: "
                           "set one of them (an unset start is act.tau)")
+
+
+def _check_act_values(key: str, node: DictConfig) -> None:
+    """act.* values: a number where the library's default is a number, then the library's own range
+    checks on a small dry build, reported under the config key (``act.k=0 must be >= 1``)."""
+    import inspect
+
+    import dyrelu
+
+    values = {str(k): v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "name"}
+    factory = dyrelu.DyReLU.__init__ if dyrelu.is_dynamic(node.name) else None
+    if factory is not None:
+        for name, param in inspect.signature(factory).parameters.items():
+            default, value = param.default, values.get(name)
+            if name not in values or value is None or not _is_num(default):
+                continue
+            if not _is_num(value) or (_is_int(default) and not _is_int(value)):
+                want = "an integer" if _is_int(default) else "a number"
+                raise ConfigError(f"{key}.{name}={value!r} is not valid: expected {want}")
+    try:
+        dyrelu.build_act(node.name, 8, **values)
+    except BadValueError as err:
+        msg = str(err)
+        first = msg.split("=", 1)[0]
+        raise ConfigError(f"{key}.{msg}" if first in values else f"{key} ({node.name}): {msg}") from None

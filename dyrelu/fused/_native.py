@@ -12,15 +12,17 @@ C++ and from an AOTInductor package, not only from Python.
 
 Build: the C++ compiler (``$CXX``, default ``c++``) through ninja, ``-O3 -fopenmp
 -ffp-contract=off`` for the architecture's generic target (``-march=x86-64 -mtune=generic`` on
-x86-64, ``-march=armv8-a`` on 64-bit Arm), never ``-march=native``: the ``omp simd`` reductions are
-summed in vector-width lanes, so a build for the host's widest vectors (AVX-512 on one machine,
-AVX2 on another) rounds differently and the same seed trained to a different top-1 on another CPU
-(issue 20). The baseline target gives every CPU of an architecture the same library and the same
-numbers. The file is also compiled for AVX2 and AVX-512 (x86-64-v3 / v4, by ``#pragma GCC target``)
-and the operators run the best level the CPU has (``torch.ops.dyrelu_cpu.isa_level()``); every level
-computes the same bits (``_cpu_kernels.c``: LANES). Into ``$DYRELU_NATIVE_CACHE`` (default ``~/.cache/dyrelu/native``), one folder per key of
-the sources, the flags, the architecture and torch's version; cpp_extension locks the folder, so
-concurrent ranks build once; into the temp directory when the cache directory cannot be written.
+x86-64, ``-march=armv8-a`` on 64-bit Arm), never ``-march=native``: the old kernels' ``omp simd``
+sums had the vector width of their target, so a build for the host's widest vectors rounded
+differently and the same seed trained to a different top-1 on another CPU (issue 20). The file is
+also compiled for AVX2 and AVX-512 (x86-64-v3 / v4, by ``#pragma GCC target``) and the operators run
+the best level the CPU has (``torch.ops.dyrelu_cpu.isa_level()``); every sum keeps 8 lanes in a fixed
+order, so every level computes the same bits (``_cpu_kernels.c``: LANES). Into
+``$DYRELU_NATIVE_CACHE`` (default ``native`` under ``$DYRELU_CACHE``, else ``~/.cache/dyrelu``), one
+folder per key of the sources and their path, the flags, the architecture and torch's version;
+cpp_extension locks the folder, so concurrent ranks build once; into the temp directory when the
+cache directory cannot be written. The first build takes about 15 s (logged at INFO by
+``dyrelu.native``); loading a built library about 0.2 s.
 When there is no compiler or ninja, or the build fails, ``library()`` returns None, one warning says
 why, and the ATen kernels (the ``bn`` backend) run instead. ``DYRELU_NATIVE=0`` turns the kernels off.
 """
@@ -61,16 +63,22 @@ _state: dict = {}  # "lib": the operator namespace, or "error": why not
 
 
 def _cache_dir() -> str:
+    """$DYRELU_NATIVE_CACHE, else ``native`` under the project's cache ($DYRELU_CACHE, default
+    ~/.cache/dyrelu, where the demo data goes too)."""
     base = os.environ.get("DYRELU_NATIVE_CACHE")
-    if not base:
-        root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        base = os.path.join(root, "dyrelu", "native")
-    return base
+    if base:
+        return base
+    root = os.environ.get("DYRELU_CACHE")
+    if not root:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "dyrelu")
+    return os.path.join(root, "native")
 
 
 def build_key() -> str:
-    """Names the build: a change of source, flags, architecture or torch gives a new library."""
-    h = hashlib.sha256()
+    """Names the build: a change of source, flags, architecture or torch gives a new library, and so
+    does another checkout (ninja's build file holds the source's absolute path: two checkouts sharing
+    one folder would rebuild each other's library at every switch)."""
+    h = hashlib.sha256(OPS_SOURCE.encode())
     for path in (SOURCE, OPS_SOURCE):
         with open(path, "rb") as f:
             h.update(f.read())
@@ -98,6 +106,8 @@ def _load(build_dir: str, name: str) -> None:
     from torch.utils import cpp_extension
 
     os.makedirs(build_dir, exist_ok=True)
+    if not any(f.endswith(".so") for f in os.listdir(build_dir)):
+        logging.getLogger("dyrelu.native").info("building the native CPU kernels into %s (once, about 15 s)", build_dir)
     cpp_extension.load(name=name, sources=[OPS_SOURCE], extra_cflags=FLAGS, extra_ldflags=LDFLAGS,
                        build_directory=build_dir, is_python_module=False, verbose=False)
 
