@@ -212,6 +212,33 @@ void CAT(dyrelu_fwd, SUF)(const T *x, T *y, const T *a, const T *b, const T *pi,
   }
 }
 
+/* The backward over [l0, l1) one position at a time: grad_x, and g x, g of the winning segment added
+ * into acc = (x0, g0, x1, g1, x2, g2) (the order of the vector loop's lanes below). */
+static inline __attribute__((always_inline)) void CAT(bwd_scalar, SUF)(
+    const T *restrict g, const T *restrict x, T *restrict gx, const T *ak, const T *bk,
+    const T *restrict p, T *restrict gp, int64_t l0, int64_t l1, T *acc, const int KK, const int HAS_P) {
+  T a0 = ak[0], a1 = KK > 1 ? ak[1] : 0, a2 = KK > 2 ? ak[2] : 0;
+  T b0 = bk[0], b1 = KK > 1 ? bk[1] : 0, b2 = KK > 2 ? bk[2] : 0;
+  for (int64_t l = l0; l < l1; ++l) {
+    T v = x[l], gv = g[l];
+    T best = v * a0 + b0;
+    int k = 0;
+    if (KK > 1) { T u = v * a1 + b1; if (u > best) { best = u; k = 1; } }
+    if (KK > 2) { T u = v * a2 + b2; if (u > best) { best = u; k = 2; } }
+    if (HAS_P) { gp[l] += gv * best; gv = gv * p[l]; }
+    T ak_sel = k == 0 ? a0 : k == 1 ? a1 : a2;
+    gx[l] = gv * ak_sel;
+    acc[2 * k] += gv * v;
+    acc[2 * k + 1] += gv;
+  }
+}
+
+/* acc (x0, g0, x1, g1, x2, g2) added into the row's double sums */
+static inline __attribute__((always_inline)) void CAT(bwd_fold, SUF)(const T *acc, double *sx, double *sg,
+                                                                     const int KK) {
+  for (int k = 0; k < KK; ++k) { sx[k] += acc[2 * k]; sg[k] += acc[2 * k + 1]; }
+}
+
 /* One row segment [l0, l1) of the backward: grad_x, the per-segment sums (added into sx, sg),
  * and, with pi, g * max_k(..) added into gp[l] (the caller owns gp over [l0, l1)). */
 static inline __attribute__((always_inline)) void CAT(bwd_row, SUF)(
@@ -221,21 +248,9 @@ static inline __attribute__((always_inline)) void CAT(bwd_row, SUF)(
   T a0 = ak[0], a1 = KK > 1 ? ak[1] : 0, a2 = KK > 2 ? ak[2] : 0;
   T b0 = bk[0], b1 = KK > 1 ? bk[1] : 0, b2 = KK > 2 ? bk[2] : 0;
   if (l1 - l0 < SHORT_ROW) { /* deep layers (L = 1..16): plain loop, no vector set-up per row */
-    T x0 = 0, x1 = 0, x2 = 0, g0 = 0, g1 = 0, g2 = 0;
-    for (int64_t l = l0; l < l1; ++l) {
-      T v = x[l], gv = g[l];
-      T best = v * a0 + b0;
-      int k = 0;
-      if (KK > 1) { T u = v * a1 + b1; if (u > best) { best = u; k = 1; } }
-      if (KK > 2) { T u = v * a2 + b2; if (u > best) { best = u; k = 2; } }
-      if (HAS_P) { gp[l] += gv * best; gv = gv * p[l]; }
-      if (k == 0) { gx[l] = gv * a0; x0 += gv * v; g0 += gv; }
-      else if (k == 1) { gx[l] = gv * a1; x1 += gv * v; g1 += gv; }
-      else { gx[l] = gv * a2; x2 += gv * v; g2 += gv; }
-    }
-    sx[0] += x0; sg[0] += g0;
-    if (KK > 1) { sx[1] += x1; sg[1] += g1; }
-    if (KK > 2) { sx[2] += x2; sg[2] += g2; }
+    T acc[6] = {0, 0, 0, 0, 0, 0};
+    CAT(bwd_scalar, SUF)(g, x, gx, ak, bk, p, gp, l0, l1, acc, KK, HAS_P);
+    CAT(bwd_fold, SUF)(acc, sx, sg, KK);
     return;
   }
   for (int64_t s = l0; s < l1; s += BLOCK) {
@@ -276,23 +291,10 @@ static inline __attribute__((always_inline)) void CAT(bwd_row, SUF)(
     memcpy(lanes[0], &x0v, sizeof x0v); memcpy(lanes[1], &g0v, sizeof g0v);
     memcpy(lanes[2], &x1v, sizeof x1v); memcpy(lanes[3], &g1v, sizeof g1v);
     memcpy(lanes[4], &x2v, sizeof x2v); memcpy(lanes[5], &g2v, sizeof g2v);
-    T x0 = CAT(lane_total, SUF)(lanes[0]), g0 = CAT(lane_total, SUF)(lanes[1]);
-    T x1 = CAT(lane_total, SUF)(lanes[2]), g1 = CAT(lane_total, SUF)(lanes[3]);
-    T x2 = CAT(lane_total, SUF)(lanes[4]), g2 = CAT(lane_total, SUF)(lanes[5]);
-    for (; l < e; ++l) { /* the block's last l % LANES positions */
-      T v = x[l], gv = g[l];
-      T best = v * a0 + b0;
-      int k = 0;
-      if (KK > 1) { T u = v * a1 + b1; if (u > best) { best = u; k = 1; } }
-      if (KK > 2) { T u = v * a2 + b2; if (u > best) { best = u; k = 2; } }
-      if (HAS_P) { gp[l] += gv * best; gv = gv * p[l]; }
-      if (k == 0) { gx[l] = gv * a0; x0 += gv * v; g0 += gv; }
-      else if (k == 1) { gx[l] = gv * a1; x1 += gv * v; g1 += gv; }
-      else { gx[l] = gv * a2; x2 += gv * v; g2 += gv; }
-    }
-    sx[0] += x0; sg[0] += g0;
-    if (KK > 1) { sx[1] += x1; sg[1] += g1; }
-    if (KK > 2) { sx[2] += x2; sg[2] += g2; }
+    T acc[6];
+    for (int i = 0; i < 6; ++i) acc[i] = CAT(lane_total, SUF)(lanes[i]);
+    CAT(bwd_scalar, SUF)(g, x, gx, ak, bk, p, gp, l, e, acc, KK, HAS_P); /* the block's last l % LANES positions */
+    CAT(bwd_fold, SUF)(acc, sx, sg, KK);
   }
 }
 
