@@ -107,9 +107,8 @@ def _check_act_values(key: str, node: DictConfig) -> None:
     import dyrelu
 
     values = {str(k): v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "name"}
-    factory = dyrelu.DyReLU.__init__ if dyrelu.is_dynamic(node.name) else None
-    if factory is not None:
-        for name, param in inspect.signature(factory).parameters.items():
+    if dyrelu.is_dynamic(node.name):
+        for name, param in inspect.signature(dyrelu.DyReLU.__init__).parameters.items():
             default, value = param.default, values.get(name)
             if name not in values or value is None or not _is_num(default):
                 continue
