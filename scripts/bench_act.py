@@ -49,9 +49,10 @@ the first step to the end: it counts what the steps allocate on top of the model
             path per DY-ReLU (the ReLU model gets the same BN folding);
   onnxrt    the prepared model exported to ONNX (TorchScript exporter, opset 17) and run by ONNX
             Runtime's CPU provider with --threads intra-op threads (CPU only; skipped on CUDA);
-  aoti      with --aoti: the model as built, exported (torch.export, which keeps the fused path's
-            registered dyrelu:: ops) and compiled by AOTInductor into a package per batch size,
-            then loaded and run (minutes of C++ compile per package on a small CPU).
+  aoti      with --aoti: the prepared model (as above, the deployment path) exported (torch.export:
+            plain ATen ops, no dyrelu:: ops, so the package runs without calling back into Python)
+            and compiled by AOTInductor into a package per batch size, then loaded and run (tens of
+            seconds of C++ compile per package on a small CPU).
 Each reports img/s and cpu_img_s (medians of --inference-steps, wall clock and process CPU time)
 and, in "inference", ratio_to_relu / cpu_ratio_to_relu against the ReLU model run the same way. The public-style variant gets eager only. --no-train skips the
 training steps (e.g. for batch-1 inference at 224 px).
@@ -254,7 +255,7 @@ def _time_calls(call, device, warmup: int, steps: int) -> tuple:
 
 
 def _aoti_runner(model, example, autocast):
-    """``model`` (eval) exported at ``example``'s shape and compiled by AOTInductor; the loaded runner."""
+    """``model`` (eval, prepared) exported at ``example``'s shape and compiled by AOTInductor; the loaded runner."""
     import tempfile
 
     import torch
@@ -293,7 +294,7 @@ def _inference_timing(variant, model, args, device, fmt, autocast, g) -> dict:
     if args.aoti and variant != "dyrelu_b_public_style":
         for bs in args.inference_batches:
             xb = torch.randn(bs, 3, args.res, args.res, generator=g).to(device).contiguous(memory_format=fmt)
-            runner = _aoti_runner(model, xb, autocast)
+            runner = _aoti_runner(dyrelu.prepare_for_inference(model), xb, autocast)
             with torch.inference_mode(), autocast:
                 wall, cpu = _time_calls(lambda: runner(xb), device, args.warmup, args.inference_steps)
             out[f"batch_{bs}"]["aoti"] = {"img_s": bs / wall, "cpu_img_s": bs / cpu}

@@ -95,6 +95,25 @@ def test_jit_mode_and_onnx_export(tmp_path):
         torch.testing.assert_close(got, want[:n], rtol=1e-4, atol=1e-4)
 
 
+def test_exported_prepared_model_is_plain_aten_and_runs_as_an_aotinductor_package(tmp_path):
+    """The deployment path: a prepared model exports to ATen ops only (no dyrelu:: op that would make
+    an AOTInductor package call back into Python), and the compiled package gives the same outputs."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), dyrelu.DyReLU(8, variant="c"),
+                        nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), dyrelu.DyReLU(8, variant="b"))
+    model = _randomise_bn(net)
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        want = model(x)
+        ep = torch.export.export(prepare_for_inference(model), (x,))
+        namespaces = {n.target.namespace for n in ep.graph.nodes
+                      if n.op == "call_function" and hasattr(n.target, "namespace")}
+        assert namespaces == {"aten"}
+        path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "model.pt2"))
+        got = torch._inductor.aoti_load_package(path)(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_exported_from_package():
     assert dyrelu.prepare_for_inference is prepare_for_inference
 
