@@ -225,7 +225,7 @@ class _NoSync(TorchDispatchMode):
         if name in self.SYNCS:
             raise AssertionError(f"host sync: {name}")
         if name.startswith("dyrelu::"):
-            impl = getattr(ops, name.split("::")[1])._init_fn
+            impl = ops.IMPLS[name.split("::")[1]]
             with self:
                 return impl(*args, **(kwargs or {}))
         return func(*args, **(kwargs or {}))

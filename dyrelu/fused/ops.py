@@ -10,7 +10,9 @@
   dyrelu::running_update  BatchNorm's running statistics, on the device (no host sync)
 
 Each differentiable op has a ``*_backward`` op (one op per direction, hand-written math), a fake
-(meta) implementation and an autograd registration; ``torch.library.opcheck`` tests them. Eager
+(meta) implementation and an autograd kernel; ``torch.library.opcheck`` tests them. They are defined
+with torch.library's low-level API (``_op``, ``_fake``, ``_autograd`` below), which is cheaper per call
+than ``torch.library.custom_op``. Eager
 mode, torch.compile, CUDA graphs and torch.export all call these same ops, and each op picks its
 kernels at run time through ``backend.choose`` (Triton on CUDA, the C kernels or ATen's batch-norm
 loops on the CPU, plain torch ops otherwise). Outputs always have the strides of the fake
@@ -112,13 +114,61 @@ def _use_triton_bn(x3: Tensor) -> bool:
 
 
 # ---------------------------------------------------------------------------------------
+# registration: torch.library's low-level API, with each differentiable op's Autograd kernel a
+# plain autograd.Function. ``torch.library.custom_op`` + ``register_autograd`` do the same through a
+# generic wrapper that cost about 60 us more per op and direction (docs/performance.md), which at
+# three differentiable ops per site was a large share of a site's fixed cost on the CPU.
+# ---------------------------------------------------------------------------------------
+_LIB = torch.library.Library("dyrelu", "DEF")
+IMPLS: dict = {}  # name -> the op's Python implementation (a dispatch mode can run it under itself)
+
+
+def _op(name: str, mutates_args=()):
+    """Defines ``dyrelu::<name>`` with the schema of the function's annotations and the function as
+    its implementation on every device (it picks its kernels itself); returns the op."""
+    def define(fn):
+        _LIB.define(name + torch.library.infer_schema(fn, mutates_args=mutates_args))
+        _LIB.impl(name, fn, "CompositeExplicitAutograd")
+        IMPLS[name] = fn
+        return getattr(torch.ops.dyrelu, name).default
+    return define
+
+
+def _fake(op):
+    def register(fn):
+        torch.library.register_fake(op, fn, lib=_LIB)
+        return fn
+    return register
+
+
+def _autograd(op, setup, grad) -> None:
+    """setup(ctx, inputs, output) and grad(ctx, *grads) as in ``torch.library.register_autograd``."""
+    def forward(ctx, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            out = op(*args)
+        setup(ctx, args, out)
+        return out
+
+    fn = type(f"{op._opname}_autograd", (torch.autograd.Function,),
+              {"forward": staticmethod(forward), "backward": staticmethod(grad)})
+
+    def kernel(*args):
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return fn.apply(*args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    _LIB.impl(op._opname, kernel, "Autograd")
+
+
+# ---------------------------------------------------------------------------------------
 # dyrelu::apply
 # ---------------------------------------------------------------------------------------
 def _pi3(pi: Optional[Tensor], n: int) -> Optional[Tensor]:
     return None if pi is None else pi.reshape(n, 1, -1).contiguous()
 
 
-@torch.library.custom_op("dyrelu::apply", mutates_args=())
+@_op("apply")
 def apply(x: Tensor, a: Tensor, b: Optional[Tensor], pi: Optional[Tensor]) -> Tensor:
     """y = max_k(a_k x + b_k) [* pi]; x (N, C, *spatial), a, b (N, K, C|1), pi (N, 1, *spatial)."""
     with _NoAutocast(x.device.type):
@@ -142,12 +192,12 @@ def apply(x: Tensor, a: Tensor, b: Optional[Tensor], pi: Optional[Tensor]) -> Te
         return _match(y3, x)
 
 
-@apply.register_fake
+@_fake(apply)
 def _(x, a, b, pi):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("dyrelu::apply_backward", mutates_args=())
+@_op("apply_backward")
 def apply_backward(g: Tensor, x: Tensor, a: Tensor, b: Optional[Tensor], pi: Optional[Tensor],
                    need_pi: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_x, grad_a, grad_b, grad_pi); grad_b / grad_pi are empty when b / pi (or need_pi) are absent.
@@ -184,7 +234,7 @@ def apply_backward(g: Tensor, x: Tensor, a: Tensor, b: Optional[Tensor], pi: Opt
         return _match(gx3, x), grad_a, grad_b, grad_pi
 
 
-@apply_backward.register_fake
+@_fake(apply_backward)
 def _(g, x, a, b, pi, need_pi):
     return (torch.empty_like(x), torch.empty_like(a), _empty(a) if b is None else torch.empty_like(b),
             torch.empty_like(pi) if (need_pi and pi is not None) else _empty(a))
@@ -205,7 +255,7 @@ def _apply_grad(ctx, gy):
     return gx, ga, (gb if b is not None else None), (gpi if need_pi else None)
 
 
-apply.register_autograd(_apply_grad, setup_context=_apply_setup)
+_autograd(apply, _apply_setup, _apply_grad)
 
 
 # ---------------------------------------------------------------------------------------
@@ -226,13 +276,13 @@ def _pool_grad_like(gp: Tensor, shape) -> Tensor:
     return gp.expand(shape) if len(shape) > 2 else gp
 
 
-@torch.library.custom_op("dyrelu::pool", mutates_args=())
+@_op("pool")
 def pool(x: Tensor) -> Tensor:
     """Mean over the spatial dims: (N, C, *spatial) -> (N, C)."""
     return _pool(x).contiguous()
 
 
-@pool.register_fake
+@_fake(pool)
 def _(x):
     return x.new_empty(x.shape[:2])
 
@@ -249,7 +299,7 @@ def _pool_grad(ctx, gp):
     return (gp / length).reshape(tuple(shape[:2]) + (1,) * (len(shape) - 2)).expand(shape)
 
 
-pool.register_autograd(_pool_grad, setup_context=_pool_setup)
+_autograd(pool, _pool_setup, _pool_grad)
 
 
 # ---------------------------------------------------------------------------------------
@@ -310,7 +360,7 @@ def _coef_dtype(w2: Tensor) -> torch.dtype:
     return torch.float64 if w2.dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("dyrelu::coefs", mutates_args=())
+@_op("coefs")
 def coefs(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, init_a: Tensor, init_b: Tensor,
           lambda_a: Tensor, lambda_b: Tensor, spatial_w: Optional[Tensor], segments: int, width: int,
           use_bias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -328,14 +378,14 @@ def coefs(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, init_a: Ten
     return a.contiguous(), b, pooled.contiguous(), z
 
 
-@coefs.register_fake
+@_fake(coefs)
 def _(x, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, spatial_w, segments, width, use_bias):
     n, k, dt = x.shape[0], init_a.shape[0], _coef_dtype(w2)
     z = _no_z(x) if spatial_w is None else x.new_empty((n, 1) + tuple(x.shape[2:]))
     return (x.new_empty((n, k, width), dtype=dt), x.new_empty((n, k, width), dtype=dt), x.new_empty(x.shape[:2]), z)
 
 
-@torch.library.custom_op("dyrelu::coefs_backward", mutates_args=())
+@_op("coefs_backward")
 def coefs_backward(ga: Optional[Tensor], gb: Optional[Tensor], gz: Optional[Tensor], x: Tensor, pooled: Tensor,
                    w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, lambda_a: Tensor, lambda_b: Tensor,
                    spatial_w: Optional[Tensor], segments: int, width: int,
@@ -362,7 +412,7 @@ def coefs_backward(ga: Optional[Tensor], gb: Optional[Tensor], gz: Optional[Tens
     return gx.contiguous(), gw1.contiguous(), gb1.contiguous(), gw2.contiguous(), gb2.contiguous(), g_sw
 
 
-@coefs_backward.register_fake
+@_fake(coefs_backward)
 def _(ga, gb, gz, x, pooled, w1, b1, w2, b2, lambda_a, lambda_b, spatial_w, segments, width, use_bias):
     if gz is not None and spatial_w is not None:
         gx = torch.empty_like(x)
@@ -396,7 +446,7 @@ def _coefs_grad(ctx, ga, gb, _gpooled, gz):
             None, None, None)
 
 
-coefs.register_autograd(_coefs_grad, setup_context=_coefs_setup)
+_autograd(coefs, _coefs_setup, _coefs_grad)
 
 
 # ---------------------------------------------------------------------------------------
@@ -418,7 +468,7 @@ def _hyper_input(pooled: Tensor, w1: Tensor) -> Tensor:
     return pooled if torch.is_autocast_enabled(pooled.device.type) else pooled.to(w1.dtype)
 
 
-@torch.library.custom_op("dyrelu::bn_coefs", mutates_args=())
+@_op("bn_coefs")
 def bn_coefs(m: Tensor, mu: Optional[Tensor], var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
              eps: float, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, init_a: Tensor, init_b: Tensor,
              lambda_a: Tensor, lambda_b: Tensor, x: Optional[Tensor], spatial_w: Optional[Tensor], segments: int,
@@ -442,7 +492,7 @@ def bn_coefs(m: Tensor, mu: Optional[Tensor], var: Tensor, weight: Optional[Tens
     return big_a, big_b, z
 
 
-@bn_coefs.register_fake
+@_fake(bn_coefs)
 def _(m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, x, spatial_w, segments,
       width, use_bias):
     n, c, k, cdt = m.shape[0], m.shape[1], init_a.shape[0], tk.compute_dtype(m.dtype)
@@ -450,7 +500,7 @@ def _(m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, l
     return m.new_empty((n, k, c), dtype=cdt), m.new_empty((n, k, c), dtype=cdt), z
 
 
-@torch.library.custom_op("dyrelu::bn_coefs_backward", mutates_args=())
+@_op("bn_coefs_backward")
 def bn_coefs_backward(g_big_a: Optional[Tensor], g_big_b: Optional[Tensor], gz: Optional[Tensor], m: Tensor,
                       mu: Optional[Tensor], var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                       eps: float, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, init_a: Tensor, init_b: Tensor,
@@ -505,7 +555,7 @@ def bn_coefs_backward(g_big_a: Optional[Tensor], g_big_b: Optional[Tensor], gz: 
             gw1.contiguous(), gb1.contiguous(), gw2.contiguous(), gb2.contiguous(), gx, g_sw)
 
 
-@bn_coefs_backward.register_fake
+@_fake(bn_coefs_backward)
 def _(g_big_a, g_big_b, gz, m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, x,
       spatial_w, segments, width, use_bias):
     with_z = gz is not None and x is not None and spatial_w is not None
@@ -535,7 +585,7 @@ def _bn_coefs_grad(ctx, g_big_a, g_big_b, gz):
             None, None, None)
 
 
-bn_coefs.register_autograd(_bn_coefs_grad, setup_context=_bn_coefs_setup)
+_autograd(bn_coefs, _bn_coefs_setup, _bn_coefs_grad)
 
 
 # ---------------------------------------------------------------------------------------
@@ -571,7 +621,7 @@ def _row_moments(x3: Tensor, cdt: torch.dtype) -> Tuple[Tensor, Tensor]:
     return m, (xc - m[:, :, None]).square().mean(2)
 
 
-@torch.library.custom_op("dyrelu::moments", mutates_args=())
+@_op("moments")
 def moments(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """(m (N, C) mean over the spatial dims, var (C,) biased variance over batch and space, mu (C,)
     the mean, not differentiable: use m.mean(0) to differentiate it), in float32 (float64 for
@@ -584,7 +634,7 @@ def moments(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     return m.contiguous(), var, mu
 
 
-@moments.register_fake
+@_fake(moments)
 def _(x):
     cdt = tk.compute_dtype(x.dtype)
     return x.new_empty(x.shape[:2], dtype=cdt), x.new_empty((x.shape[1],), dtype=cdt), x.new_empty((x.shape[1],), dtype=cdt)
@@ -609,7 +659,7 @@ def _affine_rows(x3: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
     return (x3 * alpha[None, :, None] + beta[:, :, None]).to(x3.dtype)
 
 
-@torch.library.custom_op("dyrelu::moments_backward", mutates_args=())
+@_op("moments_backward")
 def moments_backward(x: Tensor, mu: Tensor, g_m: Optional[Tensor], g_var: Optional[Tensor]) -> Tensor:
     """grad_x = g_m / L + g_var 2 (x - mu) / M, one affine pass over x (alpha_c x + beta_nc)."""
     n, c = x.shape[0], x.shape[1]
@@ -623,7 +673,7 @@ def moments_backward(x: Tensor, mu: Tensor, g_m: Optional[Tensor], g_var: Option
     return _match(_affine_rows(x3, alpha, beta), x)
 
 
-@moments_backward.register_fake
+@_fake(moments_backward)
 def _(x, mu, g_m, g_var):
     return torch.empty_like(x)
 
@@ -642,14 +692,13 @@ def _moments_grad(ctx, g_m, g_var, _g_mu):
     return torch.ops.dyrelu.moments_backward(x, ctx.mu, g_m, g_var)
 
 
-moments.register_autograd(_moments_grad, setup_context=_moments_setup)
+_autograd(moments, _moments_setup, _moments_grad)
 
 
 # ---------------------------------------------------------------------------------------
 # dyrelu::running_update
 # ---------------------------------------------------------------------------------------
-@torch.library.custom_op("dyrelu::running_update",
-                         mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+@_op("running_update", mutates_args=("running_mean", "running_var", "num_batches_tracked"))
 def running_update(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Optional[Tensor],
                    mu: Tensor, var: Tensor, momentum: float, cumulative: bool, count: int) -> None:
     """BatchNorm2d's running-stat update from the batch's mean mu and biased variance var:
@@ -665,6 +714,6 @@ def running_update(running_mean: Tensor, running_var: Tensor, num_batches_tracke
     running_var.lerp_(unbiased.to(running_var.dtype), factor)
 
 
-@running_update.register_fake
+@_fake(running_update)
 def _(running_mean, running_var, num_batches_tracked, mu, var, momentum, cumulative, count):
     return None
