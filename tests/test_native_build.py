@@ -3,6 +3,7 @@ architecture's generic target, never for the build host, so that results (and th
 between machines (issue 20)."""
 from __future__ import annotations
 
+import itertools
 import platform
 import tempfile
 
@@ -64,6 +65,40 @@ def test_no_compiler_is_one_short_reason(monkeypatch, fake_build):
     assert not fake_build
 
 
+def _coef_args(dt, k, seg, width, use_bias, with_affine, with_z, n=5, c=12):
+    """Arguments of dyrelu_cpu::bn_coefs and bn_coefs_backward (random statistics and weights)."""
+    groups = 2 if use_bias else 1
+    m, var = torch.randn(n, c, dtype=dt), torch.rand(c, dtype=dt) + 0.5
+    mu = torch.randn(c, dtype=dt) if with_affine else None
+    weight, bias = (torch.rand(c, dtype=dt) + 0.5, torch.randn(c, dtype=dt)) if with_affine else (None, None)
+    w1, b1 = torch.randn(4, c, dtype=dt), torch.randn(4, dtype=dt)
+    w2, b2 = torch.randn(groups * seg * width, 4, dtype=dt), torch.randn(groups * seg * width, dtype=dt)
+    init = (torch.tensor([1.0, 0.0, 0.5][:k]), torch.zeros(k), torch.tensor(1.0), torch.tensor(0.5))
+    fwd = (m, mu, var, weight, bias, 1e-5, w1, b1, w2, b2, *init, seg, width, use_bias)
+    cdt = torch.float64 if dt == torch.float64 else torch.float32
+    extra = (torch.randn(c, dtype=cdt), torch.randn(c, dtype=cdt)) if with_z else (None, None)
+    bwd = (torch.randn(n, k, c, dtype=cdt), torch.randn(n, k, c, dtype=cdt), *fwd[:14], *extra, seg, width, use_bias)
+    return fwd, bwd
+
+
+def test_the_coefficient_math_in_cpp_is_the_python_bit_for_bit():
+    """dyrelu_cpu::bn_coefs / bn_coefs_backward run the fused BN's coefficient math on the CPU; other
+    devices (and DYRELU_FUSED_BACKEND=bn / torch) run ops.py's Python. The same ops in the same order:
+    the same bits, so the choice cannot change a result."""
+    from dyrelu.fused import ops as fused_ops
+
+    lib = _native.library()
+    torch.manual_seed(0)
+    for dt, (k, seg), width, use_bias, with_affine, with_z in itertools.product(
+            (torch.float32, torch.float64), ((1, 1), (2, 2), (3, 2)), (12, 1), (True, False), (True, False),
+            (True, False)):
+        fwd, bwd = _coef_args(dt, k, seg, width, use_bias, with_affine, with_z)
+        got = [*lib.bn_coefs(*fwd), *lib.bn_coefs_backward(*bwd)]
+        want = [*fused_ops._bn_coefs_math(*fwd), *fused_ops._bn_coefs_backward_math(*bwd)]
+        for i, (u, v) in enumerate(zip(got, want)):
+            assert u.dtype == v.dtype and torch.equal(u, v), (dt, k, seg, width, use_bias, with_affine, with_z, i)
+
+
 def test_the_kernels_are_registered_operators_that_pass_opcheck():
     """Real operators with schemas and fake implementations: what torch.compile, export and an
     AOTInductor package need (ctypes gave none of that)."""
@@ -82,6 +117,8 @@ def test_the_kernels_are_registered_operators_that_pass_opcheck():
         (ops.backward, (g, x, a, b, pi, True)), (ops.backward, (g, x, a, None, None, False)),
         (ops.row_moments, (x,)), (ops.spatial, (x, w, bias)), (ops.spatial_backward, (x, w, gz)),
         (ops.site, (x, w1, b1, w2, b2, off, scale, k, c)), (ops.site_, (x.clone(), w1, b1, w2, b2, off, scale, k, c)),
+        (ops.bn_coefs, _coef_args(torch.float32, k, k, c, True, True, True, c=c)[0]),
+        (ops.bn_coefs_backward, _coef_args(torch.float32, k, k, c, True, False, False, c=c)[1]),
     ]
     for op, args in cases:
         torch.library.opcheck(op.default, args, test_utils=("test_schema", "test_faketensor"))

@@ -11,12 +11,13 @@
 //                                            a whole inference-mode DY-ReLU A / B in one call
 //   spatial(x, w, bias)                      variant C's logits z (N, L)
 //   spatial_backward(x, w, gz)               (grad_x, grad_w (C,))
+//   bn_coefs(m, mu?, var, ...)               the fused BN's coefficient math: BN fold, the hyper
+//                                            function, A = a s, B = a t + b (ops.py's bn_coefs)
+//   bn_coefs_backward(gA?, gB?, m, ...)      its hand-written backward (ops.py's bn_coefs_backward)
 //   isa_level(cap?)                          the instruction set in use (0 generic, 1 AVX2,
 //                                            2 AVX-512), optionally capped: same results at each
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -250,6 +251,147 @@ std::tuple<Tensor, Tensor> spatial_backward(const Tensor& x, const Tensor& w, co
   return {gx, part.sum(0)};
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// The fused BN + DY-ReLU's coefficient math on (N, C)-sized tensors. The same ATen ops, in the
+// same order and with the same dtypes, as the Python of ops.py (_bn_fold, _hyper.hyper and
+// hyper_backward, bn_coefs, bn_coefs_backward), so the results are bit-for-bit those of the Python
+// (tests/test_native_build.py compares them); in C++ each op costs a fraction of a Python call,
+// and a site runs dozens of them. Called by the CPU path without autocast.
+// ---------------------------------------------------------------------------------------------
+
+at::ScalarType compute_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+struct Fold {
+  Tensor mu, r, s, t, pooled;
+};
+
+Fold bn_fold(const Tensor& m_in, const OptTensor& mu_in, const Tensor& var, const OptTensor& weight,
+             const OptTensor& bias, double eps) {
+  auto cdt = compute_dtype(m_in.scalar_type());
+  Tensor m = m_in.to(cdt);
+  Tensor mu = mu_in.has_value() ? mu_in->to(cdt) : m.mean(0);
+  Tensor r = at::rsqrt(var.to(cdt) + eps);
+  Tensor s = weight.has_value() ? r * weight->to(cdt) : r;
+  Tensor t = bias.has_value() ? at::addcmul(bias->to(cdt), mu, s, -1.0) : -mu * s;
+  Tensor pooled = at::addcmul(t, m, s);
+  return {mu, r, s, t, pooled};
+}
+
+// a, b (N, K, width) from the pooled context (already in w1's dtype)
+std::tuple<Tensor, Tensor> hyper(const Tensor& p, const Tensor& w1, const Tensor& b1, const Tensor& w2,
+                                 const Tensor& b2, const Tensor& init_a, const Tensor& init_b,
+                                 const Tensor& lambda_a, const Tensor& lambda_b, int64_t segments, int64_t width,
+                                 bool use_bias) {
+  int64_t k = init_a.size(0);
+  Tensor logits = at::linear(at::relu(at::linear(p, w1, b1)), w2, b2);
+  auto dt = at::promote_types(logits.scalar_type(), at::kFloat);
+  Tensor theta = at::sigmoid(logits.to(dt)) * 2.0 - 1.0;
+  theta = theta.unflatten(1, {use_bias ? 2 : 1, segments, width});
+  Tensor da = theta.select(1, 0);
+  OptTensor db;
+  if (use_bias) db = theta.select(1, 1);
+  if (segments < k) {
+    da = at::constant_pad_nd(da, {0, 0, 0, k - segments}, 0);
+    if (db.has_value()) db = at::constant_pad_nd(*db, {0, 0, 0, k - segments}, 0);
+  }
+  Tensor a = init_a.to(dt).reshape({1, k, 1}) + lambda_a.to(dt) * da;
+  Tensor b_init = init_b.to(dt).reshape({1, k, 1});
+  Tensor b = db.has_value() ? b_init + lambda_b.to(dt) * *db : b_init.expand_as(a);
+  return {a, b};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_coefs(const Tensor& m, const OptTensor& mu, const Tensor& var,
+                                                    const OptTensor& weight, const OptTensor& bias, double eps,
+                                                    const Tensor& w1, const Tensor& b1, const Tensor& w2,
+                                                    const Tensor& b2, const Tensor& init_a, const Tensor& init_b,
+                                                    const Tensor& lambda_a, const Tensor& lambda_b, int64_t segments,
+                                                    int64_t width, bool use_bias) {
+  Fold f = bn_fold(m, mu, var, weight, bias, eps);
+  auto [a, b] = hyper(f.pooled.to(w1.scalar_type()), w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, segments,
+                      width, use_bias);
+  a = a.to(f.s.scalar_type());
+  b = b.to(f.s.scalar_type());
+  return {(a * f.s).contiguous(), at::addcmul(b, a, f.t).contiguous(), f.s, f.t};
+}
+
+Tensor part(const OptTensor& g, const Tensor& lam, int64_t n, int64_t segments, int64_t width, at::ScalarType dt,
+            const Tensor& like) {
+  if (!g.has_value()) return at::zeros({n, segments, width}, like.options().dtype(dt));
+  return g->slice(1, 0, segments).to(dt) * lam.to(dt);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> hyper_backward(
+    const OptTensor& ga, const OptTensor& gb, const Tensor& pooled, const Tensor& w1, const Tensor& b1,
+    const Tensor& w2, const Tensor& b2, const Tensor& lambda_a, const Tensor& lambda_b, int64_t segments,
+    int64_t width, bool use_bias) {
+  Tensor p = pooled.to(w1.scalar_type());
+  Tensor h_pre = at::linear(p, w1, b1);
+  Tensor h = at::relu(h_pre);
+  Tensor logits = at::linear(h, w2, b2);
+  auto dt = at::promote_types(logits.scalar_type(), at::kFloat);
+  Tensor sig = at::sigmoid(logits.to(dt));
+  int64_t n = pooled.size(0);
+  Tensor dtheta = use_bias ? at::stack({part(ga, lambda_a, n, segments, width, dt, pooled),
+                                        part(gb, lambda_b, n, segments, width, dt, pooled)}, 1)
+                           : part(ga, lambda_a, n, segments, width, dt, pooled).unsqueeze(1);
+  Tensor dlogits = (dtheta.reshape({n, -1}) * (sig * 2.0 * at::rsub(sig, 1.0))).to(w2.scalar_type());
+  Tensor gw2 = at::matmul(dlogits.t(), h);
+  Tensor gb2 = dlogits.sum(0);
+  Tensor dh = at::matmul(dlogits, w2).masked_fill_(h_pre.le(0), 0.0);
+  Tensor gw1 = at::matmul(dh.t(), p);
+  Tensor gb1 = dh.sum(0);
+  Tensor gp = at::matmul(dh, w1).to(pooled.scalar_type());
+  return {gp, gw1, gb1, gw2, gb2};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_coefs_backward(
+    const OptTensor& g_big_a_in, const OptTensor& g_big_b_in, const Tensor& m, const OptTensor& mu,
+    const Tensor& var, const OptTensor& weight, const OptTensor& bias, double eps, const Tensor& w1,
+    const Tensor& b1, const Tensor& w2, const Tensor& b2, const Tensor& init_a, const Tensor& init_b,
+    const Tensor& lambda_a, const Tensor& lambda_b, const OptTensor& gs_extra, const OptTensor& gt_extra,
+    int64_t segments, int64_t width, bool use_bias) {
+  auto cdt = compute_dtype(m.scalar_type());
+  int64_t n = m.size(0), c = m.size(1);
+  Fold f = bn_fold(m, mu, var, weight, bias, eps);
+  Tensor mc = m.to(cdt);
+  Tensor ph = f.pooled.to(w1.scalar_type());
+  Tensor a = std::get<0>(hyper(ph, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, segments, width, use_bias));
+  a = a.to(cdt);
+  int64_t k = a.size(1);
+  auto opts = m.options().dtype(cdt);
+  Tensor g_big_a = g_big_a_in.has_value() ? g_big_a_in->to(cdt) : at::zeros({n, k, c}, opts);
+  Tensor g_big_b = g_big_b_in.has_value() ? g_big_b_in->to(cdt) : at::zeros({n, k, c}, opts);
+  // A = a s, B = b + a t  (a broadcast over C for variant A)
+  Tensor ga = g_big_a * f.s + g_big_b * f.t;
+  Tensor gb = g_big_b;
+  if (a.size(2) != ga.size(2)) {
+    ga = ga.sum(2, true);
+    gb = gb.sum(2, true);
+  }
+  Tensor gs = (g_big_a * a).sum({0, 1});
+  Tensor gt = (g_big_b * a).sum({0, 1});
+  if (gs_extra.has_value()) gs = gs + *gs_extra;
+  if (gt_extra.has_value()) gt = gt + *gt_extra;
+  auto [gp, gw1, gb1, gw2, gb2] =
+      hyper_backward(ga, gb, ph, w1, b1, w2, b2, lambda_a, lambda_b, segments, width, use_bias);
+  gp = gp.to(cdt);
+  // pooled = m s + t
+  Tensor gm = gp * f.s;
+  gs = gs + (gp * mc).sum(0);
+  gt = gt + gp.sum(0);
+  // t = bias - mu s
+  gs = gs - gt * f.mu;
+  if (!mu.has_value()) gm = gm - (gt * f.s) / static_cast<double>(n);  // mu = mean over n of m
+  // s = r weight, r = (var + eps)^-1/2
+  Tensor gr = weight.has_value() ? gs * weight->to(cdt) : gs;
+  Tensor gvar = gr * (-0.5) * f.r * f.r * f.r;
+  Tensor g_weight = weight.has_value() ? (gs * f.r).to(weight->scalar_type()) : m.new_empty({0});
+  Tensor g_bias = bias.has_value() ? gt.to(bias->scalar_type()) : m.new_empty({0});
+  return {gm.to(m.scalar_type()).contiguous(), gvar.to(var.scalar_type()).contiguous(), g_weight, g_bias,
+          gw1.contiguous(), gb1.contiguous(), gw2.contiguous(), gb2.contiguous()};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dyrelu_cpu, m) {
@@ -261,6 +403,13 @@ TORCH_LIBRARY(dyrelu_cpu, m) {
   m.def("site_(Tensor(a!) x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor offset, Tensor scale, int k, int width) -> Tensor(a!)");
   m.def("spatial(Tensor x, Tensor w, Tensor bias) -> Tensor");
   m.def("spatial_backward(Tensor x, Tensor w, Tensor gz) -> (Tensor, Tensor)");
+  m.def("bn_coefs(Tensor m, Tensor? mu, Tensor var, Tensor? weight, Tensor? bias, float eps, Tensor w1, Tensor b1, "
+        "Tensor w2, Tensor b2, Tensor init_a, Tensor init_b, Tensor lambda_a, Tensor lambda_b, int segments, "
+        "int width, bool use_bias) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("bn_coefs_backward(Tensor? g_big_a, Tensor? g_big_b, Tensor m, Tensor? mu, Tensor var, Tensor? weight, "
+        "Tensor? bias, float eps, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor init_a, Tensor init_b, "
+        "Tensor lambda_a, Tensor lambda_b, Tensor? gs_extra, Tensor? gt_extra, int segments, int width, "
+        "bool use_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("isa_level(int? cap=None) -> int");
 }
 
@@ -277,4 +426,6 @@ TORCH_LIBRARY_IMPL(dyrelu_cpu, CPU, m) {
   m.impl("site_", &site_);
   m.impl("spatial", &spatial);
   m.impl("spatial_backward", &spatial_backward);
+  m.impl("bn_coefs", &bn_coefs);
+  m.impl("bn_coefs_backward", &bn_coefs_backward);
 }

@@ -212,6 +212,22 @@ def _register_fakes() -> None:
     def _(x, w, gz):
         return torch.empty_like(x), x.new_empty(x.shape[1])
 
+    @reg("dyrelu_cpu::bn_coefs")
+    def _(m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, segments, width,
+          use_bias):
+        n, c, k = m.shape[0], m.shape[1], init_a.shape[0]
+        cdt = torch.float64 if m.dtype == torch.float64 else torch.float32
+        return (m.new_empty((n, k, c), dtype=cdt), m.new_empty((n, k, c), dtype=cdt), m.new_empty(c, dtype=cdt),
+                m.new_empty(c, dtype=cdt))
+
+    @reg("dyrelu_cpu::bn_coefs_backward")
+    def _(g_big_a, g_big_b, m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b,
+          gs_extra, gt_extra, segments, width, use_bias):
+        return (torch.empty_like(m), torch.empty_like(var),
+                m.new_empty(0) if weight is None else torch.empty_like(weight),
+                m.new_empty(0) if bias is None else torch.empty_like(bias), torch.empty_like(w1),
+                torch.empty_like(b1), torch.empty_like(w2), torch.empty_like(b2))
+
 
 def ok(x3: torch.Tensor, k: int) -> bool:
     """The kernels apply: an NC-contiguous (N, C, L) CPU float32 / float64 view, K <= 3."""
@@ -249,6 +265,22 @@ def site(x3, w1, b1, w2, b2, offset, scale, k: int, width: int, inplace: bool = 
 def spatial_forward(x3, w, bias):
     """Variant C's logits z = sum_c w_c x + bias: (N, C, L) -> (N, L); w (C,), bias (1,) in x's dtype."""
     return _state["lib"].spatial(x3, w, bias)
+
+
+def coefs_ok(m: torch.Tensor, w1: torch.Tensor) -> bool:
+    """The C++ coefficient math applies: CPU float32 / float64 statistics and weights, no autocast."""
+    return (m.device.type == "cpu" and m.dtype in DTYPES and w1.dtype in DTYPES
+            and not torch.is_autocast_enabled("cpu") and library() is not None)
+
+
+def bn_coefs(*args):
+    """ops.bn_coefs's math in C++: (A, B, s, t); the arguments of ``dyrelu_cpu::bn_coefs``."""
+    return _state["lib"].bn_coefs(*args)
+
+
+def bn_coefs_backward(*args):
+    """ops.bn_coefs_backward's math in C++: (grad m, var, weight, bias, w1, b1, w2, b2)."""
+    return _state["lib"].bn_coefs_backward(*args)
 
 
 def spatial_backward(x3, w, gz):

@@ -8,7 +8,8 @@ while tracing.
           DYRELU_FUSED_BACKEND=triton: that is how the tests run the kernels). A kernel
           configuration whose first launch raises warns once and runs the torch kernels from then
           on, unless the backend was forced, which raises instead;
-  native  CPU float32 / float64, NC-contiguous, K <= 3: the one-pass C kernels (_native.py);
+  native  CPU float32 / float64, NC-contiguous, K <= 3: the one-pass C kernels (_native.py), and the
+          fused BN's coefficient math in C++;
   bn      CPU otherwise (no C compiler, half dtypes): ATen batch-norm loops used as per-(n, c)
           affine / reduction kernels (_torch_kernels.py);
   torch   plain broadcast ops: any device, any layout.
@@ -69,6 +70,12 @@ def choose(x: torch.Tensor) -> str:
 def native(x3: torch.Tensor, k: int = 1) -> bool:
     """The C kernels take this (N, C, L) view (chosen backend native, dtype, layout, K)."""
     return choose(x3) == "native" and _native.ok(x3, k)
+
+
+def native_coefs(m: torch.Tensor, w1: torch.Tensor) -> bool:
+    """The fused BN's coefficient math runs in C++ (``dyrelu_cpu::bn_coefs``) for these statistics m (N, C)
+    and hyper-function weights: chosen backend native, float32 / float64, no autocast."""
+    return choose(m) == "native" and _native.coefs_ok(m, w1)
 
 
 def triton(x: torch.Tensor) -> bool:

@@ -468,6 +468,18 @@ def _hyper_input(pooled: Tensor, w1: Tensor) -> Tensor:
     return pooled if torch.is_autocast_enabled(pooled.device.type) else pooled.to(w1.dtype)
 
 
+def _bn_coefs_math(m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, segments,
+                   width, use_bias):
+    """(A, B, s, t); the same ops as ``dyrelu_cpu::bn_coefs`` (_cpu_ops.cpp), which the CPU runs."""
+    _, _, s, t, pooled = _bn_fold(m, mu, var, weight, bias, eps)
+    a, b = _hyper.hyper(_hyper_input(pooled, w1), w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b,
+                        segments, width, use_bias)
+    a, b = a.to(s.dtype), b.to(s.dtype)
+    big_a = (a * s).contiguous()
+    big_b = torch.addcmul(b, a, t).contiguous()  # t != 0 in general: an intercept even without DY-ReLU's own
+    return big_a, big_b, s, t
+
+
 @_op("bn_coefs")
 def bn_coefs(m: Tensor, mu: Optional[Tensor], var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
              eps: float, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, init_a: Tensor, init_b: Tensor,
@@ -479,12 +491,9 @@ def bn_coefs(m: Tensor, mu: Optional[Tensor], var: Tensor, weight: Optional[Tens
 
     m: per-(n, c) spatial means of x; mu: the channel mean (None: the batch's, m.mean(0)); var: the
     channel variance used to normalise."""
-    _, _, s, t, pooled = _bn_fold(m, mu, var, weight, bias, eps)
-    a, b = _hyper.hyper(_hyper_input(pooled, w1), w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b,
-                        segments, width, use_bias)
-    a, b = a.to(s.dtype), b.to(s.dtype)
-    big_a = (a * s).contiguous()
-    big_b = torch.addcmul(b, a, t).contiguous()  # t != 0 in general: an intercept even without DY-ReLU's own
+    args = (m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, segments, width,
+            use_bias)
+    big_a, big_b, s, t = _native.bn_coefs(*args) if backend.native_coefs(m, w1) else _bn_coefs_math(*args)
     z = _no_z(m)
     if x is not None and spatial_w is not None:
         _, ws, zb = _folded_weight(spatial_w, s, t, tk.compute_dtype(x.dtype))
@@ -510,6 +519,25 @@ def bn_coefs_backward(g_big_a: Optional[Tensor], g_big_b: Optional[Tensor], gz: 
                                                Tensor, Tensor]:
     """(grad m, grad var, grad weight, grad bias, grad w1, b1, w2, b2, grad x, grad spatial_w); the
     grads of absent inputs (and grad x without z's gradient) are empty."""
+    gx, g_sw = _no_z(m), _no_z(m)
+    gs_z = gt_z = None
+    if gz is not None and x is not None and spatial_w is not None:
+        # z = sum_c ws_c x_c + sum_c w_c t_c, ws = w s
+        _, _, s, t, _ = _bn_fold(m, mu, var, weight, bias, eps)
+        wv, ws, _ = _folded_weight(spatial_w, s, t, tk.compute_dtype(m.dtype))
+        gx, g_ws, g_zb = _spatial_z_backward(gz, x, ws)
+        gs_z, gt_z = g_ws * wv, g_zb * wv
+        g_sw = (g_ws * s + g_zb * t).to(spatial_w.dtype).reshape(spatial_w.shape)
+    args = (g_big_a, g_big_b, m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b,
+            gs_z, gt_z, segments, width, use_bias)
+    grads = _native.bn_coefs_backward(*args) if backend.native_coefs(m, w1) else _bn_coefs_backward_math(*args)
+    return (*grads, gx, g_sw)
+
+
+def _bn_coefs_backward_math(g_big_a, g_big_b, m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b,
+                            lambda_a, lambda_b, gs_z, gt_z, segments, width, use_bias):
+    """(grad m, var, weight, bias, w1, b1, w2, b2) given variant C's terms of grad s and grad t (or None);
+    the same ops as ``dyrelu_cpu::bn_coefs_backward`` (_cpu_ops.cpp), which the CPU runs."""
     cdt = tk.compute_dtype(m.dtype)
     n, c = m.shape[0], m.shape[1]
     mu_v, r, s, t, pooled = _bn_fold(m, mu, var, weight, bias, eps)
@@ -527,14 +555,10 @@ def bn_coefs_backward(g_big_a: Optional[Tensor], g_big_b: Optional[Tensor], gz: 
         ga, gb = ga.sum(2, keepdim=True), gb.sum(2, keepdim=True)
     gs = (g_big_a * a).sum((0, 1))
     gt = (g_big_b * a).sum((0, 1))
-    gx, g_sw = _no_z(m), _no_z(m)
-    if gz is not None and x is not None and spatial_w is not None:
-        # z = sum_c ws_c x_c + sum_c w_c t_c, ws = w s
-        wv, ws, _ = _folded_weight(spatial_w, s, t, cdt)
-        gx, g_ws, g_zb = _spatial_z_backward(gz, x, ws)
-        gs = gs + g_ws * wv
-        gt = gt + g_zb * wv
-        g_sw = (g_ws * s + g_zb * t).to(spatial_w.dtype).reshape(spatial_w.shape)
+    if gs_z is not None:
+        gs = gs + gs_z
+    if gt_z is not None:
+        gt = gt + gt_z
     gp, gw1, gb1, gw2, gb2 = _hyper.hyper_backward(ga, gb, ph, w1, b1, w2, b2, lambda_a, lambda_b,
                                                     segments, width, use_bias)
     gp = gp.to(cdt)
@@ -552,7 +576,7 @@ def bn_coefs_backward(g_big_a: Optional[Tensor], g_big_b: Optional[Tensor], gz: 
     g_weight = _empty(m) if weight is None else (gs * r).to(weight.dtype)
     g_bias = _empty(m) if bias is None else gt.to(bias.dtype)
     return (gm.to(m.dtype).contiguous(), gvar.to(var.dtype).contiguous(), g_weight, g_bias,
-            gw1.contiguous(), gb1.contiguous(), gw2.contiguous(), gb2.contiguous(), gx, g_sw)
+            gw1.contiguous(), gb1.contiguous(), gw2.contiguous(), gb2.contiguous())
 
 
 @_fake(bn_coefs_backward)
