@@ -115,7 +115,8 @@ def test_the_kernels_are_registered_operators_that_pass_opcheck():
     cases = [
         (ops.forward, (x, a, b, pi)), (ops.forward, (x, a, None, None)), (ops.forward_, (x.clone(), a, b, None)),
         (ops.backward, (g, x, a, b, pi, True)), (ops.backward, (g, x, a, None, None, False)),
-        (ops.row_moments, (x,)), (ops.spatial, (x, w, bias)), (ops.spatial_backward, (x, w, gz)),
+        (ops.row_moments, (x,)), (ops.moments, (x,)), (ops.moments_backward, (x, x[0, :, 0], g[:, :, 0], g[0, :, 0])),
+        (ops.spatial, (x, w, bias)), (ops.spatial_backward, (x, w, gz)),
         (ops.site, (x, w1, b1, w2, b2, off, scale, k, c)), (ops.site_, (x.clone(), w1, b1, w2, b2, off, scale, k, c)),
         (ops.bn_coefs, _coef_args(torch.float32, k, k, c, True, True, True, c=c)[0]),
         (ops.bn_coefs_backward, _coef_args(torch.float32, k, k, c, True, False, False, c=c)[1]),
@@ -162,3 +163,26 @@ def test_every_instruction_set_computes_the_same_bits():
                         assert torch.equal(u, v), (dt, n, c, l, k, level, i)
     finally:
         ops.isa_level(2)
+
+
+def test_the_statistics_ops_are_their_python_composition():
+    """dyrelu_cpu::moments / moments_backward are ops.py's moments math around the row-moments and
+    apply kernels, in C++: the same ATen ops in the same order, the same bits."""
+    lib = _native.library()
+    torch.manual_seed(0)
+    for dt in (torch.float32, torch.float64):
+        x = torch.randn(3, 5, 47, dtype=dt)
+        n, c, l = x.shape
+        m, v = lib.row_moments(x)
+        mu = m.mean(0)
+        want = (m, v.mean(0) + (m - mu).square().mean(0), mu)
+        for u, w in zip(lib.moments(x), want):
+            assert torch.equal(u, w)
+        g_m, g_var = torch.randn(n, c, dtype=dt), torch.randn(c, dtype=dt)
+        for gm, gv in ((g_m, g_var), (None, g_var), (g_m, None)):
+            alpha = torch.zeros(c, dtype=dt) if gv is None else gv * (2.0 / (n * l))
+            beta = -(alpha * mu)
+            beta = beta.expand(n, c) if gm is None else gm / l + beta
+            want = lib.forward(x, alpha.expand(n, c).reshape(n, 1, c).contiguous(), beta.reshape(n, 1, c).contiguous(),
+                               None)
+            assert torch.equal(lib.moments_backward(x, mu, gm, gv), want)

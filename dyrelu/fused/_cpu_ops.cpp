@@ -7,6 +7,7 @@
 //   forward_(x!, a, b?, pi?)                 the same, written over x (inference, inplace)
 //   backward(g, x, a, b?, pi?, need_pi)      (grad_x, sum_gx, sum_g, grad_pi or empty)
 //   row_moments(x)                           per-(n, c) mean and biased variance
+//   moments(x), moments_backward(x, mu, ...) the fused BN's statistics and their backward (ops.py)
 //   site(x, w1, b1, w2, b2, offset, scale, k, width), site_(x!, ...)
 //                                            a whole inference-mode DY-ReLU A / B in one call
 //   spatial(x, w, bias)                      variant C's logits z (N, L)
@@ -183,6 +184,28 @@ std::tuple<Tensor, Tensor> row_moments(const Tensor& x) {
   else
     KERNEL(row_moments, f32)(x.data_ptr<float>(), m.data_ptr<float>(), v.data_ptr<float>(), n * c, l, threads());
   return {m, v};
+}
+
+// ops.py's dyrelu::moments on this path: (m (N, C), var (C,) biased over batch and space, mu (C,))
+std::tuple<Tensor, Tensor, Tensor> moments(const Tensor& x) {
+  auto [m, v] = row_moments(x);
+  Tensor mu = m.mean(0);
+  // law of total variance: within-row variance plus the variance of the row means (exact)
+  Tensor var = v.mean(0) + (m - mu).square().mean(0);
+  return {m.contiguous(), var, mu};
+}
+
+// ops.py's dyrelu::moments_backward on this path: grad_x = g_m / L + g_var 2 (x - mu) / M as one
+// affine pass alpha_c x + beta_nc (the forward kernel with K = 1); mu in the statistics' dtype, x's
+Tensor moments_backward(const Tensor& x, const Tensor& mu, const OptTensor& g_m, const OptTensor& g_var) {
+  check3(x, "x");
+  int64_t n = x.size(0), c = x.size(1), l = x.size(2);
+  auto cdt = mu.scalar_type();
+  Tensor alpha = g_var.has_value() ? g_var->to(cdt) * (2.0 / static_cast<double>(n * l)) : at::zeros({c}, mu.options());
+  Tensor beta = -(alpha * mu);
+  beta = g_m.has_value() ? g_m->to(cdt) / static_cast<double>(l) + beta : beta.expand({n, c});
+  return forward(x, alpha.expand({n, c}).reshape({n, 1, c}).contiguous(), beta.reshape({n, 1, c}).contiguous(),
+                 std::nullopt);
 }
 
 void run_site(const Tensor& x, const Tensor& y, const Tensor& w1, const Tensor& b1, const Tensor& w2,
@@ -399,6 +422,8 @@ TORCH_LIBRARY(dyrelu_cpu, m) {
   m.def("forward_(Tensor(a!) x, Tensor a, Tensor? b, Tensor? pi) -> Tensor(a!)");
   m.def("backward(Tensor g, Tensor x, Tensor a, Tensor? b, Tensor? pi, bool need_pi) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("row_moments(Tensor x) -> (Tensor, Tensor)");
+  m.def("moments(Tensor x) -> (Tensor, Tensor, Tensor)");
+  m.def("moments_backward(Tensor x, Tensor mu, Tensor? g_m, Tensor? g_var) -> Tensor");
   m.def("site(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor offset, Tensor scale, int k, int width) -> Tensor");
   m.def("site_(Tensor(a!) x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor offset, Tensor scale, int k, int width) -> Tensor(a!)");
   m.def("spatial(Tensor x, Tensor w, Tensor bias) -> Tensor");
@@ -422,6 +447,8 @@ TORCH_LIBRARY_IMPL(dyrelu_cpu, CPU, m) {
   m.impl("forward_", &forward_);
   m.impl("backward", &backward);
   m.impl("row_moments", &row_moments);
+  m.impl("moments", &moments);
+  m.impl("moments_backward", &moments_backward);
   m.impl("site", &site);
   m.impl("site_", &site_);
   m.impl("spatial", &spatial);

@@ -196,6 +196,14 @@ def _register_fakes() -> None:
     def _(x):
         return x.new_empty(x.shape[:2]), x.new_empty(x.shape[:2])
 
+    @reg("dyrelu_cpu::moments")
+    def _(x):
+        return x.new_empty(x.shape[:2]), x.new_empty(x.shape[1]), x.new_empty(x.shape[1])
+
+    @reg("dyrelu_cpu::moments_backward")
+    def _(x, mu, g_m, g_var):
+        return torch.empty_like(x)
+
     @reg("dyrelu_cpu::site")
     def _(x, w1, b1, w2, b2, offset, scale, k, width):
         return torch.empty_like(x)
@@ -248,9 +256,14 @@ def backward(g3, x3, a, b, pi, need_pi: bool):
     return gx, s_gx, s_g, grad_pi if (need_pi and pi is not None) else None
 
 
-def row_moments(x3):
-    """Per-(n, c) mean and biased variance over L, both (N, C) in x's dtype."""
-    return _state["lib"].row_moments(x3)
+def moments(x3):
+    """ops.moments on (N, C, L): (m (N, C), var (C,), mu (C,)) in x's dtype."""
+    return _state["lib"].moments(x3)
+
+
+def moments_backward(x3, mu, g_m, g_var):
+    """ops.moments_backward on (N, C, L): grad_x in one affine pass; mu, g_m, g_var in x's dtype."""
+    return _state["lib"].moments_backward(x3, mu, g_m, g_var)
 
 
 def site(x3, w1, b1, w2, b2, offset, scale, k: int, width: int, inplace: bool = False):

@@ -629,8 +629,6 @@ def _row_moments(x3: Tensor, cdt: torch.dtype) -> Tuple[Tensor, Tensor]:
         got = _triton_bn_or_none(_triton_bn.row_moments, x3)
         if got is not None:
             return got
-    if x3.dtype == cdt and backend.native(x3):
-        return _native.row_moments(x3)
     if x3.device.type == "cpu" and tk.bn_ok(x3):
         rows = n * c
         x1 = x3.view(1, rows, l)
@@ -651,7 +649,10 @@ def moments(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     the mean, not differentiable: use m.mean(0) to differentiate it), in float32 (float64 for
     float64 x). One read of x."""
     cdt = tk.compute_dtype(x.dtype)
-    m, v = _row_moments(_as3d(x), cdt)
+    x3 = _as3d(x)
+    if x.dtype == cdt and backend.native(x3):  # the same in C++ (_cpu_ops.cpp)
+        return _native.moments(x3)
+    m, v = _row_moments(x3, cdt)
     mu = m.mean(0)
     # law of total variance: within-row variance plus the variance of the row means (exact)
     var = v.mean(0) + (m - mu).square().mean(0)
@@ -671,9 +672,6 @@ def _affine_rows(x3: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
         got = _triton_bn_or_none(_triton_bn.affine_rows, x3, alpha.contiguous(), beta.contiguous())
         if got is not None:
             return got
-    if x3.dtype == alpha.dtype and backend.native(x3):  # the apply kernel with K = 1: x a + b, one pass
-        return _native.forward(x3, alpha.expand(n, c).reshape(n, 1, c).contiguous(), beta.reshape(n, 1, c).contiguous(),
-                               None)
     if x3.device.type == "cpu" and tk.bn_ok(x3):
         rows = n * c
         zeros, ones = tk._consts(rows, alpha.dtype)
@@ -690,6 +688,8 @@ def moments_backward(x: Tensor, mu: Tensor, g_m: Optional[Tensor], g_var: Option
     x3 = _as3d(x)
     length = x3.shape[2]
     cdt = mu.dtype
+    if x3.dtype == cdt and backend.native(x3):  # the same in C++ (_cpu_ops.cpp)
+        return _match(_native.moments_backward(x3, mu, g_m, g_var), x)
     # d m_nc / dx = 1 / L;  d var / dx = 2 (x - mu) / M  (the mean's own term cancels)
     alpha = torch.zeros(c, dtype=cdt, device=x.device) if g_var is None else g_var.to(cdt) * (2.0 / (n * length))
     beta = -(alpha * mu)
