@@ -280,6 +280,11 @@ def spatial_forward(x3, w, bias):
     return _state["lib"].spatial(x3, w, bias)
 
 
+def spatial_backward(x3, w, gz):
+    """(grad_x = w_c gz (N, C, L), grad_w = sum over n and l of gz x (C,)); gz (N, L) contiguous."""
+    return _state["lib"].spatial_backward(x3, w, gz)
+
+
 def coefs_ok(m: torch.Tensor, w1: torch.Tensor) -> bool:
     """The C++ coefficient math applies: CPU float32 / float64 statistics and weights, no autocast."""
     return (m.device.type == "cpu" and m.dtype in DTYPES and w1.dtype in DTYPES
@@ -294,8 +299,3 @@ def bn_coefs(*args):
 def bn_coefs_backward(*args):
     """ops.bn_coefs_backward's math in C++: (grad m, var, weight, bias, w1, b1, w2, b2)."""
     return _state["lib"].bn_coefs_backward(*args)
-
-
-def spatial_backward(x3, w, gz):
-    """(grad_x = w_c gz (N, C, L), grad_w = sum over n and l of gz x (C,)); gz (N, L) contiguous."""
-    return _state["lib"].spatial_backward(x3, w, gz)
