@@ -43,12 +43,26 @@ def submitit_signal() -> signal.Signals:
     return getattr(signal.Signals, name, signal.SIGUSR2)
 
 
+def stop_signals() -> tuple:
+    """The signals that ask a run to save and stop."""
+    return tuple(dict.fromkeys((signal.SIGTERM, signal.SIGUSR1, submitit_signal())))
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A DataLoader worker's ``worker_init_fn``: the stop signals are the main process's to handle.
+    SLURM's preemption, ``timeout`` and ``kill -- -PGID`` signal the whole process group; a worker
+    killed by the signal would make the loader raise before the main process saves last.pt. The
+    workers still stop when the main process shuts the loader down or dies (their watchdog)."""
+    for sig in stop_signals():
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class PreemptionHandler:
     """Context manager: while active, the stop signals set ``requested``; on exit the previous
     handlers come back."""
 
     def __init__(self):
-        self.signals = tuple(dict.fromkeys((signal.SIGTERM, signal.SIGUSR1, submitit_signal())))
+        self.signals = stop_signals()
         self.received: int | None = None
         self._previous: dict = {}
 

@@ -22,8 +22,9 @@ MID = [*TINY, "data.train_per_class=32", "trainer.log_every=1"]
 
 
 def _spawn(run_dir, *overrides):
+    """The run in a process group of its own (as a batch job is), so a test can signal the whole group."""
     return subprocess.Popen(train_cmd(run_dir, *overrides), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def _wait_for(proc, needle, timeout=300):
@@ -45,13 +46,14 @@ def _weights(run_dir):
 
 @pytest.mark.slow
 # SIGTERM only: SIGUSR1 goes through the same handler (engine/signals.py), and a kill -9 at every
-# save point is tests/test_resume_kill.py's
+# save point is tests/test_resume_kill.py's. Sent to the whole process group, DataLoader workers
+# included, as SLURM's preemption, `timeout` and `kill -- -PGID` do: the workers must not die of it.
 @pytest.mark.parametrize("sig", [signal.SIGTERM])
 def test_preemption_signal_saves_mid_epoch_and_resumes(tmp_path, sig):
     args = [*MID, "trainer.max_epochs=2"]
-    proc = _spawn(tmp_path / "run", *args)
+    proc = _spawn(tmp_path / "run", *args, "data.num_workers=2")
     _wait_for(proc, "epoch 1 step 3/")
-    proc.send_signal(sig)
+    os.killpg(proc.pid, sig)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 124, out[-3000:]
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
