@@ -110,10 +110,11 @@ def _check_act_values(key: str, node: DictConfig) -> None:
     if dyrelu.is_dynamic(node.name):
         for name, param in inspect.signature(dyrelu.DyReLU.__init__).parameters.items():
             default, value = param.default, values.get(name)
-            if name not in values or value is None or not _is_num(default):
+            integer = _is_int(default) or param.annotation in (int, "int", "Optional[int]")
+            if name not in values or value is None or not (_is_num(default) or integer):
                 continue
-            if not _is_num(value) or (_is_int(default) and not _is_int(value)):
-                want = "an integer" if _is_int(default) else "a number"
+            if not _is_num(value) or (integer and not _is_int(value)):
+                want = "an integer" if integer else "a number"
                 raise ConfigError(f"{key}.{name}={value!r} is not valid: expected {want}")
     try:
         dyrelu.build_act(node.name, 8, **values)
