@@ -79,6 +79,11 @@ def validate(cfg: DictConfig) -> None:
     valid_models = list_models()
     if name not in valid_models:
         raise ConfigError(f"model.name={name!r} is not a known model; valid: {', '.join(valid_models)}")
+    if OmegaConf.select(cfg, "task.name") == "kpt":
+        from models import POSE_BACKBONES
+
+        if name not in POSE_BACKBONES:
+            raise ConfigError(f"model.name={name!r} is not a pose backbone (task=kpt); valid: {', '.join(POSE_BACKBONES)}")
     for key in ("act", "head_act"):
         if key in cfg and cfg[key] is not None:
             if cfg[key].name not in dyrelu.ACT_NAMES:

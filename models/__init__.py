@@ -16,7 +16,7 @@ This file only re-exports: importing the model files registers their networks.
 """
 from ._registry import HYPER_SIZINGS, ActBuilder, build_model, list_models, model_builder, register_model, set_fuse_bn_act
 from . import mobilenetv2, mobilenetv3, resnet  # noqa: F401  (register their networks)
-from .pose import build_pose_model
+from .pose import POSE_BACKBONES, build_pose_model
 
-__all__ = ["register_model", "build_model", "list_models", "model_builder", "build_pose_model", "ActBuilder", "HYPER_SIZINGS",
-           "set_fuse_bn_act"]
+__all__ = ["register_model", "build_model", "list_models", "model_builder", "build_pose_model", "POSE_BACKBONES",
+           "ActBuilder", "HYPER_SIZINGS", "set_fuse_bn_act"]
