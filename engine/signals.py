@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 from typing import TYPE_CHECKING, Callable, Optional
 
 if TYPE_CHECKING:
@@ -49,12 +50,27 @@ def stop_signals() -> tuple:
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
-    """A DataLoader worker's ``worker_init_fn``: the stop signals are the main process's to handle.
-    SLURM's preemption, ``timeout`` and ``kill -- -PGID`` signal the whole process group; a worker
-    killed by the signal would make the loader raise before the main process saves last.pt. The
-    workers still stop when the main process shuts the loader down or dies (their watchdog)."""
-    for sig in stop_signals():
-        signal.signal(sig, signal.SIG_IGN)
+    """A DataLoader worker's ``worker_init_fn``: a stop signal is the main process's to handle, also
+    when it is sent to the whole process group or job step (``timeout``, ``kill -- -PGID``, SLURM
+    signalling every process of a step), where it would otherwise kill the worker and make the
+    loader raise before the main process saves last.pt.
+
+    SIGUSR1 and submitit's signal need nothing: a forked worker inherits the main process's handler,
+    which only sets a flag. SIGTERM is PyTorch's: its worker handler dies of a SIGTERM that the parent
+    did not send. A SIGTERM from the parent (multiprocessing and the DataLoader stop workers with it)
+    must still end the worker, or the run's exit would hang; a Python handler cannot see the sender,
+    so SIGTERM is blocked and a thread takes it with ``sigwaitinfo``, which names the sender: the
+    parent's ends the worker, anyone else's is ignored."""
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def wait():
+        while True:
+            info = signal.sigwaitinfo({signal.SIGTERM})
+            if info.si_pid == parent or os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=wait, name="dyrelu-sigterm", daemon=True).start()
 
 
 class PreemptionHandler:

@@ -45,13 +45,14 @@ def _weights(run_dir):
 
 
 @pytest.mark.slow
-# SIGTERM only: SIGUSR1 goes through the same handler (engine/signals.py), and a kill -9 at every
-# save point is tests/test_resume_kill.py's. Sent to the whole process group, DataLoader workers
-# included, as SLURM's preemption, `timeout` and `kill -- -PGID` do: the workers must not die of it.
+# SIGTERM to the whole process group, two DataLoader workers included (`timeout`, `kill -- -PGID`,
+# SLURM signalling a job step): the workers must not die of it, and the resumed run with its workers
+# must still exit when done (the workers end on their parent's SIGTERM). SIGUSR1 goes through the same
+# handler (engine/signals.py), and a kill -9 at every save point is tests/test_resume_kill.py's.
 @pytest.mark.parametrize("sig", [signal.SIGTERM])
 def test_preemption_signal_saves_mid_epoch_and_resumes(tmp_path, sig):
-    args = [*MID, "trainer.max_epochs=2"]
-    proc = _spawn(tmp_path / "run", *args, "data.num_workers=2")
+    args = [*MID, "trainer.max_epochs=2", "data.num_workers=2"]
+    proc = _spawn(tmp_path / "run", *args)
     _wait_for(proc, "epoch 1 step 3/")
     os.killpg(proc.pid, sig)
     out, _ = proc.communicate(timeout=120)
