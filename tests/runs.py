@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,29 +92,41 @@ def wandb_offline_runs(folder) -> list[dict]:
 
     out = []
     for path in sorted(Path(folder).rglob("offline-run-*/run-*.wandb")):
-        data = path.read_bytes()
-        assert data[:4] == b":W&B", path
-        run = {"dir": path.parent, "group": None, "job_type": None, "history": {}}
-        pos, block, buf = 7, 32768, b""
-        while pos + 7 <= len(data):
-            left = block - pos % block
-            if left < 7:  # a block's tail too short for a header is padding
-                pos += left
-                continue
-            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-            if kind == 0 and length == 0:
-                pos += left
-                continue
-            buf += data[pos + 7:pos + 7 + length]
-            pos += 7 + length
-            if kind in (1, 4):  # a full record, or the last chunk of one
-                rec = pb.Record()
-                rec.ParseFromString(buf)
-                buf = b""
-                if rec.WhichOneof("record_type") == "run":
-                    run["group"], run["job_type"] = rec.run.run_group, rec.run.job_type
-                elif rec.WhichOneof("record_type") == "history":
-                    for item in rec.history.item:
-                        run["history"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        run = _read_wandb_log(path, pb, struct)
+        deadline = time.time() + 15
+        while run["group"] is None and run["job_type"] is None and time.time() < deadline:
+            # W&B's service process writes the log behind the run: on a loaded machine finish() has
+            # returned before the run record was on disk (seen once in a full test run)
+            time.sleep(0.5)
+            run = _read_wandb_log(path, pb, struct)
         out.append(run)
     return out
+
+
+def _read_wandb_log(path, pb, struct) -> dict:
+    """One offline run's record log: group, job_type and the history keys."""
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", path
+    run = {"dir": path.parent, "group": None, "job_type": None, "history": {}}
+    pos, block, buf = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # a block's tail too short for a header is padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0 and length == 0:
+            pos += left
+            continue
+        buf += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            buf = b""
+            if rec.WhichOneof("record_type") == "run":
+                run["group"], run["job_type"] = rec.run.run_group, rec.run.job_type
+            elif rec.WhichOneof("record_type") == "history":
+                for item in rec.history.item:
+                    run["history"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return run

@@ -191,8 +191,9 @@ def test_compile_compiles_the_model(monkeypatch, tmp_path):
     import torch._dynamo
 
     torch._dynamo.reset()
-    _, rows, model = _train(monkeypatch, tmp_path / "run", "act=relu", "trainer.compile=true", "trainer.max_epochs=2",
-                            "trainer.limit_val_batches=1")
+    # ResNet-10: Inductor compiles its 9 activation sites faster than MobileNetV2's 52 on a cold cache
+    _, rows, model = _train(monkeypatch, tmp_path / "run", "model=resnet10", "act=relu", "trainer.compile=true",
+                            "trainer.max_epochs=2", "trainer.limit_val_batches=1")
     assert model._compiled_call_impl is not None
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
     assert not any(k.startswith("_orig_mod") for k in _last(tmp_path / "run")["model"])  # keys as without compile

@@ -21,7 +21,7 @@ order, so every level computes the same bits (``_cpu_kernels.c``: LANES). Into
 ``$DYRELU_NATIVE_CACHE`` (default ``native`` under ``$DYRELU_CACHE``, else ``~/.cache/dyrelu``), one
 folder per key of the sources and their path, the flags, the architecture and torch's version;
 cpp_extension locks the folder, so concurrent ranks build once; into the temp directory when the
-cache directory cannot be written. The first build takes about 17 s (logged at INFO by
+cache directory cannot be written. The first build takes about 16 s (logged at INFO by
 ``dyrelu.native``); loading a built library about 0.2 s.
 When there is no compiler or ninja, or the build fails, ``library()`` returns None, one warning says
 why, and the ATen kernels (the ``bn`` backend) run instead. ``DYRELU_NATIVE=0`` turns the kernels off.
@@ -107,7 +107,7 @@ def _load(build_dir: str, name: str) -> None:
 
     os.makedirs(build_dir, exist_ok=True)
     if not any(f.endswith(".so") for f in os.listdir(build_dir)):
-        logging.getLogger("dyrelu.native").info("building the native CPU kernels into %s (once, about 17 s)", build_dir)
+        logging.getLogger("dyrelu.native").info("building the native CPU kernels into %s (once, about 16 s)", build_dir)
     cpp_extension.load(name=name, sources=[OPS_SOURCE], extra_cflags=FLAGS, extra_ldflags=LDFLAGS,
                        build_directory=build_dir, is_python_module=False, verbose=False)
 
