@@ -60,7 +60,10 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     did not send. A SIGTERM from the parent (multiprocessing and the DataLoader stop workers with it)
     must still end the worker, or the run's exit would hang; a Python handler cannot see the sender,
     so SIGTERM is blocked and a thread takes it with ``sigwaitinfo``, which names the sender: the
-    parent's ends the worker, anyone else's is ignored."""
+    parent's ends the worker, anyone else's is ignored. (Where ``sigwaitinfo`` does not exist, macOS,
+    workers keep PyTorch's default.)"""
+    if not hasattr(signal, "sigwaitinfo"):
+        return
     parent = os.getppid()
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
