@@ -3,9 +3,9 @@ sampler is told each epoch's order, and validation loaders built once.
 
 Workers persist across epochs and validations (no respawn), memory is pinned for CUDA, each
 worker prefetches, and workers leave the stop signals to the main process (a signal to the whole
-process group must not kill them before last.pt is saved). So that a run resumed mid-epoch (new workers) draws the same
-augmentations as an uninterrupted one (workers that lived on), a worker seeds the random
-generators for each sample from (run seed, epoch, sample index) before loading it.
+process group must not kill them before last.pt is saved). So that a run resumed mid-epoch (new
+workers) draws the same augmentations as an uninterrupted one (workers that lived on), a worker
+seeds the random generators for each sample from (run seed, epoch, sample index) before loading it.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset, get_worker_in
 from dyrelu.errors import BadValueError
 
 from .distributed import DistInfo
-from .signals import ignore_stop_signals
+from .signals import leave_stop_signals_to_main
 
 if TYPE_CHECKING:
     from .tasks.base import Task
@@ -86,7 +86,7 @@ class SeededSamples(Dataset):
 def _loader_kwargs(num_workers: int) -> dict:
     kwargs = dict(num_workers=num_workers, pin_memory=torch.cuda.is_available())
     if num_workers > 0:
-        kwargs.update(persistent_workers=True, prefetch_factor=PREFETCH_FACTOR, worker_init_fn=ignore_stop_signals)
+        kwargs.update(persistent_workers=True, prefetch_factor=PREFETCH_FACTOR, worker_init_fn=leave_stop_signals_to_main)
     return kwargs
 
 

@@ -44,12 +44,7 @@ def submitit_signal() -> signal.Signals:
     return getattr(signal.Signals, name, signal.SIGUSR2)
 
 
-def stop_signals() -> tuple:
-    """The signals that ask a run to save and stop."""
-    return tuple(dict.fromkeys((signal.SIGTERM, signal.SIGUSR1, submitit_signal())))
-
-
-def ignore_stop_signals(worker_id: int = 0) -> None:
+def leave_stop_signals_to_main(worker_id: int = 0) -> None:
     """A DataLoader worker's ``worker_init_fn``: a stop signal is the main process's to handle, also
     when it is sent to the whole process group or job step (``timeout``, ``kill -- -PGID``, SLURM
     signalling every process of a step), where it would otherwise kill the worker and make the
@@ -81,7 +76,7 @@ class PreemptionHandler:
     handlers come back."""
 
     def __init__(self):
-        self.signals = stop_signals()
+        self.signals = tuple(dict.fromkeys((signal.SIGTERM, signal.SIGUSR1, submitit_signal())))
         self.received: int | None = None
         self._previous: dict = {}
 
