@@ -40,10 +40,22 @@ def hyper(pooled: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Opti
     """(N, C) pooled context -> a, b (N, K, width) in >= float32. Without intercepts b is init_b.
 
     k: the number of segments (init_a's length; pass it as a Python int where shapes are traced)."""
+    _, _, _, a, b = hyper_state(pooled, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, segments, width, use_bias, k)
+    return a, b
+
+
+def hyper_state(pooled: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
+                init_a: Tensor, init_b: Tensor, lambda_a: Tensor, lambda_b: Tensor,
+                segments: int, width: int, use_bias: bool, k: Optional[int] = None):
+    """``hyper`` with what its backward needs: (FC1's output h_pre, h = ReLU(h_pre), sig = sigmoid of
+    FC2's output, a, b)."""
     k = init_a.shape[0] if k is None else k
-    logits = F.linear(F.relu(F.linear(pooled, w1, b1)), w2, b2)
+    h_pre = F.linear(pooled, w1, b1)
+    h = F.relu(h_pre)
+    logits = F.linear(h, w2, b2)
     dt = coef_dtype(logits.dtype)
-    theta = 2.0 * torch.sigmoid(logits.to(dt)) - 1.0
+    sig = torch.sigmoid(logits.to(dt))
+    theta = 2.0 * sig - 1.0
     theta = theta.unflatten(1, (2 if use_bias else 1, segments, width))  # (N, 2|1, m, W)
     da = theta[:, 0]
     db = theta[:, 1] if use_bias else None
@@ -53,7 +65,7 @@ def hyper(pooled: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Opti
     a = init_a.to(dt).reshape(1, k, 1) + lambda_a.to(dt) * da
     b_init = init_b.to(dt).reshape(1, k, 1)
     b = b_init + lambda_b.to(dt) * db if db is not None else b_init.expand_as(a)
-    return a, b
+    return h_pre, h, sig, a, b
 
 
 def hyper_backward(ga: Optional[Tensor], gb: Optional[Tensor], pooled: Tensor, w1: Tensor, b1: Optional[Tensor],
@@ -63,26 +75,34 @@ def hyper_backward(ga: Optional[Tensor], gb: Optional[Tensor], pooled: Tensor, w
 
     The small FC chain is recomputed (N x C work); its products run in the weights' dtype, the
     sigmoid's derivative in the coefficients' dtype, as the forward does."""
-    wdt = w1.dtype
-    p = pooled.to(wdt)
+    p = pooled.to(w1.dtype)
     h_pre = F.linear(p, w1, b1)
     h = F.relu(h_pre)
     logits = F.linear(h, w2, b2)
-    dt = coef_dtype(logits.dtype)
-    sig = torch.sigmoid(logits.to(dt))
-    n = pooled.shape[0]
+    sig = torch.sigmoid(logits.to(coef_dtype(logits.dtype)))
+    gp, gw1, gb1, gw2, gb2 = hyper_backward_from(ga, gb, p, h_pre, h, sig, w1, w2, lambda_a, lambda_b, segments,
+                                                 width, use_bias)
+    return gp.to(pooled.dtype), gw1, gb1 if b1 is not None else None, gw2, gb2 if b2 is not None else None
+
+
+def hyper_backward_from(ga: Optional[Tensor], gb: Optional[Tensor], p: Tensor, h_pre: Tensor, h: Tensor, sig: Tensor,
+                        w1: Tensor, w2: Tensor, lambda_a: Tensor, lambda_b: Tensor, segments: int, width: int,
+                        use_bias: bool):
+    """``hyper_backward`` given the forward's p (the context in the weights' dtype), h_pre, h and sig
+    (``hyper_state``): (grad p in p's dtype, w1, b1, w2, b2)."""
+    dt = sig.dtype
+    n = p.shape[0]
 
     def part(g, lam):  # d theta of one half; an absent gradient is zero
         if g is None:
-            return torch.zeros((n, segments, width), dtype=dt, device=pooled.device)
+            return torch.zeros((n, segments, width), dtype=dt, device=p.device)
         return g[:, :segments].to(dt) * lam.to(dt)
 
     dtheta = torch.stack([part(ga, lambda_a), part(gb, lambda_b)], 1) if use_bias else part(ga, lambda_a)[:, None]
     dlogits = (dtheta.reshape(n, -1) * (2.0 * sig * (1.0 - sig))).to(w2.dtype)
     gw2 = dlogits.t() @ h
-    gb2 = dlogits.sum(0) if b2 is not None else None
+    gb2 = dlogits.sum(0)
     dh = (dlogits @ w2).masked_fill_(h_pre <= 0, 0.0)
     gw1 = dh.t() @ p
-    gb1 = dh.sum(0) if b1 is not None else None
-    gp = (dh @ w1).to(pooled.dtype)
-    return gp, gw1, gb1, gw2, gb2
+    gb1 = dh.sum(0)
+    return dh @ w1, gw1, gb1, gw2, gb2

@@ -19,8 +19,9 @@ def test_count_ops_json_line_small_case():
     for act, total in out["ops"].items():
         assert total == sum(out["per_op"][act].values())
     # the DY-ReLU networks run the registered ops, one call per site and direction
-    sites = out["per_op"]["dyrelu_b"]["dyrelu::bn_coefs"]
-    assert sites > 10 and out["per_op"]["dyrelu_b"]["dyrelu::apply_backward"] == sites
+    sites = out["per_op"]["dyrelu_b"]["dyrelu::bn_act"]
+    assert sites > 10 and out["per_op"]["dyrelu_b"]["dyrelu::bn_act_backward"] == sites
+    assert out["per_op"]["dyrelu_c"]["dyrelu::bn_coefs"] == out["per_op"]["dyrelu_c"]["dyrelu::apply_backward"] == sites
     assert "dyrelu::apply" not in out["per_op"]["relu"]
 
 

@@ -86,6 +86,25 @@ def test_opcheck_bn_ops(layout):
         _opcheck(torch.ops.dyrelu.running_update.default, (rm, rv, nbt, mu_b, var, 0.1, cumulative, 60))
 
 
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("variant,batch", [("B", True), ("A", False)])
+def test_opcheck_bn_act(layout, variant, batch):
+    m = _act(6, variant, 2, dtype=torch.float32)
+    x = torch.randn(3, 6, 4, 5) * 2 + 1
+    if layout == "nhwc":
+        x = x.to(memory_format=torch.channels_last)
+    mean, var = (None, None) if batch else (torch.randn(6), torch.rand(6) + 0.5)
+    site = (x.requires_grad_(), mean, var, (torch.rand(6) + 0.5).requires_grad_(), torch.randn(6, requires_grad=True),
+            1e-5, *_weights(m, grad=True), *_consts(m), *_ints(m))
+    _opcheck(torch.ops.dyrelu.bn_act.default, site)
+    y, big_a, big_b, mm, mu_b, var_b, state = torch.ops.dyrelu.bn_act(*(t.detach() if isinstance(t, torch.Tensor)
+                                                                          else t for t in site))
+    w1, _, w2, _ = _weights(m)
+    back = (torch.randn_like(x), x.detach(), big_a, big_b, mm, mu_b if batch else mean, var_b if batch else var,
+            batch, site[3].detach(), site[4].detach(), w1, w2, m.lambda_a, m.lambda_b, state, *_ints(m))
+    _opcheck(torch.ops.dyrelu.bn_act_backward.default, back)
+
+
 # ---- gradients of the hand-written backward ops, float64 -----------------------------------------------
 @pytest.mark.parametrize("variant,k,use_bias,dyn", [("B", 2, True, None), ("A", 2, True, None), ("B", 3, False, 2),
                                                     ("C", 2, True, None)])
@@ -125,6 +144,28 @@ def test_gradcheck_bn_coefs(variant, affine, batch):
         big_a, big_b, z = torch.ops.dyrelu.bn_coefs(mm_, mu, var_, weight_, bias_, 1e-3, w1_, b1_, w2_, b2_,
                                                     *_consts(m), x_, ws_, *_ints(m))
         return big_a, big_b, z
+
+    assert torch.autograd.gradcheck(f, tuple(inputs))
+
+
+@pytest.mark.parametrize("variant,affine,batch", [("B", True, True), ("A", True, False), ("B", False, True)])
+def test_gradcheck_bn_act(variant, affine, batch):
+    """The whole A / B site op (statistics, coefficients, apply; its backward by hand) against
+    finite differences, in training (batch statistics) and with running statistics."""
+    m = _act(4, variant, dyn=1 if variant == "B" and not affine else None)
+    x = torch.randn(3, 4, 2, 3, dtype=DT, requires_grad=True)
+    weight = (torch.rand(4, dtype=DT) + 0.5).requires_grad_() if affine else None
+    bias = torch.randn(4, dtype=DT, requires_grad=True) if affine else None
+    mean, var = (None, None) if batch else (torch.randn(4, dtype=DT), torch.rand(4, dtype=DT) + 0.5)
+    w1, b1, w2, b2 = _weights(m, grad=True)
+    inputs = [t for t in (x, weight, bias, w1, b1, w2, b2) if t is not None]
+
+    def f(*ts):
+        it = iter(ts)
+        x_ = next(it)
+        weight_ = next(it) if affine else None
+        bias_ = next(it) if affine else None
+        return torch.ops.dyrelu.bn_act(x_, mean, var, weight_, bias_, 1e-3, *it, *_consts(m), *_ints(m))[0]
 
     assert torch.autograd.gradcheck(f, tuple(inputs))
 
@@ -185,10 +226,11 @@ def test_compile_fullgraph_runs_the_registered_ops():
     compiled = torch.compile(net, backend=backend, fullgraph=True)
     y, g = _grads(compiled, x)
     fw, bw = graphs[0], graphs[-1]
-    for op in ("dyrelu.coefs", "dyrelu.bn_coefs", "dyrelu.apply", "dyrelu.moments", "dyrelu.running_update"):
+    for op in ("dyrelu.coefs", "dyrelu.bn_coefs", "dyrelu.apply", "dyrelu.moments", "dyrelu.running_update",
+               "dyrelu.bn_act"):
         assert f"torch.ops.{op}" in fw, op
     for op in ("dyrelu.apply_backward", "dyrelu.bn_coefs_backward", "dyrelu.coefs_backward",
-               "dyrelu.moments_backward"):
+               "dyrelu.moments_backward", "dyrelu.bn_act_backward"):
         assert f"torch.ops.{op}" in bw, op
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     for a, b in zip(g, g_ref):
@@ -202,7 +244,7 @@ def test_torch_export_sees_the_registered_ops():
     x = torch.randn(2, 3, 7, 6)
     ep = torch.export.export(net, (x,))
     code = ep.graph_module.code
-    for op in ("dyrelu.coefs", "dyrelu.bn_coefs", "dyrelu.apply", "dyrelu.pool"):
+    for op in ("dyrelu.coefs", "dyrelu.bn_coefs", "dyrelu.apply", "dyrelu.pool", "dyrelu.bn_act"):
         assert f"torch.ops.{op}" in code, op
     with torch.no_grad():
         torch.testing.assert_close(ep.module()(x), _reference(net)(x), atol=1e-5, rtol=1e-5)
@@ -246,7 +288,7 @@ def test_training_step_has_no_host_sync(momentum):
             opt.zero_grad()
             loss.backward()
             opt.step()
-    assert {"dyrelu::running_update", "dyrelu::bn_coefs_backward", "aten::lerp_"} <= mode.seen
+    assert {"dyrelu::running_update", "dyrelu::bn_coefs_backward", "dyrelu::bn_act_backward", "aten::lerp_"} <= mode.seen
     assert int(net.site1.bn.num_batches_tracked) == 2
     # the guard itself catches a sync
     with pytest.raises(AssertionError, match="host sync"), _NoSync():

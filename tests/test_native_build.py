@@ -93,10 +93,51 @@ def test_the_coefficient_math_in_cpp_is_the_python_bit_for_bit():
             (torch.float32, torch.float64), ((1, 1), (2, 2), (3, 2)), (12, 1), (True, False), (True, False),
             (True, False)):
         fwd, bwd = _coef_args(dt, k, seg, width, use_bias, with_affine, with_z)
-        got = [*lib.bn_coefs(*fwd), *lib.bn_coefs_backward(*bwd)]
-        want = [*fused_ops._bn_coefs_math(*fwd), *fused_ops._bn_coefs_backward_math(*bwd)]
+        big_a, big_b, state = lib.bn_coefs(*fwd)
+        want_a, want_b, want_state = fused_ops._bn_coefs_math(*fwd)
+        got = [big_a, big_b, *state, *lib.bn_coefs_backward(*bwd)]
+        want = [want_a, want_b, *want_state, *fused_ops._bn_coefs_backward_math(*bwd)]
+        assert len(got) == len(want)
         for i, (u, v) in enumerate(zip(got, want)):
             assert u.dtype == v.dtype and torch.equal(u, v), (dt, k, seg, width, use_bias, with_affine, with_z, i)
+
+
+@pytest.mark.parametrize("batch", [True, False])
+def test_the_site_op_in_cpp_is_the_separate_ops_composed_bit_for_bit(batch):
+    """dyrelu_cpu::bn_act and bn_act_backward (a whole A / B site per direction) compute what the
+    separate kernels and ops.py's Python give when composed: the statistics, the coefficients with their
+    state, the apply, its backward, the coefficients' backward from the state, the statistics' gradient."""
+    from dyrelu.fused import ops as fused_ops
+
+    lib = _native.library()
+    torch.manual_seed(0)
+    for dt, (k, seg), width, use_bias in itertools.product((torch.float32, torch.float64), ((1, 1), (2, 2), (3, 2)),
+                                                           (12, 1), (True, False)):
+        x, g = torch.randn(5, 12, 30, dtype=dt), torch.randn(5, 12, 30, dtype=dt)
+        coef = _coef_args(dt, k, seg, width, use_bias, True, False)[0]
+        weight, bias, hyper, shape = coef[3], coef[4], coef[6:14], coef[14:]
+        mean, var = (None, None) if batch else (torch.randn(12, dtype=dt), torch.rand(12, dtype=dt) + 0.5)
+        y, big_a, big_b, m, mu_b, var_b, state = lib.bn_act(x, mean, var, weight, bias, 1e-5, *hyper, *shape)
+        if batch:
+            want_m, var_used, want_mu = lib.moments(x)
+            assert torch.equal(mu_b, want_mu) and torch.equal(var_b, var_used)
+        else:
+            want_m, var_used = x.mean(2), var
+        want = fused_ops._bn_coefs_math(want_m, mean, var_used, weight, bias, 1e-5, *hyper, *shape)
+        got = [y, big_a, big_b, m, *state]
+        want = [lib.forward(x, want[0], want[1], None), want[0], want[1], want_m, *want[2]]
+        mu, var_used = (mu_b, var_b) if batch else (mean, var)
+        grads = lib.bn_act_backward(g, x, big_a, big_b, m, mu, var_used, batch, weight, bias, hyper[0], hyper[2],
+                                    hyper[6], hyper[7], state, *shape)
+        gx, s_gx, s_g, _ = lib.backward(g, x, big_a, big_b, None, False)
+        gm, gvar, *param_grads = fused_ops._bn_coefs_backward_from(
+            state, s_gx, s_g, m, None if batch else mean, var_used, weight, bias, hyper[0], hyper[2], hyper[6],
+            hyper[7], None, None, *shape)
+        gx = gx + (lib.moments_backward(x, mu, gm, gvar) if batch else (gm / x.shape[2])[:, :, None])
+        got += list(grads)
+        want += [gx, *param_grads]
+        for i, (u, v) in enumerate(zip(got, want)):
+            assert u.dtype == v.dtype and torch.equal(u, v), (dt, k, seg, width, use_bias, i)
 
 
 def test_the_kernels_are_registered_operators_that_pass_opcheck():
@@ -121,6 +162,13 @@ def test_the_kernels_are_registered_operators_that_pass_opcheck():
         (ops.bn_coefs, _coef_args(torch.float32, k, k, c, True, True, True, c=c)[0]),
         (ops.bn_coefs_backward, _coef_args(torch.float32, k, k, c, True, False, False, c=c)[1]),
     ]
+    coef = _coef_args(torch.float32, k, k, c, True, True, False, c=c)[0]
+    for mean, var in ((None, None), (coef[1], coef[2])):
+        site = (x, mean, var, *coef[3:5], 1e-5, *coef[6:])
+        y, big_a, big_b, m, mu_b, var_b, state = ops.bn_act(*site)
+        mu, var_used, batch = (mu_b, var_b, True) if mean is None else (mean, var, False)
+        cases += [(ops.bn_act, site), (ops.bn_act_backward, (g, x, big_a, big_b, m, mu, var_used, batch, *coef[3:5],
+                                                             coef[6], coef[8], coef[12], coef[13], state, *coef[14:]))]
     for op, args in cases:
         torch.library.opcheck(op.default, args, test_utils=("test_schema", "test_faketensor"))
 

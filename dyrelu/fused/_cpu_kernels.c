@@ -10,6 +10,8 @@
  *              segment k wins (ties: lowest k); for variant C also grad_pi = sum_c g max_k(..)
  *                                                                  one read of g and x, one write
  *   moments    per-row mean and biased variance                    one read of x (row in cache)
+ *   affine_add gx += alpha_c x + beta_nc in place: the BN statistics' gradient added into the
+ *              apply's grad_x (rounded as the forward kernel with K = 1 and a separate add)
  *   spatial    variant C's logits z = sum_c w_c x + bias (one read of x) and their backward
  *              grad_x = w_c g_z, grad_w_c = sum g_z x (one read of x, one write)
  *   site       a whole inference-mode DY-ReLU (A or B, intercepts, every segment dynamic): pool,
@@ -471,6 +473,21 @@ void CAT(spatial_bwd, SUF)(const T *x, const T *w, const T *gz, T *gx, T *part_w
       s += CAT(dot, SUF)(g + b0, xr + b0, e - b0);
     }
     part_w[r] = (T)s;
+  }
+}
+
+/* gx[n, c, l] = gx[n, c, l] + (x[n, c, l] alpha[c] + beta[n, c]) */
+void CAT(affine_add, SUF)(const T *x, T *gx, const T *alpha, const T *beta, int64_t N, int64_t C, int64_t L,
+                          int64_t threads) {
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads) if (N * C * L >= PARALLEL_MIN && threads > 1)
+  for (int64_t n = 0; n < N; ++n)
+  for (int64_t c = 0; c < C; ++c) {
+    int64_t r = n * C + c;
+    const T *xr = x + r * L;
+    T *o = gx + r * L;
+    T al = alpha[c], be = beta[r];
+#pragma omp simd
+    for (int64_t l = 0; l < L; ++l) o[l] = o[l] + (xr[l] * al + be);
   }
 }
 

@@ -15,6 +15,10 @@
 //   bn_coefs(m, mu?, var, ...)               the fused BN's coefficient math: BN fold, the hyper
 //                                            function, A = a s, B = a t + b (ops.py's bn_coefs)
 //   bn_coefs_backward(gA?, gB?, m, ...)      its hand-written backward (ops.py's bn_coefs_backward)
+//   bn_act(x, mean?, var?, ...)              a whole BN + DY-ReLU A / B training or inference site:
+//                                            statistics, bn_coefs, forward (ops.py's bn_act)
+//   bn_act_backward(g, x, A, B, m, ...)      its backward: backward, bn_coefs_backward, and the
+//                                            statistics' gradient added into grad_x in place
 //   isa_level(cap?)                          the instruction set in use (0 generic, 1 AVX2,
 //                                            2 AVX-512), optionally capped: same results at each
 #include <ATen/ATen.h>
@@ -26,6 +30,7 @@
 #include <atomic>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #define restrict __restrict__
 #include "_cpu_kernels.c"
@@ -301,16 +306,27 @@ Fold bn_fold(const Tensor& m_in, const OptTensor& mu_in, const Tensor& var, cons
   return {mu, r, s, t, pooled};
 }
 
-// a, b (N, K, width) from the pooled context (already in w1's dtype)
-std::tuple<Tensor, Tensor> hyper(const Tensor& p, const Tensor& w1, const Tensor& b1, const Tensor& w2,
-                                 const Tensor& b2, const Tensor& init_a, const Tensor& init_b,
-                                 const Tensor& lambda_a, const Tensor& lambda_b, int64_t segments, int64_t width,
-                                 bool use_bias) {
+// The forward's intermediates that the backward reuses (ops.py's _bn_state, in this order): r, t (C,);
+// ph (N, C) the context in w1's dtype; h_pre, h (N, H); sig (N, 2|1 * m * W); a (N, K, W). None of them
+// is an input (an operator's outputs may not alias its inputs): mu and s are recomputed from them.
+enum { S_R, S_T, S_PH, S_HPRE, S_H, S_SIG, S_A, S_LEN };
+
+// the state above, and b (N, K, width)
+std::tuple<std::vector<Tensor>, Tensor> bn_state(const Tensor& m, const OptTensor& mu, const Tensor& var,
+                                                 const OptTensor& weight, const OptTensor& bias, double eps,
+                                                 const Tensor& w1, const Tensor& b1, const Tensor& w2,
+                                                 const Tensor& b2, const Tensor& init_a, const Tensor& init_b,
+                                                 const Tensor& lambda_a, const Tensor& lambda_b, int64_t segments,
+                                                 int64_t width, bool use_bias) {
+  Fold f = bn_fold(m, mu, var, weight, bias, eps);
+  Tensor ph = f.pooled.to(w1.scalar_type());
   int64_t k = init_a.size(0);
-  Tensor logits = at::linear(at::relu(at::linear(p, w1, b1)), w2, b2);
+  Tensor h_pre = at::linear(ph, w1, b1);
+  Tensor h = at::relu(h_pre);
+  Tensor logits = at::linear(h, w2, b2);
   auto dt = at::promote_types(logits.scalar_type(), at::kFloat);
-  Tensor theta = at::sigmoid(logits.to(dt)) * 2.0 - 1.0;
-  theta = theta.unflatten(1, {use_bias ? 2 : 1, segments, width});
+  Tensor sig = at::sigmoid(logits.to(dt));
+  Tensor theta = (sig * 2.0 - 1.0).unflatten(1, {use_bias ? 2 : 1, segments, width});
   Tensor da = theta.select(1, 0);
   OptTensor db;
   if (use_bias) db = theta.select(1, 1);
@@ -321,21 +337,23 @@ std::tuple<Tensor, Tensor> hyper(const Tensor& p, const Tensor& w1, const Tensor
   Tensor a = init_a.to(dt).reshape({1, k, 1}) + lambda_a.to(dt) * da;
   Tensor b_init = init_b.to(dt).reshape({1, k, 1});
   Tensor b = db.has_value() ? b_init + lambda_b.to(dt) * *db : b_init.expand_as(a);
-  return {a, b};
+  auto cdt = f.s.scalar_type();
+  return {{f.r, f.t, ph, h_pre, h, sig, a.to(cdt)}, b.to(cdt)};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> bn_coefs(const Tensor& m, const OptTensor& mu, const Tensor& var,
-                                                    const OptTensor& weight, const OptTensor& bias, double eps,
-                                                    const Tensor& w1, const Tensor& b1, const Tensor& w2,
-                                                    const Tensor& b2, const Tensor& init_a, const Tensor& init_b,
-                                                    const Tensor& lambda_a, const Tensor& lambda_b, int64_t segments,
-                                                    int64_t width, bool use_bias) {
-  Fold f = bn_fold(m, mu, var, weight, bias, eps);
-  auto [a, b] = hyper(f.pooled.to(w1.scalar_type()), w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, segments,
-                      width, use_bias);
-  a = a.to(f.s.scalar_type());
-  b = b.to(f.s.scalar_type());
-  return {(a * f.s).contiguous(), at::addcmul(b, a, f.t).contiguous(), f.s, f.t};
+// (A, B, state): A = a s, B = a t + b
+std::tuple<Tensor, Tensor, std::vector<Tensor>> bn_coefs(
+    const Tensor& m, const OptTensor& mu, const Tensor& var, const OptTensor& weight, const OptTensor& bias,
+    double eps, const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2, const Tensor& init_a,
+    const Tensor& init_b, const Tensor& lambda_a, const Tensor& lambda_b, int64_t segments, int64_t width,
+    bool use_bias) {
+  auto [st, b] = bn_state(m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b,
+                          segments, width, use_bias);
+  const Tensor& a = st[S_A];
+  Tensor s = weight.has_value() ? st[S_R] * weight->to(a.scalar_type()) : st[S_R];
+  Tensor big_a = (a * s).contiguous();
+  Tensor big_b = at::addcmul(b, a, st[S_T]).contiguous();
+  return {big_a, big_b, st};
 }
 
 Tensor part(const OptTensor& g, const Tensor& lam, int64_t n, int64_t segments, int64_t width, at::ScalarType dt,
@@ -344,49 +362,47 @@ Tensor part(const OptTensor& g, const Tensor& lam, int64_t n, int64_t segments, 
   return g->slice(1, 0, segments).to(dt) * lam.to(dt);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> hyper_backward(
-    const OptTensor& ga, const OptTensor& gb, const Tensor& pooled, const Tensor& w1, const Tensor& b1,
-    const Tensor& w2, const Tensor& b2, const Tensor& lambda_a, const Tensor& lambda_b, int64_t segments,
-    int64_t width, bool use_bias) {
-  Tensor p = pooled.to(w1.scalar_type());
-  Tensor h_pre = at::linear(p, w1, b1);
-  Tensor h = at::relu(h_pre);
-  Tensor logits = at::linear(h, w2, b2);
-  auto dt = at::promote_types(logits.scalar_type(), at::kFloat);
-  Tensor sig = at::sigmoid(logits.to(dt));
-  int64_t n = pooled.size(0);
-  Tensor dtheta = use_bias ? at::stack({part(ga, lambda_a, n, segments, width, dt, pooled),
-                                        part(gb, lambda_b, n, segments, width, dt, pooled)}, 1)
-                           : part(ga, lambda_a, n, segments, width, dt, pooled).unsqueeze(1);
+// _hyper.hyper_backward_from: (grad p, w1, b1, w2, b2) given the forward's p, h_pre, h, sig
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> hyper_backward_from(
+    const OptTensor& ga, const OptTensor& gb, const Tensor& p, const Tensor& h_pre, const Tensor& h,
+    const Tensor& sig, const Tensor& w1, const Tensor& w2, const Tensor& lambda_a, const Tensor& lambda_b,
+    int64_t segments, int64_t width, bool use_bias) {
+  auto dt = sig.scalar_type();
+  int64_t n = p.size(0);
+  Tensor dtheta = use_bias ? at::stack({part(ga, lambda_a, n, segments, width, dt, p),
+                                        part(gb, lambda_b, n, segments, width, dt, p)}, 1)
+                           : part(ga, lambda_a, n, segments, width, dt, p).unsqueeze(1);
   Tensor dlogits = (dtheta.reshape({n, -1}) * (sig * 2.0 * at::rsub(sig, 1.0))).to(w2.scalar_type());
   Tensor gw2 = at::matmul(dlogits.t(), h);
   Tensor gb2 = dlogits.sum(0);
   Tensor dh = at::matmul(dlogits, w2).masked_fill_(h_pre.le(0), 0.0);
   Tensor gw1 = at::matmul(dh.t(), p);
   Tensor gb1 = dh.sum(0);
-  Tensor gp = at::matmul(dh, w1).to(pooled.scalar_type());
-  return {gp, gw1, gb1, gw2, gb2};
+  return {at::matmul(dh, w1), gw1, gb1, gw2, gb2};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_coefs_backward(
-    const OptTensor& g_big_a_in, const OptTensor& g_big_b_in, const Tensor& m, const OptTensor& mu,
-    const Tensor& var, const OptTensor& weight, const OptTensor& bias, double eps, const Tensor& w1,
-    const Tensor& b1, const Tensor& w2, const Tensor& b2, const Tensor& init_a, const Tensor& init_b,
-    const Tensor& lambda_a, const Tensor& lambda_b, const OptTensor& gs_extra, const OptTensor& gt_extra,
-    int64_t segments, int64_t width, bool use_bias) {
-  auto cdt = compute_dtype(m.scalar_type());
+using CoefGrads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// ops.py's _bn_coefs_backward_from: (grad m, var, weight, bias, w1, b1, w2, b2) given the forward's state;
+// mu_in: the mean the forward normalised with, if given (else the batch's, m.mean(0))
+CoefGrads bn_coefs_backward_from(const std::vector<Tensor>& st, const OptTensor& g_big_a_in,
+                                 const OptTensor& g_big_b_in, const Tensor& m, const OptTensor& mu_in, const Tensor& var,
+                                 const OptTensor& weight, const OptTensor& bias, const Tensor& w1, const Tensor& w2,
+                                 const Tensor& lambda_a, const Tensor& lambda_b, const OptTensor& gs_extra,
+                                 const OptTensor& gt_extra, int64_t segments, int64_t width, bool use_bias) {
+  TORCH_CHECK(st.size() == S_LEN, "dyrelu_cpu: the saved state holds ", S_LEN, " tensors, got ", st.size());
+  const Tensor &r = st[S_R], &t = st[S_T], &a = st[S_A];
+  auto cdt = r.scalar_type();
   int64_t n = m.size(0), c = m.size(1);
-  Fold f = bn_fold(m, mu, var, weight, bias, eps);
   Tensor mc = m.to(cdt);
-  Tensor ph = f.pooled.to(w1.scalar_type());
-  Tensor a = std::get<0>(hyper(ph, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, segments, width, use_bias));
-  a = a.to(cdt);
+  Tensor mu = mu_in.has_value() ? mu_in->to(cdt) : mc.mean(0);  // as bn_fold computes them
+  Tensor s = weight.has_value() ? r * weight->to(cdt) : r;
   int64_t k = a.size(1);
   auto opts = m.options().dtype(cdt);
   Tensor g_big_a = g_big_a_in.has_value() ? g_big_a_in->to(cdt) : at::zeros({n, k, c}, opts);
   Tensor g_big_b = g_big_b_in.has_value() ? g_big_b_in->to(cdt) : at::zeros({n, k, c}, opts);
   // A = a s, B = b + a t  (a broadcast over C for variant A)
-  Tensor ga = g_big_a * f.s + g_big_b * f.t;
+  Tensor ga = g_big_a * s + g_big_b * t;
   Tensor gb = g_big_b;
   if (a.size(2) != ga.size(2)) {
     ga = ga.sum(2, true);
@@ -396,23 +412,99 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_co
   Tensor gt = (g_big_b * a).sum({0, 1});
   if (gs_extra.has_value()) gs = gs + *gs_extra;
   if (gt_extra.has_value()) gt = gt + *gt_extra;
-  auto [gp, gw1, gb1, gw2, gb2] =
-      hyper_backward(ga, gb, ph, w1, b1, w2, b2, lambda_a, lambda_b, segments, width, use_bias);
+  auto [gp, gw1, gb1, gw2, gb2] = hyper_backward_from(ga, gb, st[S_PH], st[S_HPRE], st[S_H], st[S_SIG], w1, w2,
+                                                      lambda_a, lambda_b, segments, width, use_bias);
   gp = gp.to(cdt);
   // pooled = m s + t
-  Tensor gm = gp * f.s;
+  Tensor gm = gp * s;
   gs = gs + (gp * mc).sum(0);
   gt = gt + gp.sum(0);
   // t = bias - mu s
-  gs = gs - gt * f.mu;
-  if (!mu.has_value()) gm = gm - (gt * f.s) / static_cast<double>(n);  // mu = mean over n of m
+  gs = gs - gt * mu;
+  if (!mu_in.has_value()) gm = gm - (gt * s) / static_cast<double>(n);  // mu = mean over n of m
   // s = r weight, r = (var + eps)^-1/2
   Tensor gr = weight.has_value() ? gs * weight->to(cdt) : gs;
-  Tensor gvar = gr * (-0.5) * f.r * f.r * f.r;
-  Tensor g_weight = weight.has_value() ? (gs * f.r).to(weight->scalar_type()) : m.new_empty({0});
+  Tensor gvar = gr * (-0.5) * r * r * r;
+  Tensor g_weight = weight.has_value() ? (gs * r).to(weight->scalar_type()) : m.new_empty({0});
   Tensor g_bias = bias.has_value() ? gt.to(bias->scalar_type()) : m.new_empty({0});
   return {gm.to(m.scalar_type()).contiguous(), gvar.to(var.scalar_type()).contiguous(), g_weight, g_bias,
           gw1.contiguous(), gb1.contiguous(), gw2.contiguous(), gb2.contiguous()};
+}
+
+// the backward with the state recomputed (the separate ops of variant C keep no state)
+CoefGrads bn_coefs_backward(const OptTensor& g_big_a, const OptTensor& g_big_b, const Tensor& m, const OptTensor& mu,
+                            const Tensor& var, const OptTensor& weight, const OptTensor& bias, double eps,
+                            const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2,
+                            const Tensor& init_a, const Tensor& init_b, const Tensor& lambda_a,
+                            const Tensor& lambda_b, const OptTensor& gs_extra, const OptTensor& gt_extra,
+                            int64_t segments, int64_t width, bool use_bias) {
+  auto st = std::get<0>(bn_state(m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b,
+                                 segments, width, use_bias));
+  return bn_coefs_backward_from(st, g_big_a, g_big_b, m, mu, var, weight, bias, w1, w2, lambda_a,
+                                lambda_b, gs_extra, gt_extra, segments, width, use_bias);
+}
+
+// ---------------------------------------------------------------------------------------------
+// A whole BN + DY-ReLU site without spatial attention (ops.py's dyrelu::bn_act and its backward):
+// the functions above in the order ops.py's Python composes them, so the same bits, in one call
+// per direction instead of three or four operators.
+// ---------------------------------------------------------------------------------------------
+
+// mean / var given: normalise with them (running statistics) and return empty batch statistics
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, std::vector<Tensor>> bn_act(
+    const Tensor& x, const OptTensor& mean, const OptTensor& var, const OptTensor& weight, const OptTensor& bias,
+    double eps, const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2, const Tensor& init_a,
+    const Tensor& init_b, const Tensor& lambda_a, const Tensor& lambda_b, int64_t segments, int64_t width,
+    bool use_bias) {
+  check3(x, "x");
+  TORCH_CHECK(mean.has_value() == var.has_value(), "dyrelu_cpu: bn_act takes both mean and var, or neither");
+  Tensor m, var_used, batch_mu, batch_var;
+  if (mean.has_value()) {
+    m = x.mean(2);
+    var_used = *var;
+    batch_mu = x.new_empty({0});
+    batch_var = x.new_empty({0});
+  } else {
+    std::tie(m, batch_var, batch_mu) = moments(x);
+    var_used = batch_var;
+  }
+  auto [big_a, big_b, st] = bn_coefs(m, mean, var_used, weight, bias, eps, w1, b1, w2, b2, init_a, init_b,
+                                     lambda_a, lambda_b, segments, width, use_bias);
+  Tensor y = forward(x, big_a, big_b, std::nullopt);
+  return {y, big_a, big_b, m, batch_mu, batch_var, st};
+}
+
+// gx += alpha_c x + beta_nc in place; alpha (C,), beta (N, C) in x's dtype
+void affine_add_(Tensor& gx, const Tensor& x, const Tensor& alpha, const Tensor& beta) {
+  int64_t n = x.size(0), c = x.size(1), l = x.size(2);
+  if (x.scalar_type() == at::kDouble)
+    KERNEL(affine_add, f64)(x.data_ptr<double>(), gx.data_ptr<double>(), alpha.data_ptr<double>(),
+                            beta.data_ptr<double>(), n, c, l, threads());
+  else
+    KERNEL(affine_add, f32)(x.data_ptr<float>(), gx.data_ptr<float>(), alpha.data_ptr<float>(),
+                            beta.data_ptr<float>(), n, c, l, threads());
+}
+
+// mu, var: the statistics the forward normalised with; batch: they were the batch's (then mu is
+// differentiated through m, and var's gradient flows back to x), else the running ones
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_act_backward(
+    const Tensor& g, const Tensor& x, const Tensor& big_a, const Tensor& big_b, const Tensor& m, const Tensor& mu,
+    const Tensor& var, bool batch, const OptTensor& weight, const OptTensor& bias, const Tensor& w1,
+    const Tensor& w2, const Tensor& lambda_a, const Tensor& lambda_b, const std::vector<Tensor>& state,
+    int64_t segments, int64_t width, bool use_bias) {
+  auto [gx, s_gx, s_g, unused] = backward(g, x, big_a, big_b, std::nullopt, false);
+  auto [gm, gvar, g_weight, g_bias, gw1, gb1, gw2, gb2] =
+      bn_coefs_backward_from(state, s_gx, s_g, m, batch ? OptTensor() : OptTensor(mu), var, weight, bias, w1, w2, lambda_a, lambda_b,
+                             std::nullopt, std::nullopt, segments, width, use_bias);
+  int64_t n = x.size(0), l = x.size(2);
+  if (batch) {  // moments_backward's alpha_c x + beta_nc, added in place
+    Tensor alpha = gvar.to(mu.scalar_type()) * (2.0 / static_cast<double>(n * l));
+    Tensor beta = gm.to(mu.scalar_type()) / static_cast<double>(l) + (-(alpha * mu));
+    affine_add_(gx, x, alpha.contiguous(), beta.contiguous());
+  } else {  // m = the pool of x: grad m / L on every position
+    gx.add_((gm / static_cast<double>(l)).unsqueeze(2));
+  }
+  return {gx, g_weight, g_bias, gw1, gb1, gw2, gb2};
 }
 
 }  // namespace
@@ -430,11 +522,18 @@ TORCH_LIBRARY(dyrelu_cpu, m) {
   m.def("spatial_backward(Tensor x, Tensor w, Tensor gz) -> (Tensor, Tensor)");
   m.def("bn_coefs(Tensor m, Tensor? mu, Tensor var, Tensor? weight, Tensor? bias, float eps, Tensor w1, Tensor b1, "
         "Tensor w2, Tensor b2, Tensor init_a, Tensor init_b, Tensor lambda_a, Tensor lambda_b, int segments, "
-        "int width, bool use_bias) -> (Tensor, Tensor, Tensor, Tensor)");
+        "int width, bool use_bias) -> (Tensor, Tensor, Tensor[])");
   m.def("bn_coefs_backward(Tensor? g_big_a, Tensor? g_big_b, Tensor m, Tensor? mu, Tensor var, Tensor? weight, "
         "Tensor? bias, float eps, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor init_a, Tensor init_b, "
         "Tensor lambda_a, Tensor lambda_b, Tensor? gs_extra, Tensor? gt_extra, int segments, int width, "
         "bool use_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("bn_act(Tensor x, Tensor? mean, Tensor? var, Tensor? weight, Tensor? bias, float eps, Tensor w1, "
+        "Tensor b1, Tensor w2, Tensor b2, Tensor init_a, Tensor init_b, Tensor lambda_a, Tensor lambda_b, "
+        "int segments, int width, bool use_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor[])");
+  m.def("bn_act_backward(Tensor g, Tensor x, Tensor big_a, Tensor big_b, Tensor m, Tensor mu, Tensor var, "
+        "bool batch, Tensor? weight, Tensor? bias, Tensor w1, Tensor w2, Tensor lambda_a, Tensor lambda_b, "
+        "Tensor[] state, int segments, int width, bool use_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+        "Tensor)");
   m.def("isa_level(int? cap=None) -> int");
 }
 
@@ -455,4 +554,6 @@ TORCH_LIBRARY_IMPL(dyrelu_cpu, CPU, m) {
   m.impl("spatial_backward", &spatial_backward);
   m.impl("bn_coefs", &bn_coefs);
   m.impl("bn_coefs_backward", &bn_coefs_backward);
+  m.impl("bn_act", &bn_act);
+  m.impl("bn_act_backward", &bn_act_backward);
 }

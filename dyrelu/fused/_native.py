@@ -220,13 +220,20 @@ def _register_fakes() -> None:
     def _(x, w, gz):
         return torch.empty_like(x), x.new_empty(x.shape[1])
 
+    def state(m, w1, w2, k, width):  # bn_state's list: r, t, ph, h_pre, h, sig, a
+        n, c = m.shape
+        cdt = torch.float64 if m.dtype == torch.float64 else torch.float32
+        return [m.new_empty(c, dtype=cdt), m.new_empty(c, dtype=cdt), m.new_empty((n, c), dtype=w1.dtype),
+                m.new_empty((n, w1.shape[0]), dtype=w1.dtype), m.new_empty((n, w1.shape[0]), dtype=w1.dtype),
+                m.new_empty((n, w2.shape[0]), dtype=torch.promote_types(w2.dtype, torch.float32)),
+                m.new_empty((n, k, width), dtype=cdt)]
+
     @reg("dyrelu_cpu::bn_coefs")
     def _(m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, segments, width,
           use_bias):
         n, c, k = m.shape[0], m.shape[1], init_a.shape[0]
         cdt = torch.float64 if m.dtype == torch.float64 else torch.float32
-        return (m.new_empty((n, k, c), dtype=cdt), m.new_empty((n, k, c), dtype=cdt), m.new_empty(c, dtype=cdt),
-                m.new_empty(c, dtype=cdt))
+        return m.new_empty((n, k, c), dtype=cdt), m.new_empty((n, k, c), dtype=cdt), state(m, w1, w2, k, width)
 
     @reg("dyrelu_cpu::bn_coefs_backward")
     def _(g_big_a, g_big_b, m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b,
@@ -235,6 +242,22 @@ def _register_fakes() -> None:
                 m.new_empty(0) if weight is None else torch.empty_like(weight),
                 m.new_empty(0) if bias is None else torch.empty_like(bias), torch.empty_like(w1),
                 torch.empty_like(b1), torch.empty_like(w2), torch.empty_like(b2))
+
+    @reg("dyrelu_cpu::bn_act")
+    def _(x, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, segments, width,
+          use_bias):
+        n, c, k = x.shape[0], x.shape[1], init_a.shape[0]
+        m = x.new_empty((n, c))
+        stat = x.new_empty(c) if mean is None else x.new_empty(0)
+        return (torch.empty_like(x), x.new_empty((n, k, c)), x.new_empty((n, k, c)), m, stat,
+                torch.empty_like(stat), state(m, w1, w2, k, width))
+
+    @reg("dyrelu_cpu::bn_act_backward")
+    def _(g, x, big_a, big_b, m, mu, var, batch, weight, bias, w1, w2, lambda_a, lambda_b, state_, segments, width,
+          use_bias):
+        return (torch.empty_like(x), x.new_empty(0) if weight is None else torch.empty_like(weight),
+                x.new_empty(0) if bias is None else torch.empty_like(bias), torch.empty_like(w1),
+                w1.new_empty(w1.shape[0]), torch.empty_like(w2), w2.new_empty(w2.shape[0]))
 
 
 def ok(x3: torch.Tensor, k: int) -> bool:
@@ -292,10 +315,20 @@ def coefs_ok(m: torch.Tensor, w1: torch.Tensor) -> bool:
 
 
 def bn_coefs(*args):
-    """ops.bn_coefs's math in C++: (A, B, s, t); the arguments of ``dyrelu_cpu::bn_coefs``."""
+    """ops.bn_coefs's math in C++: (A, B, state); the arguments of ``dyrelu_cpu::bn_coefs``."""
     return _state["lib"].bn_coefs(*args)
 
 
 def bn_coefs_backward(*args):
     """ops.bn_coefs_backward's math in C++: (grad m, var, weight, bias, w1, b1, w2, b2)."""
     return _state["lib"].bn_coefs_backward(*args)
+
+
+def bn_act(*args):
+    """ops.bn_act on (N, C, L) in one C++ call: (y, A, B, m, batch mu, batch var, state)."""
+    return _state["lib"].bn_act(*args)
+
+
+def bn_act_backward(*args):
+    """ops.bn_act_backward on (N, C, L) in one C++ call: (grad x, weight, bias, w1, b1, w2, b2)."""
+    return _state["lib"].bn_act_backward(*args)

@@ -12,16 +12,20 @@ means and variances; the channel mean and variance follow from them (law of tota
 the pooled context the hyper function needs is m_nc s + t, so DY-ReLU's pooling pass is gone too.
 Variant C's spatial conv on z is a conv on x with weights w s and bias sum(w t).
 
-A training site is four registered ops (ops.py): ``dyrelu::moments`` (the statistics),
-``dyrelu::running_update`` (on the device, no host sync), ``dyrelu::bn_coefs`` (s, t, the pooled
-context, the hyper function and the folding above, and for variant C the spatial logits, in one
-op) and ``dyrelu::apply``; variant C adds ``DyReLU.spatial_pi`` (the module's own ops).
+A variant A or B site is one registered op per direction, ``dyrelu::bn_act`` and
+``dyrelu::bn_act_backward`` (one autograd node), plus ``dyrelu::running_update`` in training (on the
+device, no host sync). Inside, in this order: the statistics (``moments``, or the pool with running
+statistics), the coefficients (``bn_coefs``: s, t, the pooled context, the hyper function, the folding
+above), the apply. A variant C site runs those as separate ops, because its pi comes from the
+module's own ops (``DyReLU.spatial_pi``) between the coefficients (which also give C's spatial logits
+on s x + t) and the apply.
 
 Backward: the apply's per-(n, c, k) sums of g x and g (already computed for grad a, b) give
-grad A, B; ``dyrelu::bn_coefs_backward`` turns them into grad gamma, beta, m and var by hand on
-(N, C)-sized tensors. ``dyrelu::moments_backward`` turns grad m_nc and grad var into one per-(n, c)
-affine pass over x (grad_x += alpha_c x + beta_nc), which autograd adds into the apply's grad_x in
-place. So the BN's own backward reductions ride on the apply's.
+grad A, B; the coefficient backward turns them into grad gamma, beta, m and var by hand on
+(N, C)-sized tensors, from the intermediates the forward kept (the FC chain is not run again). The
+statistics' gradient is one per-(n, c) affine pass over x (grad_x += alpha_c x + beta_nc): inside
+``bn_act_backward`` it is added into the apply's grad_x in place; in a C site ``moments_backward``
+returns it and autograd adds it. So the BN's own backward reductions ride on the apply's.
 
 Where the fusion does not apply (see ``supports_bn_act``: a BN subclass such as ``SyncBatchNorm``
 or the engine's global batch norm, whose statistics need collectives; a non-DyReLU activation;
@@ -66,29 +70,32 @@ def bn_dyrelu(x: Tensor, bn: nn.Module, act: nn.Module) -> Tensor:
     if not supports_bn_act(bn, act, x):
         return act(bn(x))
     act._check(x)
-    c = x.shape[1]
-    if bn.training or bn.running_mean is None:
-        count = x.numel() // c
-        if count <= 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
-        m, var, batch_mu = torch.ops.dyrelu.moments(x)
-        mu = None  # the batch's, differentiated through m (m.mean(0) inside bn_coefs)
-        if bn.training and bn.track_running_stats and bn.running_mean is not None:
-            with torch.no_grad():
-                torch.ops.dyrelu.running_update(bn.running_mean, bn.running_var, bn.num_batches_tracked, batch_mu, var,
-                                                0.0 if bn.momentum is None else float(bn.momentum),
-                                                bn.momentum is None, count)
-    else:
-        m = torch.ops.dyrelu.pool(x)
-        mu, var = bn.running_mean, bn.running_var
-    spatial_w = None if act.spatial is None else act.spatial.weight
-    big_a, big_b, z = torch.ops.dyrelu.bn_coefs(
-        m, mu, var, bn.weight if bn.affine else None, bn.bias if bn.affine else None, float(bn.eps),
-        act.fc1.weight, act.fc1.bias, act.fc2.weight, act.fc2.bias, act.init_a, act.init_b, act.lambda_a,
-        act.lambda_b, x if spatial_w is not None else None, spatial_w, act.dynamic_segments, act.coef_width,
-        act.use_bias)
-    pi = None if spatial_w is None else pi_from_logits(act, x, z)
-    return torch.ops.dyrelu.apply(x, big_a, big_b, pi)
+    batch = bn.training or bn.running_mean is None  # normalise with the batch's statistics
+    count = x.numel() // x.shape[1]
+    if batch and count <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+    mean, var = (None, None) if batch else (bn.running_mean, bn.running_var)
+    affine = (bn.weight, bn.bias) if bn.affine else (None, None)
+    hyper = (act.fc1.weight, act.fc1.bias, act.fc2.weight, act.fc2.bias, act.init_a, act.init_b, act.lambda_a,
+             act.lambda_b)
+    shape = (act.dynamic_segments, act.coef_width, act.use_bias)
+    if act.spatial is None:  # A, B: the whole site is one op per direction
+        y, _, _, _, batch_mu, batch_var, _ = torch.ops.dyrelu.bn_act(x, mean, var, *affine, float(bn.eps), *hyper, *shape)
+    else:  # C: pi comes from the module's own ops between the coefficients and the apply
+        if batch:
+            m, batch_var, batch_mu = torch.ops.dyrelu.moments(x)
+            var = batch_var  # mean stays None: the batch's, differentiated through m inside bn_coefs
+        else:
+            m = torch.ops.dyrelu.pool(x)
+        big_a, big_b, z = torch.ops.dyrelu.bn_coefs(m, mean, var, *affine, float(bn.eps), *hyper, x,
+                                                    act.spatial.weight, *shape)
+        y = torch.ops.dyrelu.apply(x, big_a, big_b, pi_from_logits(act, x, z))
+    if batch and bn.training and bn.track_running_stats and bn.running_mean is not None:
+        with torch.no_grad():
+            torch.ops.dyrelu.running_update(bn.running_mean, bn.running_var, bn.num_batches_tracked, batch_mu,
+                                            batch_var, 0.0 if bn.momentum is None else float(bn.momentum),
+                                            bn.momentum is None, count)
+    return y
 
 
 class BNDyReLU(nn.Module):

@@ -24,7 +24,7 @@ Variant C's pi is an input of ``apply``: it is computed by ``DyReLU.spatial_pi``
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -468,16 +468,35 @@ def _hyper_input(pooled: Tensor, w1: Tensor) -> Tensor:
     return pooled if torch.is_autocast_enabled(pooled.device.type) else pooled.to(w1.dtype)
 
 
+def _bn_state(m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, segments, width,
+              use_bias):
+    """([r, t, ph, h_pre, h, sig, a], b): the coefficient math's intermediates that its backward reuses
+    (ph the context in the hyper function's dtype; a, b in the compute dtype), none of them an input (an
+    op's outputs may not alias its inputs: mu and s are recomputed); the same ops as ``bn_state`` in
+    _cpu_ops.cpp, which the CPU runs."""
+    _, r, s, t, pooled = _bn_fold(m, mu, var, weight, bias, eps)
+    ph = _hyper_input(pooled, w1)
+    h_pre, h, sig, a, b = _hyper.hyper_state(ph, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, segments,
+                                             width, use_bias)
+    return [r, t, ph, h_pre, h, sig, a.to(s.dtype)], b.to(s.dtype)
+
+
 def _bn_coefs_math(m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, segments,
                    width, use_bias):
-    """(A, B, s, t); the same ops as ``dyrelu_cpu::bn_coefs`` (_cpu_ops.cpp), which the CPU runs."""
-    _, _, s, t, pooled = _bn_fold(m, mu, var, weight, bias, eps)
-    a, b = _hyper.hyper(_hyper_input(pooled, w1), w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b,
-                        segments, width, use_bias)
-    a, b = a.to(s.dtype), b.to(s.dtype)
+    """(A, B, state); the same ops as ``dyrelu_cpu::bn_coefs`` (_cpu_ops.cpp), which the CPU runs."""
+    state, b = _bn_state(m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b,
+                         segments, width, use_bias)
+    r, t, a = state[0], state[1], state[6]
+    s = r if weight is None else r * weight.to(r.dtype)
     big_a = (a * s).contiguous()
     big_b = torch.addcmul(b, a, t).contiguous()  # t != 0 in general: an intercept even without DY-ReLU's own
-    return big_a, big_b, s, t
+    return big_a, big_b, state
+
+
+def _coefs_and_state(*args):
+    """(A, B, state) from the arguments of ``_bn_coefs_math``: in C++ where the CPU path applies."""
+    m, w1 = args[0], args[6]
+    return _native.bn_coefs(*args) if backend.native_coefs(m, w1) else _bn_coefs_math(*args)
 
 
 @_op("bn_coefs")
@@ -493,10 +512,11 @@ def bn_coefs(m: Tensor, mu: Optional[Tensor], var: Tensor, weight: Optional[Tens
     channel variance used to normalise."""
     args = (m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, segments, width,
             use_bias)
-    big_a, big_b, s, t = _native.bn_coefs(*args) if backend.native_coefs(m, w1) else _bn_coefs_math(*args)
+    big_a, big_b, state = _coefs_and_state(*args)
     z = _no_z(m)
     if x is not None and spatial_w is not None:
-        _, ws, zb = _folded_weight(spatial_w, s, t, tk.compute_dtype(x.dtype))
+        s = state[0] if weight is None else state[0] * weight.to(state[0].dtype)
+        _, ws, zb = _folded_weight(spatial_w, s, state[1], tk.compute_dtype(x.dtype))
         z = _spatial_z(x, ws, zb)
     return big_a, big_b, z
 
@@ -536,15 +556,25 @@ def bn_coefs_backward(g_big_a: Optional[Tensor], g_big_b: Optional[Tensor], gz: 
 
 def _bn_coefs_backward_math(g_big_a, g_big_b, m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b,
                             lambda_a, lambda_b, gs_z, gt_z, segments, width, use_bias):
-    """(grad m, var, weight, bias, w1, b1, w2, b2) given variant C's terms of grad s and grad t (or None);
-    the same ops as ``dyrelu_cpu::bn_coefs_backward`` (_cpu_ops.cpp), which the CPU runs."""
-    cdt = tk.compute_dtype(m.dtype)
+    """(grad m, var, weight, bias, w1, b1, w2, b2) given variant C's terms of grad s and grad t (or None),
+    the forward's intermediates recomputed; the same ops as ``dyrelu_cpu::bn_coefs_backward``."""
+    state, _ = _bn_state(m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b,
+                         segments, width, use_bias)
+    return _bn_coefs_backward_from(state, g_big_a, g_big_b, m, mu, var, weight, bias, w1, w2, lambda_a,
+                                   lambda_b, gs_z, gt_z, segments, width, use_bias)
+
+
+def _bn_coefs_backward_from(state, g_big_a, g_big_b, m, mu, var, weight, bias, w1, w2, lambda_a, lambda_b, gs_z,
+                            gt_z, segments, width, use_bias):
+    """The backward of ``_bn_coefs_math`` given its state; mu: the mean it normalised with, if given (else
+    the batch's, m.mean(0)). The same ops as ``bn_coefs_backward_from`` in _cpu_ops.cpp."""
+    r, t, ph, h_pre, h, sig, a = state
+    ph, h = ph.to(w1.dtype), h.to(w2.dtype)  # no-ops but where autocast ran the forward's FCs
+    cdt = r.dtype
     n, c = m.shape[0], m.shape[1]
-    mu_v, r, s, t, pooled = _bn_fold(m, mu, var, weight, bias, eps)
     mc = m.to(cdt)
-    ph = _hyper_input(pooled, w1)
-    a, _ = _hyper.hyper(ph, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, segments, width, use_bias)
-    a = a.to(cdt)
+    mu_v = mc.mean(0) if mu is None else mu.to(cdt)  # as _bn_fold computes them
+    s = r if weight is None else r * weight.to(cdt)
     k = a.shape[1]
     g_big_a = torch.zeros((n, k, c), dtype=cdt, device=m.device) if g_big_a is None else g_big_a.to(cdt)
     g_big_b = torch.zeros((n, k, c), dtype=cdt, device=m.device) if g_big_b is None else g_big_b.to(cdt)
@@ -559,8 +589,8 @@ def _bn_coefs_backward_math(g_big_a, g_big_b, m, mu, var, weight, bias, eps, w1,
         gs = gs + gs_z
     if gt_z is not None:
         gt = gt + gt_z
-    gp, gw1, gb1, gw2, gb2 = _hyper.hyper_backward(ga, gb, ph, w1, b1, w2, b2, lambda_a, lambda_b,
-                                                    segments, width, use_bias)
+    gp, gw1, gb1, gw2, gb2 = _hyper.hyper_backward_from(ga, gb, ph, h_pre, h, sig, w1, w2, lambda_a, lambda_b,
+                                                        segments, width, use_bias)
     gp = gp.to(cdt)
     # pooled = m s + t
     gm = gp * s
@@ -741,3 +771,124 @@ def running_update(running_mean: Tensor, running_var: Tensor, num_batches_tracke
 @_fake(running_update)
 def _(running_mean, running_var, num_batches_tracked, mu, var, momentum, cumulative, count):
     return None
+
+
+# ---------------------------------------------------------------------------------------
+# dyrelu::bn_act: a whole BN + DY-ReLU site without spatial attention (variants A and B) as one op
+# per direction and one autograd node. Forward: moments (or the pool, with running statistics),
+# bn_coefs, apply. Backward: apply_backward, bn_coefs_backward, and the statistics' gradient added
+# into the apply's grad_x in place: one full-size buffer and pass fewer than three ops whose
+# gradients autograd adds, and a third of their fixed cost per call. The same implementations as
+# the separate ops, in the same order, so the same values. (Variant C's pi is computed by the
+# module between bn_coefs and apply, so a C site keeps the separate ops.)
+# ---------------------------------------------------------------------------------------
+def _native_site(x3: Tensor, w1: Tensor, k: int) -> bool:
+    return backend.native(x3, k) and _native.coefs_ok(x3, w1)
+
+
+@_op("bn_act")
+def bn_act(x: Tensor, mean: Optional[Tensor], var: Optional[Tensor], weight: Optional[Tensor],
+           bias: Optional[Tensor], eps: float, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, init_a: Tensor,
+           init_b: Tensor, lambda_a: Tensor, lambda_b: Tensor, segments: int, width: int,
+           use_bias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, List[Tensor]]:
+    """(y, A, B, m, batch mu, batch var, state): y = DY-ReLU(BN(x)) normalised with ``mean`` and ``var``
+    (the running statistics), or with the batch's when both are None. A, B, m (as bn_coefs takes them)
+    and the coefficient math's intermediates (``_bn_state``) are kept for backward; the batch's mean and
+    biased variance (C,) are for the running update (empty when mean and var are given)."""
+    x3 = _as3d(x)
+    if _native_site(x3, w1, init_a.shape[0]):
+        y3, *rest = _native.bn_act(x3, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a,
+                                   lambda_b, segments, width, use_bias)
+        return (_match(y3, x), *rest)
+    if mean is None:
+        m, var_b, mu_b = IMPLS["moments"](x)
+        var_used = var_b
+    else:
+        m, var_used = IMPLS["pool"](x), var
+        mu_b, var_b = _no_z(x), _no_z(x)
+    big_a, big_b, state = _coefs_and_state(m, mean, var_used, weight, bias, eps, w1, b1, w2, b2, init_a, init_b,
+                                           lambda_a, lambda_b, segments, width, use_bias)
+    return IMPLS["apply"](x, big_a, big_b, None), big_a, big_b, m, mu_b, var_b, state
+
+
+def _site_stats_fake(x, mean, var):
+    """Fake (m, var used, batch mu, batch var) of ``bn_act``."""
+    n, c, cdt = x.shape[0], x.shape[1], tk.compute_dtype(x.dtype)
+    if mean is None:
+        var_b = x.new_empty(c, dtype=cdt)
+        return x.new_empty((n, c), dtype=cdt), var_b, x.new_empty(c, dtype=cdt), var_b
+    return x.new_empty((n, c)), var, _no_z(x), _no_z(x)
+
+
+@_fake(bn_act)
+def _(x, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, segments, width,
+      use_bias):
+    m, var_used, mu_b, var_b = _site_stats_fake(x, mean, var)
+    # the coefficient math itself on fake tensors: its intermediates' shapes and dtypes (autocast included)
+    big_a, big_b, state = _bn_coefs_math(m, mean, var_used, weight, bias, eps, w1, b1, w2, b2, init_a, init_b,
+                                         lambda_a, lambda_b, segments, width, use_bias)
+    return torch.empty_like(x), big_a, big_b, m, mu_b, torch.empty_like(var_b), state
+
+
+@_op("bn_act_backward")
+def bn_act_backward(g: Tensor, x: Tensor, big_a: Tensor, big_b: Tensor, m: Tensor, mu: Tensor, var: Tensor,
+                    batch: bool, weight: Optional[Tensor], bias: Optional[Tensor], w1: Tensor, w2: Tensor,
+                    lambda_a: Tensor, lambda_b: Tensor, state: List[Tensor], segments: int, width: int,
+                    use_bias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(grad x, grad weight, grad bias (empty where absent), grad w1, b1, w2, b2). mu, var: the statistics
+    the forward normalised with; ``batch``: they were the batch's (mu then is differentiated through
+    m, and var's gradient reaches x), else the running ones (constants); state: ``bn_act``'s."""
+    x3 = _as3d(x)
+    if _native_site(x3, w1, big_a.shape[1]):
+        gx3, *grads = _native.bn_act_backward(_as3d(g).contiguous(), x3, big_a, big_b, m, mu, var, batch, weight,
+                                              bias, w1, w2, lambda_a, lambda_b, state, segments, width, use_bias)
+        return (_match(gx3, x), *grads)
+    gx, ga, gb, _ = IMPLS["apply_backward"](g, x, big_a, big_b, None, False)
+    gm, gvar, g_weight, g_bias, gw1, gb1, gw2, gb2 = _bn_coefs_backward_from(
+        state, ga, gb, m, None if batch else mu, var, weight, bias, w1, w2, lambda_a, lambda_b, None, None, segments, width,
+        use_bias)
+    if batch:
+        gx.add_(IMPLS["moments_backward"](x, mu, gm, gvar))
+    else:
+        gx.add_(_pool_grad_of(gm, x))
+    return gx, g_weight, g_bias, gw1, gb1, gw2, gb2
+
+
+def _pool_grad_of(gm: Tensor, x: Tensor) -> Tensor:
+    """The gradient the pool of x (N, C) -> x passes back: gm / L at every position (an expand)."""
+    length = x[0, 0].numel()
+    return (gm / length).reshape(tuple(gm.shape) + (1,) * (x.dim() - 2)).expand(x.shape)
+
+
+@_fake(bn_act_backward)
+def _(g, x, big_a, big_b, m, mu, var, batch, weight, bias, w1, w2, lambda_a, lambda_b, state, segments, width,
+      use_bias):
+    return (torch.empty_like(x), _empty(m) if weight is None else torch.empty_like(weight),
+            _empty(m) if bias is None else torch.empty_like(bias), torch.empty_like(w1),
+            w1.new_empty(w1.shape[0]), torch.empty_like(w2), w2.new_empty(w2.shape[0]))
+
+
+def _bn_act_setup(ctx, inputs, output):
+    x, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b = inputs[:14]
+    _, big_a, big_b, m, mu_b, var_b, state = output
+    ctx.mark_non_differentiable(big_a, big_b, m, mu_b, var_b)
+    ctx.save_for_backward(x, mean, var, weight, bias, w1, w2, lambda_a, lambda_b)
+    ctx.kept = (big_a, big_b, m, mu_b, var_b, state)  # outputs without a grad_fn: no reference cycle
+    ctx.meta = inputs[14:]  # segments, width, use_bias
+    ctx.set_materialize_grads(False)
+
+
+def _bn_act_grad(ctx, gy, *_unused):
+    if gy is None:
+        return (None,) * 17
+    x, mean, var, weight, bias, w1, w2, lambda_a, lambda_b = ctx.saved_tensors
+    big_a, big_b, m, mu_b, var_b, state = ctx.kept
+    batch = mean is None
+    gx, g_weight, g_bias, gw1, gb1, gw2, gb2 = torch.ops.dyrelu.bn_act_backward(
+        gy, x, big_a, big_b, m, mu_b if batch else mean, var_b if batch else var, batch, weight, bias, w1, w2,
+        lambda_a, lambda_b, state, *ctx.meta)
+    return (gx, None, None, g_weight if weight is not None else None, g_bias if bias is not None else None, None,
+            gw1, gb1, gw2, gb2, None, None, None, None, None, None, None)
+
+
+_autograd(bn_act, _bn_act_setup, _bn_act_grad)
