@@ -65,8 +65,8 @@ def test_no_compiler_is_one_short_reason(monkeypatch, fake_build):
     assert not fake_build
 
 
-def _coef_args(dt, k, seg, width, use_bias, with_affine, with_z, n=5, c=12):
-    """Arguments of dyrelu_cpu::bn_coefs and bn_coefs_backward (random statistics and weights)."""
+def _coef_args(dt, k, seg, width, use_bias, with_affine, n=5, c=12):
+    """Arguments of dyrelu_cpu::bn_coefs (random statistics and weights)."""
     groups = 2 if use_bias else 1
     m, var = torch.randn(n, c, dtype=dt), torch.rand(c, dtype=dt) + 0.5
     mu = torch.randn(c, dtype=dt) if with_affine else None
@@ -74,11 +74,17 @@ def _coef_args(dt, k, seg, width, use_bias, with_affine, with_z, n=5, c=12):
     w1, b1 = torch.randn(4, c, dtype=dt), torch.randn(4, dtype=dt)
     w2, b2 = torch.randn(groups * seg * width, 4, dtype=dt), torch.randn(groups * seg * width, dtype=dt)
     init = (torch.tensor([1.0, 0.0, 0.5][:k]), torch.zeros(k), torch.tensor(1.0), torch.tensor(0.5))
-    fwd = (m, mu, var, weight, bias, 1e-5, w1, b1, w2, b2, *init, seg, width, use_bias)
-    cdt = torch.float64 if dt == torch.float64 else torch.float32
+    return (m, mu, var, weight, bias, 1e-5, w1, b1, w2, b2, *init, seg, width, use_bias)
+
+
+def _coef_backward_args(fwd, state, with_z):
+    """Arguments of dyrelu_cpu::bn_coefs_backward for bn_coefs(*fwd)'s state (random gradients)."""
+    m, mu, var, weight, bias, _, w1, _, w2, _, init_a, _, lambda_a, lambda_b, *shape = fwd
+    n, c, k = m.shape[0], m.shape[1], init_a.shape[0]
+    cdt = state[0].dtype
     extra = (torch.randn(c, dtype=cdt), torch.randn(c, dtype=cdt)) if with_z else (None, None)
-    bwd = (torch.randn(n, k, c, dtype=cdt), torch.randn(n, k, c, dtype=cdt), *fwd[:14], *extra, seg, width, use_bias)
-    return fwd, bwd
+    return (state, torch.randn(n, k, c, dtype=cdt), torch.randn(n, k, c, dtype=cdt), m, mu, var, weight, bias, w1, w2,
+            lambda_a, lambda_b, *extra, *shape)
 
 
 def test_the_coefficient_math_in_cpp_is_the_python_bit_for_bit():
@@ -92,11 +98,12 @@ def test_the_coefficient_math_in_cpp_is_the_python_bit_for_bit():
     for dt, (k, seg), width, use_bias, with_affine, with_z in itertools.product(
             (torch.float32, torch.float64), ((1, 1), (2, 2), (3, 2)), (12, 1), (True, False), (True, False),
             (True, False)):
-        fwd, bwd = _coef_args(dt, k, seg, width, use_bias, with_affine, with_z)
+        fwd = _coef_args(dt, k, seg, width, use_bias, with_affine)
         big_a, big_b, state = lib.bn_coefs(*fwd)
         want_a, want_b, want_state = fused_ops._bn_coefs_math(*fwd)
+        bwd = _coef_backward_args(fwd, state, with_z)
         got = [big_a, big_b, *state, *lib.bn_coefs_backward(*bwd)]
-        want = [want_a, want_b, *want_state, *fused_ops._bn_coefs_backward_math(*bwd)]
+        want = [want_a, want_b, *want_state, *fused_ops._bn_coefs_backward(*bwd)]
         assert len(got) == len(want)
         for i, (u, v) in enumerate(zip(got, want)):
             assert u.dtype == v.dtype and torch.equal(u, v), (dt, k, seg, width, use_bias, with_affine, with_z, i)
@@ -114,7 +121,7 @@ def test_the_site_op_in_cpp_is_the_separate_ops_composed_bit_for_bit(batch):
     for dt, (k, seg), width, use_bias in itertools.product((torch.float32, torch.float64), ((1, 1), (2, 2), (3, 2)),
                                                            (12, 1), (True, False)):
         x, g = torch.randn(5, 12, 30, dtype=dt), torch.randn(5, 12, 30, dtype=dt)
-        coef = _coef_args(dt, k, seg, width, use_bias, True, False)[0]
+        coef = _coef_args(dt, k, seg, width, use_bias, True)
         weight, bias, hyper, shape = coef[3], coef[4], coef[6:14], coef[14:]
         mean, var = (None, None) if batch else (torch.randn(12, dtype=dt), torch.rand(12, dtype=dt) + 0.5)
         y, big_a, big_b, m, mu_b, var_b, state = lib.bn_act(x, mean, var, weight, bias, 1e-5, *hyper, *shape)
@@ -130,7 +137,7 @@ def test_the_site_op_in_cpp_is_the_separate_ops_composed_bit_for_bit(batch):
         grads = lib.bn_act_backward(g, x, big_a, big_b, m, mu, var_used, batch, weight, bias, hyper[0], hyper[2],
                                     hyper[6], hyper[7], state, *shape)
         gx, s_gx, s_g, _ = lib.backward(g, x, big_a, big_b, None, False)
-        gm, gvar, *param_grads = fused_ops._bn_coefs_backward_from(
+        gm, gvar, *param_grads = fused_ops._bn_coefs_backward(
             state, s_gx, s_g, m, None if batch else mean, var_used, weight, bias, hyper[0], hyper[2], hyper[6],
             hyper[7], None, None, *shape)
         gx = gx + (lib.moments_backward(x, mu, gm, gvar) if batch else (gm / x.shape[2])[:, :, None])
@@ -159,10 +166,10 @@ def test_the_kernels_are_registered_operators_that_pass_opcheck():
         (ops.row_moments, (x,)), (ops.moments, (x,)), (ops.moments_backward, (x, x[0, :, 0], g[:, :, 0], g[0, :, 0])),
         (ops.spatial, (x, w, bias)), (ops.spatial_backward, (x, w, gz)),
         (ops.site, (x, w1, b1, w2, b2, off, scale, k, c)), (ops.site_, (x.clone(), w1, b1, w2, b2, off, scale, k, c)),
-        (ops.bn_coefs, _coef_args(torch.float32, k, k, c, True, True, True, c=c)[0]),
-        (ops.bn_coefs_backward, _coef_args(torch.float32, k, k, c, True, False, False, c=c)[1]),
+        (ops.moments_backward_, (g.clone(), x, x[0, :, 0], g[:, :, 0], g[0, :, 0])),
     ]
-    coef = _coef_args(torch.float32, k, k, c, True, True, False, c=c)[0]
+    coef = _coef_args(torch.float32, k, k, c, True, True, c=c)
+    cases += [(ops.bn_coefs, coef), (ops.bn_coefs_backward, _coef_backward_args(coef, ops.bn_coefs(*coef)[2], True))]
     for mean, var in ((None, None), (coef[1], coef[2])):
         site = (x, mean, var, *coef[3:5], 1e-5, *coef[6:])
         y, big_a, big_b, m, mu_b, var_b, state = ops.bn_act(*site)

@@ -7,14 +7,15 @@
 //   forward_(x!, a, b?, pi?)                 the same, written over x (inference, inplace)
 //   backward(g, x, a, b?, pi?, need_pi)      (grad_x, sum_gx, sum_g, grad_pi or empty)
 //   row_moments(x)                           per-(n, c) mean and biased variance
-//   moments(x), moments_backward(x, mu, ...) the fused BN's statistics and their backward (ops.py)
+//   moments(x), moments_backward(x, mu, ...) the fused BN's statistics and their backward (ops.py);
+//   moments_backward_(gx!, x, mu, ...)       the backward added into gx in place
 //   site(x, w1, b1, w2, b2, offset, scale, k, width), site_(x!, ...)
 //                                            a whole inference-mode DY-ReLU A / B in one call
 //   spatial(x, w, bias)                      variant C's logits z (N, L)
 //   spatial_backward(x, w, gz)               (grad_x, grad_w (C,))
 //   bn_coefs(m, mu?, var, ...)               the fused BN's coefficient math: BN fold, the hyper
 //                                            function, A = a s, B = a t + b (ops.py's bn_coefs)
-//   bn_coefs_backward(gA?, gB?, m, ...)      its hand-written backward (ops.py's bn_coefs_backward)
+//   bn_coefs_backward(state, gA?, gB?, m, ...) its hand-written backward from the forward's state
 //   bn_act(x, mean?, var?, ...)              a whole BN + DY-ReLU A / B training or inference site:
 //                                            statistics, bn_coefs, forward (ops.py's bn_act)
 //   bn_act_backward(g, x, A, B, m, ...)      its backward: backward, bn_coefs_backward, and the
@@ -200,6 +201,32 @@ std::tuple<Tensor, Tensor, Tensor> moments(const Tensor& x) {
   return {m.contiguous(), var, mu};
 }
 
+// gx += alpha_c x + beta_nc in place; alpha (C,), beta (N, C) in x's dtype
+void affine_add_(Tensor& gx, const Tensor& x, const Tensor& alpha, const Tensor& beta) {
+  int64_t n = x.size(0), c = x.size(1), l = x.size(2);
+  if (x.scalar_type() == at::kDouble)
+    KERNEL(affine_add, f64)(x.data_ptr<double>(), gx.data_ptr<double>(), alpha.data_ptr<double>(),
+                            beta.data_ptr<double>(), n, c, l, threads());
+  else
+    KERNEL(affine_add, f32)(x.data_ptr<float>(), gx.data_ptr<float>(), alpha.data_ptr<float>(),
+                            beta.data_ptr<float>(), n, c, l, threads());
+}
+
+// grad_x += g_m / L + g_var 2 (x - mu) / M (ops.py's moments_backward) in place: one pass
+Tensor& moments_backward_(Tensor& gx, const Tensor& x, const Tensor& mu, const OptTensor& g_m,
+                          const OptTensor& g_var) {
+  check3(x, "x");
+  check_like(gx, x, "gx");
+  TORCH_CHECK(gx.sizes() == x.sizes(), "dyrelu_cpu: gx must have x's shape");
+  int64_t n = x.size(0), c = x.size(1), l = x.size(2);
+  auto cdt = mu.scalar_type();
+  Tensor alpha = g_var.has_value() ? g_var->to(cdt) * (2.0 / static_cast<double>(n * l)) : at::zeros({c}, mu.options());
+  Tensor beta = -(alpha * mu);
+  beta = g_m.has_value() ? g_m->to(cdt) / static_cast<double>(l) + beta : beta.expand({n, c});
+  affine_add_(gx, x, alpha.contiguous(), beta.contiguous());
+  return gx;
+}
+
 // ops.py's dyrelu::moments_backward on this path: grad_x = g_m / L + g_var 2 (x - mu) / M as one
 // affine pass alpha_c x + beta_nc (the forward kernel with K = 1); mu in the statistics' dtype, x's
 Tensor moments_backward(const Tensor& x, const Tensor& mu, const OptTensor& g_m, const OptTensor& g_var) {
@@ -383,9 +410,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> hyper_backward_from(
 
 using CoefGrads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
-// ops.py's _bn_coefs_backward_from: (grad m, var, weight, bias, w1, b1, w2, b2) given the forward's state;
+// ops.py's _bn_coefs_backward: (grad m, var, weight, bias, w1, b1, w2, b2) given the forward's state;
 // mu_in: the mean the forward normalised with, if given (else the batch's, m.mean(0))
-CoefGrads bn_coefs_backward_from(const std::vector<Tensor>& st, const OptTensor& g_big_a_in,
+CoefGrads bn_coefs_backward(const std::vector<Tensor>& st, const OptTensor& g_big_a_in,
                                  const OptTensor& g_big_b_in, const Tensor& m, const OptTensor& mu_in, const Tensor& var,
                                  const OptTensor& weight, const OptTensor& bias, const Tensor& w1, const Tensor& w2,
                                  const Tensor& lambda_a, const Tensor& lambda_b, const OptTensor& gs_extra,
@@ -412,8 +439,10 @@ CoefGrads bn_coefs_backward_from(const std::vector<Tensor>& st, const OptTensor&
   Tensor gt = (g_big_b * a).sum({0, 1});
   if (gs_extra.has_value()) gs = gs + *gs_extra;
   if (gt_extra.has_value()) gt = gt + *gt_extra;
-  auto [gp, gw1, gb1, gw2, gb2] = hyper_backward_from(ga, gb, st[S_PH], st[S_HPRE], st[S_H], st[S_SIG], w1, w2,
-                                                      lambda_a, lambda_b, segments, width, use_bias);
+  // no-op conversions but where autocast ran the forward's FCs (the backward runs without it)
+  Tensor ph = st[S_PH].to(w1.scalar_type()), h = st[S_H].to(w2.scalar_type());
+  auto [gp, gw1, gb1, gw2, gb2] = hyper_backward_from(ga, gb, ph, st[S_HPRE], h, st[S_SIG], w1, w2, lambda_a,
+                                                      lambda_b, segments, width, use_bias);
   gp = gp.to(cdt);
   // pooled = m s + t
   Tensor gm = gp * s;
@@ -429,19 +458,6 @@ CoefGrads bn_coefs_backward_from(const std::vector<Tensor>& st, const OptTensor&
   Tensor g_bias = bias.has_value() ? gt.to(bias->scalar_type()) : m.new_empty({0});
   return {gm.to(m.scalar_type()).contiguous(), gvar.to(var.scalar_type()).contiguous(), g_weight, g_bias,
           gw1.contiguous(), gb1.contiguous(), gw2.contiguous(), gb2.contiguous()};
-}
-
-// the backward with the state recomputed (the separate ops of variant C keep no state)
-CoefGrads bn_coefs_backward(const OptTensor& g_big_a, const OptTensor& g_big_b, const Tensor& m, const OptTensor& mu,
-                            const Tensor& var, const OptTensor& weight, const OptTensor& bias, double eps,
-                            const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2,
-                            const Tensor& init_a, const Tensor& init_b, const Tensor& lambda_a,
-                            const Tensor& lambda_b, const OptTensor& gs_extra, const OptTensor& gt_extra,
-                            int64_t segments, int64_t width, bool use_bias) {
-  auto st = std::get<0>(bn_state(m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b,
-                                 segments, width, use_bias));
-  return bn_coefs_backward_from(st, g_big_a, g_big_b, m, mu, var, weight, bias, w1, w2, lambda_a,
-                                lambda_b, gs_extra, gt_extra, segments, width, use_bias);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -474,17 +490,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, std::vector<Tensor>> 
   return {y, big_a, big_b, m, batch_mu, batch_var, st};
 }
 
-// gx += alpha_c x + beta_nc in place; alpha (C,), beta (N, C) in x's dtype
-void affine_add_(Tensor& gx, const Tensor& x, const Tensor& alpha, const Tensor& beta) {
-  int64_t n = x.size(0), c = x.size(1), l = x.size(2);
-  if (x.scalar_type() == at::kDouble)
-    KERNEL(affine_add, f64)(x.data_ptr<double>(), gx.data_ptr<double>(), alpha.data_ptr<double>(),
-                            beta.data_ptr<double>(), n, c, l, threads());
-  else
-    KERNEL(affine_add, f32)(x.data_ptr<float>(), gx.data_ptr<float>(), alpha.data_ptr<float>(),
-                            beta.data_ptr<float>(), n, c, l, threads());
-}
-
 // mu, var: the statistics the forward normalised with; batch: they were the batch's (then mu is
 // differentiated through m, and var's gradient flows back to x), else the running ones
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_act_backward(
@@ -494,16 +499,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_act_backwa
     int64_t segments, int64_t width, bool use_bias) {
   auto [gx, s_gx, s_g, unused] = backward(g, x, big_a, big_b, std::nullopt, false);
   auto [gm, gvar, g_weight, g_bias, gw1, gb1, gw2, gb2] =
-      bn_coefs_backward_from(state, s_gx, s_g, m, batch ? OptTensor() : OptTensor(mu), var, weight, bias, w1, w2, lambda_a, lambda_b,
+      bn_coefs_backward(state, s_gx, s_g, m, batch ? OptTensor() : OptTensor(mu), var, weight, bias, w1, w2, lambda_a, lambda_b,
                              std::nullopt, std::nullopt, segments, width, use_bias);
-  int64_t n = x.size(0), l = x.size(2);
-  if (batch) {  // moments_backward's alpha_c x + beta_nc, added in place
-    Tensor alpha = gvar.to(mu.scalar_type()) * (2.0 / static_cast<double>(n * l));
-    Tensor beta = gm.to(mu.scalar_type()) / static_cast<double>(l) + (-(alpha * mu));
-    affine_add_(gx, x, alpha.contiguous(), beta.contiguous());
-  } else {  // m = the pool of x: grad m / L on every position
-    gx.add_((gm / static_cast<double>(l)).unsqueeze(2));
-  }
+  if (batch)
+    moments_backward_(gx, x, mu, gm, gvar);
+  else  // m = the pool of x: grad m / L on every position
+    gx.add_((gm / static_cast<double>(x.size(2))).unsqueeze(2));
   return {gx, g_weight, g_bias, gw1, gb1, gw2, gb2};
 }
 
@@ -516,6 +517,7 @@ TORCH_LIBRARY(dyrelu_cpu, m) {
   m.def("row_moments(Tensor x) -> (Tensor, Tensor)");
   m.def("moments(Tensor x) -> (Tensor, Tensor, Tensor)");
   m.def("moments_backward(Tensor x, Tensor mu, Tensor? g_m, Tensor? g_var) -> Tensor");
+  m.def("moments_backward_(Tensor(a!) gx, Tensor x, Tensor mu, Tensor? g_m, Tensor? g_var) -> Tensor(a!)");
   m.def("site(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor offset, Tensor scale, int k, int width) -> Tensor");
   m.def("site_(Tensor(a!) x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor offset, Tensor scale, int k, int width) -> Tensor(a!)");
   m.def("spatial(Tensor x, Tensor w, Tensor bias) -> Tensor");
@@ -523,10 +525,10 @@ TORCH_LIBRARY(dyrelu_cpu, m) {
   m.def("bn_coefs(Tensor m, Tensor? mu, Tensor var, Tensor? weight, Tensor? bias, float eps, Tensor w1, Tensor b1, "
         "Tensor w2, Tensor b2, Tensor init_a, Tensor init_b, Tensor lambda_a, Tensor lambda_b, int segments, "
         "int width, bool use_bias) -> (Tensor, Tensor, Tensor[])");
-  m.def("bn_coefs_backward(Tensor? g_big_a, Tensor? g_big_b, Tensor m, Tensor? mu, Tensor var, Tensor? weight, "
-        "Tensor? bias, float eps, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor init_a, Tensor init_b, "
-        "Tensor lambda_a, Tensor lambda_b, Tensor? gs_extra, Tensor? gt_extra, int segments, int width, "
-        "bool use_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("bn_coefs_backward(Tensor[] state, Tensor? g_big_a, Tensor? g_big_b, Tensor m, Tensor? mu, Tensor var, "
+        "Tensor? weight, Tensor? bias, Tensor w1, Tensor w2, Tensor lambda_a, Tensor lambda_b, Tensor? gs_extra, "
+        "Tensor? gt_extra, int segments, int width, bool use_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
+        "Tensor, Tensor, Tensor)");
   m.def("bn_act(Tensor x, Tensor? mean, Tensor? var, Tensor? weight, Tensor? bias, float eps, Tensor w1, "
         "Tensor b1, Tensor w2, Tensor b2, Tensor init_a, Tensor init_b, Tensor lambda_a, Tensor lambda_b, "
         "int segments, int width, bool use_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor[])");
@@ -548,6 +550,7 @@ TORCH_LIBRARY_IMPL(dyrelu_cpu, CPU, m) {
   m.impl("row_moments", &row_moments);
   m.impl("moments", &moments);
   m.impl("moments_backward", &moments_backward);
+  m.impl("moments_backward_", &moments_backward_);
   m.impl("site", &site);
   m.impl("site_", &site_);
   m.impl("spatial", &spatial);

@@ -236,12 +236,16 @@ def _register_fakes() -> None:
         return m.new_empty((n, k, c), dtype=cdt), m.new_empty((n, k, c), dtype=cdt), state(m, w1, w2, k, width)
 
     @reg("dyrelu_cpu::bn_coefs_backward")
-    def _(g_big_a, g_big_b, m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b,
-          gs_extra, gt_extra, segments, width, use_bias):
+    def _(state_, g_big_a, g_big_b, m, mu, var, weight, bias, w1, w2, lambda_a, lambda_b, gs_extra, gt_extra,
+          segments, width, use_bias):
         return (torch.empty_like(m), torch.empty_like(var),
                 m.new_empty(0) if weight is None else torch.empty_like(weight),
                 m.new_empty(0) if bias is None else torch.empty_like(bias), torch.empty_like(w1),
-                torch.empty_like(b1), torch.empty_like(w2), torch.empty_like(b2))
+                w1.new_empty(w1.shape[0]), torch.empty_like(w2), w2.new_empty(w2.shape[0]))
+
+    @reg("dyrelu_cpu::moments_backward_")
+    def _(gx, x, mu, g_m, g_var):
+        return gx
 
     @reg("dyrelu_cpu::bn_act")
     def _(x, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, segments, width,
@@ -284,6 +288,11 @@ def moments(x3):
     return _state["lib"].moments(x3)
 
 
+def moments_backward_(gx3, x3, mu, g_m, g_var):
+    """ops.moments_backward on (N, C, L) added into gx3 in place (one pass)."""
+    return _state["lib"].moments_backward_(gx3, x3, mu, g_m, g_var)
+
+
 def moments_backward(x3, mu, g_m, g_var):
     """ops.moments_backward on (N, C, L): grad_x in one affine pass; mu, g_m, g_var in x's dtype."""
     return _state["lib"].moments_backward(x3, mu, g_m, g_var)
@@ -320,7 +329,7 @@ def bn_coefs(*args):
 
 
 def bn_coefs_backward(*args):
-    """ops.bn_coefs_backward's math in C++: (grad m, var, weight, bias, w1, b1, w2, b2)."""
+    """ops._bn_coefs_backward in C++, from the forward's state: (grad m, var, weight, bias, w1, b1, w2, b2)."""
     return _state["lib"].bn_coefs_backward(*args)
 
 

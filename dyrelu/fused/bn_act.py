@@ -80,15 +80,11 @@ def bn_dyrelu(x: Tensor, bn: nn.Module, act: nn.Module) -> Tensor:
              act.lambda_b)
     shape = (act.dynamic_segments, act.coef_width, act.use_bias)
     if act.spatial is None:  # A, B: the whole site is one op per direction
-        y, _, _, _, batch_mu, batch_var, _ = torch.ops.dyrelu.bn_act(x, mean, var, *affine, float(bn.eps), *hyper, *shape)
+        y, _, _, _, batch_mu, batch_var, _ = torch.ops.dyrelu.bn_act(x, mean, var, *affine, float(bn.eps), *hyper,
+                                                                     *shape)
     else:  # C: pi comes from the module's own ops between the coefficients and the apply
-        if batch:
-            m, batch_var, batch_mu = torch.ops.dyrelu.moments(x)
-            var = batch_var  # mean stays None: the batch's, differentiated through m inside bn_coefs
-        else:
-            m = torch.ops.dyrelu.pool(x)
-        big_a, big_b, z = torch.ops.dyrelu.bn_coefs(m, mean, var, *affine, float(bn.eps), *hyper, x,
-                                                    act.spatial.weight, *shape)
+        big_a, big_b, z, _, batch_mu, batch_var, _ = torch.ops.dyrelu.bn_coefs(
+            x, mean, var, *affine, float(bn.eps), *hyper, act.spatial.weight, *shape)
         y = torch.ops.dyrelu.apply(x, big_a, big_b, pi_from_logits(act, x, z))
     if batch and bn.training and bn.track_running_stats and bn.running_mean is not None:
         with torch.no_grad():

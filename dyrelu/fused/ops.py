@@ -499,75 +499,120 @@ def _coefs_and_state(*args):
     return _native.bn_coefs(*args) if backend.native_coefs(m, w1) else _bn_coefs_math(*args)
 
 
-@_op("bn_coefs")
-def bn_coefs(m: Tensor, mu: Optional[Tensor], var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-             eps: float, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, init_a: Tensor, init_b: Tensor,
-             lambda_a: Tensor, lambda_b: Tensor, x: Optional[Tensor], spatial_w: Optional[Tensor], segments: int,
-             width: int, use_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """(A, B (N, K, C) in float32 (float64 for float64 m), z): A_k = a_k s, B_k = a_k t + b_k with
-    z = s x + t the BN output, s = weight / sqrt(var + eps), t = bias - mu s; z (N, 1, *spatial)
-    variant C's logits on the BN output when x and spatial_w are given, else empty.
+def _site_stats(x: Tensor, mean: Optional[Tensor], var: Optional[Tensor]):
+    """(m, the variance to normalise with, batch mu, batch var): the batch's statistics when mean and
+    var are None (``moments``), else the pool of x and the given ones (batch mu and var then empty)."""
+    if mean is None:
+        m, var_b, mu_b = IMPLS["moments"](x)
+        return m, var_b, mu_b, var_b
+    return IMPLS["pool"](x), var, _no_z(x), _no_z(x)
 
-    m: per-(n, c) spatial means of x; mu: the channel mean (None: the batch's, m.mean(0)); var: the
-    channel variance used to normalise."""
-    args = (m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, segments, width,
-            use_bias)
-    big_a, big_b, state = _coefs_and_state(*args)
-    z = _no_z(m)
-    if x is not None and spatial_w is not None:
-        s = state[0] if weight is None else state[0] * weight.to(state[0].dtype)
-        _, ws, zb = _folded_weight(spatial_w, s, state[1], tk.compute_dtype(x.dtype))
+
+@_op("bn_coefs")
+def bn_coefs(x: Tensor, mean: Optional[Tensor], var: Optional[Tensor], weight: Optional[Tensor],
+             bias: Optional[Tensor], eps: float, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, init_a: Tensor,
+             init_b: Tensor, lambda_a: Tensor, lambda_b: Tensor, spatial_w: Optional[Tensor], segments: int,
+             width: int, use_bias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, List[Tensor]]:
+    """(A, B, z, m, batch mu, batch var, state) of a BN + DY-ReLU site on the BN's input x.
+
+    A, B (N, K, C) in float32 (float64 for float64 x): A_k = a_k s, B_k = a_k t + b_k with z = s x + t
+    the BN output, s = weight / sqrt(var + eps), t = bias - mu s, normalised with ``mean`` and ``var``
+    (running statistics) or, both None, with the batch's. z (N, 1, *spatial): variant C's logits on
+    the BN output when ``spatial_w`` is given, else empty. m (the per-(n, c) means of x) and the
+    coefficient math's intermediates (``_bn_state``) are kept for backward; the batch's mean and biased
+    variance (C,) are for the running update (empty when mean and var are given)."""
+    m, var_used, mu_b, var_b = _site_stats(x, mean, var)
+    big_a, big_b, state = _coefs_and_state(m, mean, var_used, weight, bias, eps, w1, b1, w2, b2, init_a, init_b,
+                                           lambda_a, lambda_b, segments, width, use_bias)
+    z = _no_z(x)
+    if spatial_w is not None:
+        _, ws, zb = _folded_weight(spatial_w, _scale(state, weight), state[1], tk.compute_dtype(x.dtype))
         z = _spatial_z(x, ws, zb)
-    return big_a, big_b, z
+    return big_a, big_b, z, m, mu_b, var_b, state
+
+
+def _scale(state, weight: Optional[Tensor]) -> Tensor:
+    """s = r weight (the BN's per-channel scale) from the state, as ``_bn_fold`` computes it."""
+    r = state[0]
+    return r if weight is None else r * weight.to(r.dtype)
 
 
 @_fake(bn_coefs)
-def _(m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, x, spatial_w, segments,
+def _bn_coefs_fake(x, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, spatial_w, segments,
       width, use_bias):
-    n, c, k, cdt = m.shape[0], m.shape[1], init_a.shape[0], tk.compute_dtype(m.dtype)
-    z = _no_z(m) if x is None or spatial_w is None else x.new_empty((n, 1) + tuple(x.shape[2:]))
-    return m.new_empty((n, k, c), dtype=cdt), m.new_empty((n, k, c), dtype=cdt), z
+    n, c, cdt = x.shape[0], x.shape[1], tk.compute_dtype(x.dtype)
+    if mean is None:
+        m, var_used, mu_b, var_b = (x.new_empty((n, c), dtype=cdt), x.new_empty(c, dtype=cdt),
+                                    x.new_empty(c, dtype=cdt), x.new_empty(c, dtype=cdt))
+    else:
+        m, var_used, mu_b, var_b = x.new_empty((n, c)), var, _no_z(x), _no_z(x)
+    # the coefficient math itself on fake tensors: its intermediates' shapes and dtypes (autocast included)
+    big_a, big_b, state = _bn_coefs_math(m, mean, var_used, weight, bias, eps, w1, b1, w2, b2, init_a, init_b,
+                                         lambda_a, lambda_b, segments, width, use_bias)
+    z = _no_z(x) if spatial_w is None else x.new_empty((n, 1) + tuple(x.shape[2:]))
+    return big_a, big_b, z, m, mu_b, var_b, state
 
 
 @_op("bn_coefs_backward")
-def bn_coefs_backward(g_big_a: Optional[Tensor], g_big_b: Optional[Tensor], gz: Optional[Tensor], m: Tensor,
-                      mu: Optional[Tensor], var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                      eps: float, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, init_a: Tensor, init_b: Tensor,
-                      lambda_a: Tensor, lambda_b: Tensor, x: Optional[Tensor], spatial_w: Optional[Tensor],
-                      segments: int, width: int,
-                      use_bias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                                               Tensor, Tensor]:
-    """(grad m, grad var, grad weight, grad bias, grad w1, b1, w2, b2, grad x, grad spatial_w); the
-    grads of absent inputs (and grad x without z's gradient) are empty."""
-    gx, g_sw = _no_z(m), _no_z(m)
-    gs_z = gt_z = None
-    if gz is not None and x is not None and spatial_w is not None:
+def bn_coefs_backward(g_big_a: Optional[Tensor], g_big_b: Optional[Tensor], gz: Optional[Tensor], x: Tensor,
+                      m: Tensor, mu: Tensor, var: Tensor, batch: bool, weight: Optional[Tensor],
+                      bias: Optional[Tensor], w1: Tensor, w2: Tensor, lambda_a: Tensor, lambda_b: Tensor,
+                      spatial_w: Optional[Tensor], state: List[Tensor], segments: int, width: int,
+                      use_bias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(grad x, grad weight, grad bias, grad w1, b1, w2, b2, grad spatial_w); the grads of absent inputs
+    are empty. mu, var: the statistics ``bn_coefs`` normalised with; ``batch``: they were the batch's (mu
+    then is differentiated through m, and var's gradient reaches x), else the running ones (constants).
+    grad x holds the statistics' gradient and, given z's, the spatial conv's, in one buffer."""
+    return _site_backward(None, g_big_a, g_big_b, gz, x, m, mu, var, batch, weight, bias, w1, w2, lambda_a, lambda_b,
+                          spatial_w, state, segments, width, use_bias)
+
+
+def _site_backward(gx, g_big_a, g_big_b, gz, x, m, mu, var, batch, weight, bias, w1, w2, lambda_a, lambda_b,
+                   spatial_w, state, segments, width, use_bias):
+    """``bn_coefs_backward`` with its grad x added into ``gx`` (a fresh tensor shaped like x) in place."""
+    g_sw = gs_z = gt_z = None
+    if gz is not None and spatial_w is not None:
         # z = sum_c ws_c x_c + sum_c w_c t_c, ws = w s
-        _, _, s, t, _ = _bn_fold(m, mu, var, weight, bias, eps)
-        wv, ws, _ = _folded_weight(spatial_w, s, t, tk.compute_dtype(m.dtype))
-        gx, g_ws, g_zb = _spatial_z_backward(gz, x, ws)
+        s, t = _scale(state, weight), state[1]
+        wv, ws, _ = _folded_weight(spatial_w, s, t, s.dtype)
+        gx_z, g_ws, g_zb = _spatial_z_backward(gz, x, ws)
+        gx = gx_z if gx is None else gx.add_(gx_z)
         gs_z, gt_z = g_ws * wv, g_zb * wv
         g_sw = (g_ws * s + g_zb * t).to(spatial_w.dtype).reshape(spatial_w.shape)
-    args = (g_big_a, g_big_b, m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b,
-            gs_z, gt_z, segments, width, use_bias)
-    grads = _native.bn_coefs_backward(*args) if backend.native_coefs(m, w1) else _bn_coefs_backward_math(*args)
-    return (*grads, gx, g_sw)
+    coef_args = (state, g_big_a, g_big_b, m, None if batch else mu, var, weight, bias, w1, w2, lambda_a, lambda_b,
+                 gs_z, gt_z, segments, width, use_bias)
+    gm, gvar, *grads = (_native.bn_coefs_backward(*coef_args) if backend.native_coefs(m, w1)
+                        else _bn_coefs_backward(*coef_args))
+    gx = _add_stats_grad(gx, x, mu, gm, gvar, batch)
+    return (gx, *grads, _no_z(x) if g_sw is None else g_sw)
 
 
-def _bn_coefs_backward_math(g_big_a, g_big_b, m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b,
-                            lambda_a, lambda_b, gs_z, gt_z, segments, width, use_bias):
-    """(grad m, var, weight, bias, w1, b1, w2, b2) given variant C's terms of grad s and grad t (or None),
-    the forward's intermediates recomputed; the same ops as ``dyrelu_cpu::bn_coefs_backward``."""
-    state, _ = _bn_state(m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b,
-                         segments, width, use_bias)
-    return _bn_coefs_backward_from(state, g_big_a, g_big_b, m, mu, var, weight, bias, w1, w2, lambda_a,
-                                   lambda_b, gs_z, gt_z, segments, width, use_bias)
+def _add_stats_grad(gx: Optional[Tensor], x: Tensor, mu: Tensor, gm: Tensor, gvar: Tensor, batch: bool) -> Tensor:
+    """gx (a fresh tensor, or None for zeros) plus the gradient that m (and with batch statistics var)
+    pass back to x: the moments' backward (one affine pass, in place where the C kernels run) or the
+    pool's (gm / L everywhere)."""
+    if not batch:
+        stats = _pool_grad_of(gm, x)
+        return _match(stats, x) if gx is None else gx.add_(stats)
+    x3 = _as3d(x)
+    if gx is not None and x3.dtype == mu.dtype and backend.native(x3) and gx.is_contiguous():
+        _native.moments_backward_(_as3d(gx), x3, mu, gm, gvar)
+        return gx
+    stats = IMPLS["moments_backward"](x, mu, gm, gvar)
+    return stats if gx is None else gx.add_(stats)
 
 
-def _bn_coefs_backward_from(state, g_big_a, g_big_b, m, mu, var, weight, bias, w1, w2, lambda_a, lambda_b, gs_z,
+def _pool_grad_of(gm: Tensor, x: Tensor) -> Tensor:
+    """The gradient the pool of x (N, C) -> x passes back: gm / L at every position (an expand)."""
+    length = x[0, 0].numel()
+    return (gm / length).reshape(tuple(gm.shape) + (1,) * (x.dim() - 2)).expand(x.shape)
+
+
+def _bn_coefs_backward(state, g_big_a, g_big_b, m, mu, var, weight, bias, w1, w2, lambda_a, lambda_b, gs_z,
                             gt_z, segments, width, use_bias):
-    """The backward of ``_bn_coefs_math`` given its state; mu: the mean it normalised with, if given (else
-    the batch's, m.mean(0)). The same ops as ``bn_coefs_backward_from`` in _cpu_ops.cpp."""
+    """(grad m, var, weight, bias, w1, b1, w2, b2): the backward of ``_bn_coefs_math`` given its state and
+    variant C's terms of grad s and grad t (or None); mu: the mean it normalised with, if given (else the
+    batch's, m.mean(0)). The same ops as ``dyrelu_cpu::bn_coefs_backward`` (_cpu_ops.cpp), which the CPU runs."""
     r, t, ph, h_pre, h, sig, a = state
     ph, h = ph.to(w1.dtype), h.to(w2.dtype)  # no-ops but where autocast ran the forward's FCs
     cdt = r.dtype
@@ -610,33 +655,36 @@ def _bn_coefs_backward_from(state, g_big_a, g_big_b, m, mu, var, weight, bias, w
 
 
 @_fake(bn_coefs_backward)
-def _(g_big_a, g_big_b, gz, m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, x,
-      spatial_w, segments, width, use_bias):
-    with_z = gz is not None and x is not None and spatial_w is not None
-    return (torch.empty_like(m), torch.empty_like(var), _empty(m) if weight is None else torch.empty_like(weight),
-            _empty(m) if bias is None else torch.empty_like(bias), torch.empty_like(w1), torch.empty_like(b1),
-            torch.empty_like(w2), torch.empty_like(b2), torch.empty_like(x) if with_z else _no_z(m),
-            torch.empty_like(spatial_w) if with_z else _no_z(m))
+def _(g_big_a, g_big_b, gz, x, m, mu, var, batch, weight, bias, w1, w2, lambda_a, lambda_b, spatial_w, state,
+      segments, width, use_bias):
+    with_z = gz is not None and spatial_w is not None
+    return (torch.empty_like(x), _empty(m) if weight is None else torch.empty_like(weight),
+            _empty(m) if bias is None else torch.empty_like(bias), torch.empty_like(w1), w1.new_empty(w1.shape[0]),
+            torch.empty_like(w2), w2.new_empty(w2.shape[0]), torch.empty_like(spatial_w) if with_z else _no_z(x))
 
 
 def _bn_coefs_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:5], *inputs[6:16])  # every tensor (or None) input, eps left out
-    ctx.meta = tuple(inputs[i] for i in (5, 16, 17, 18))  # eps, segments, width, use_bias
+    x, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, spatial_w = inputs[:15]
+    _, _, _, m, mu_b, var_b, state = output
+    ctx.mark_non_differentiable(m, mu_b, var_b)
+    ctx.save_for_backward(x, mean, var, weight, bias, w1, w2, lambda_a, lambda_b, spatial_w)
+    ctx.kept = (m, mu_b, var_b, state)  # outputs without a grad_fn: no reference cycle, no detach ops
+    ctx.meta = inputs[15:]  # segments, width, use_bias
     ctx.set_materialize_grads(False)
 
 
-def _bn_coefs_grad(ctx, g_big_a, g_big_b, gz):
-    m, mu, var, weight, bias, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, x, spatial_w = ctx.saved_tensors
-    eps, segments, width, use_bias = ctx.meta
+def _bn_coefs_grad(ctx, g_big_a, g_big_b, gz, *_unused):
     if g_big_a is None and g_big_b is None and gz is None:
-        return (None,) * 19
-    gm, gvar, gw, gbias, gw1, gb1, gw2, gb2, gx, g_sw = torch.ops.dyrelu.bn_coefs_backward(
-        g_big_a, g_big_b, gz, m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b,
-        lambda_a, lambda_b, x, spatial_w, segments, width, use_bias)
-    with_z = gz is not None and x is not None and spatial_w is not None
-    return (gm, None, gvar, gw if weight is not None else None, gbias if bias is not None else None, None,
-            gw1, gb1, gw2, gb2, None, None, None, None, gx if with_z else None, g_sw if with_z else None,
-            None, None, None)
+        return (None,) * 18
+    x, mean, var, weight, bias, w1, w2, lambda_a, lambda_b, spatial_w = ctx.saved_tensors
+    m, mu_b, var_b, state = ctx.kept
+    batch = mean is None
+    gx, g_weight, g_bias, gw1, gb1, gw2, gb2, g_sw = torch.ops.dyrelu.bn_coefs_backward(
+        g_big_a, g_big_b, gz, x, m, mu_b if batch else mean, var_b if batch else var, batch, weight, bias, w1, w2,
+        lambda_a, lambda_b, spatial_w, state, *ctx.meta)
+    with_z = gz is not None and spatial_w is not None
+    return (gx, None, None, g_weight if weight is not None else None, g_bias if bias is not None else None, None,
+            gw1, gb1, gw2, gb2, None, None, None, None, g_sw if with_z else None, None, None, None)
 
 
 _autograd(bn_coefs, _bn_coefs_setup, _bn_coefs_grad)
@@ -791,43 +839,24 @@ def bn_act(x: Tensor, mean: Optional[Tensor], var: Optional[Tensor], weight: Opt
            bias: Optional[Tensor], eps: float, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, init_a: Tensor,
            init_b: Tensor, lambda_a: Tensor, lambda_b: Tensor, segments: int, width: int,
            use_bias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, List[Tensor]]:
-    """(y, A, B, m, batch mu, batch var, state): y = DY-ReLU(BN(x)) normalised with ``mean`` and ``var``
-    (the running statistics), or with the batch's when both are None. A, B, m (as bn_coefs takes them)
-    and the coefficient math's intermediates (``_bn_state``) are kept for backward; the batch's mean and
-    biased variance (C,) are for the running update (empty when mean and var are given)."""
+    """(y, A, B, m, batch mu, batch var, state): y = DY-ReLU(BN(x)) for variants A and B, the rest as
+    ``bn_coefs`` returns it (normalised with ``mean`` and ``var``, or both None, the batch's)."""
     x3 = _as3d(x)
     if _native_site(x3, w1, init_a.shape[0]):
         y3, *rest = _native.bn_act(x3, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a,
                                    lambda_b, segments, width, use_bias)
         return (_match(y3, x), *rest)
-    if mean is None:
-        m, var_b, mu_b = IMPLS["moments"](x)
-        var_used = var_b
-    else:
-        m, var_used = IMPLS["pool"](x), var
-        mu_b, var_b = _no_z(x), _no_z(x)
-    big_a, big_b, state = _coefs_and_state(m, mean, var_used, weight, bias, eps, w1, b1, w2, b2, init_a, init_b,
-                                           lambda_a, lambda_b, segments, width, use_bias)
-    return IMPLS["apply"](x, big_a, big_b, None), big_a, big_b, m, mu_b, var_b, state
-
-
-def _site_stats_fake(x, mean, var):
-    """Fake (m, var used, batch mu, batch var) of ``bn_act``."""
-    n, c, cdt = x.shape[0], x.shape[1], tk.compute_dtype(x.dtype)
-    if mean is None:
-        var_b = x.new_empty(c, dtype=cdt)
-        return x.new_empty((n, c), dtype=cdt), var_b, x.new_empty(c, dtype=cdt), var_b
-    return x.new_empty((n, c)), var, _no_z(x), _no_z(x)
+    big_a, big_b, _, *rest = IMPLS["bn_coefs"](x, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b,
+                                               lambda_a, lambda_b, None, segments, width, use_bias)
+    return (IMPLS["apply"](x, big_a, big_b, None), big_a, big_b, *rest)
 
 
 @_fake(bn_act)
 def _(x, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, segments, width,
       use_bias):
-    m, var_used, mu_b, var_b = _site_stats_fake(x, mean, var)
-    # the coefficient math itself on fake tensors: its intermediates' shapes and dtypes (autocast included)
-    big_a, big_b, state = _bn_coefs_math(m, mean, var_used, weight, bias, eps, w1, b1, w2, b2, init_a, init_b,
-                                         lambda_a, lambda_b, segments, width, use_bias)
-    return torch.empty_like(x), big_a, big_b, m, mu_b, torch.empty_like(var_b), state
+    big_a, big_b, _, *rest = _bn_coefs_fake(x, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b,
+                                            lambda_a, lambda_b, None, segments, width, use_bias)
+    return (torch.empty_like(x), big_a, big_b, *rest)
 
 
 @_op("bn_act_backward")
@@ -835,29 +864,16 @@ def bn_act_backward(g: Tensor, x: Tensor, big_a: Tensor, big_b: Tensor, m: Tenso
                     batch: bool, weight: Optional[Tensor], bias: Optional[Tensor], w1: Tensor, w2: Tensor,
                     lambda_a: Tensor, lambda_b: Tensor, state: List[Tensor], segments: int, width: int,
                     use_bias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(grad x, grad weight, grad bias (empty where absent), grad w1, b1, w2, b2). mu, var: the statistics
-    the forward normalised with; ``batch``: they were the batch's (mu then is differentiated through
-    m, and var's gradient reaches x), else the running ones (constants); state: ``bn_act``'s."""
+    """(grad x, grad weight, grad bias (empty where absent), grad w1, b1, w2, b2); the arguments as
+    ``bn_coefs_backward`` takes them. The statistics' gradient is added into the apply's grad x in place."""
     x3 = _as3d(x)
     if _native_site(x3, w1, big_a.shape[1]):
         gx3, *grads = _native.bn_act_backward(_as3d(g).contiguous(), x3, big_a, big_b, m, mu, var, batch, weight,
                                               bias, w1, w2, lambda_a, lambda_b, state, segments, width, use_bias)
         return (_match(gx3, x), *grads)
     gx, ga, gb, _ = IMPLS["apply_backward"](g, x, big_a, big_b, None, False)
-    gm, gvar, g_weight, g_bias, gw1, gb1, gw2, gb2 = _bn_coefs_backward_from(
-        state, ga, gb, m, None if batch else mu, var, weight, bias, w1, w2, lambda_a, lambda_b, None, None, segments, width,
-        use_bias)
-    if batch:
-        gx.add_(IMPLS["moments_backward"](x, mu, gm, gvar))
-    else:
-        gx.add_(_pool_grad_of(gm, x))
-    return gx, g_weight, g_bias, gw1, gb1, gw2, gb2
-
-
-def _pool_grad_of(gm: Tensor, x: Tensor) -> Tensor:
-    """The gradient the pool of x (N, C) -> x passes back: gm / L at every position (an expand)."""
-    length = x[0, 0].numel()
-    return (gm / length).reshape(tuple(gm.shape) + (1,) * (x.dim() - 2)).expand(x.shape)
+    return _site_backward(gx, ga, gb, None, x, m, mu, var, batch, weight, bias, w1, w2, lambda_a, lambda_b, None,
+                          state, segments, width, use_bias)[:7]
 
 
 @_fake(bn_act_backward)
