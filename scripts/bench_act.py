@@ -29,7 +29,8 @@ reported with the spread (min, max) -- useful on a shared, noisy machine.
 --compile / --compile-mode MODE (default | reduce-overhead | max-autotune-no-cudagraphs; a mode
 other than default implies --compile): torch.compile with that mode. Each compiled worker gets a
 fresh, empty Inductor cache (TORCHINDUCTOR_CACHE_DIR in a temporary folder), so first_step_s is a
-cold compile; --warm-compile-cache keeps the user's cache instead.
+cold compile; --warm-compile-cache keeps the user's cache instead. --no-layout-optimization turns
+off Inductor's switch of conv graphs to channels_last (torch._inductor.config.layout_optimization).
 
 first_step_s: wall-clock seconds of the first training step (CUDA synchronised): with --compile,
 the compile time of the training step (forward and backward graphs) plus one step.
@@ -187,6 +188,10 @@ def run_worker(variant: str, args) -> dict:
 
     fn = model
     if args.compile and not args.no_train:
+        if args.no_layout_optimization:
+            import torch._inductor.config
+
+            torch._inductor.config.layout_optimization = False
         fn = torch.compile(model, **compile_kwargs(args))
     result = {"variant": variant}
     if not args.no_train:
@@ -354,6 +359,8 @@ def parse(argv=None):
                    help="torch.compile mode (implies --compile unless default)")
     p.add_argument("--warm-compile-cache", action="store_true",
                    help="compiled workers use the user's Inductor cache (default: a fresh one: a cold compile)")
+    p.add_argument("--no-layout-optimization", action="store_true",
+                   help="compiled workers keep Inductor from switching conv graphs to channels_last")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast bf16")

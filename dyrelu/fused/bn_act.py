@@ -12,20 +12,20 @@ means and variances; the channel mean and variance follow from them (law of tota
 the pooled context the hyper function needs is m_nc s + t, so DY-ReLU's pooling pass is gone too.
 Variant C's spatial conv on z is a conv on x with weights w s and bias sum(w t).
 
-A variant A or B site is one registered op per direction, ``dyrelu::bn_act`` and
-``dyrelu::bn_act_backward`` (one autograd node), plus ``dyrelu::running_update`` in training (on the
-device, no host sync). Inside, in this order: the statistics (``moments``, or the pool with running
-statistics), the coefficients (``bn_coefs``: s, t, the pooled context, the hyper function, the folding
-above), the apply. A variant C site runs those as separate ops, because its pi comes from the
-module's own ops (``DyReLU.spatial_pi``) between the coefficients (which also give C's spatial logits
-on s x + t) and the apply.
+A site is one registered op per direction plus ``dyrelu::running_update`` in training (on the
+device, no host sync). For A and B, ``dyrelu::bn_act`` / ``bn_act_backward`` (one autograd node; on the
+CPU one C++ call each): the statistics (``moments``, or the pool with running statistics), the
+coefficients (s, t, the pooled context, the hyper function, the folding above), the apply. For C,
+``dyrelu::bn_coefs`` / ``bn_coefs_backward`` compute the statistics, the coefficients and C's spatial
+logits on s x + t, and ``dyrelu::apply`` follows, because C's pi comes from the module's own ops
+(``DyReLU.spatial_pi``) in between.
 
 Backward: the apply's per-(n, c, k) sums of g x and g (already computed for grad a, b) give
 grad A, B; the coefficient backward turns them into grad gamma, beta, m and var by hand on
 (N, C)-sized tensors, from the intermediates the forward kept (the FC chain is not run again). The
-statistics' gradient is one per-(n, c) affine pass over x (grad_x += alpha_c x + beta_nc): inside
-``bn_act_backward`` it is added into the apply's grad_x in place; in a C site ``moments_backward``
-returns it and autograd adds it. So the BN's own backward reductions ride on the apply's.
+statistics' gradient is one per-(n, c) affine pass over x, grad_x += alpha_c x + beta_nc, added in
+place into the apply's grad_x (A, B) or the spatial conv's (C). So the BN's own backward reductions
+ride on the apply's.
 
 Where the fusion does not apply (see ``supports_bn_act``: a BN subclass such as ``SyncBatchNorm``
 or the engine's global batch norm, whose statistics need collectives; a non-DyReLU activation;
