@@ -40,7 +40,8 @@ def hyper(pooled: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Opti
     """(N, C) pooled context -> a, b (N, K, width) in >= float32. Without intercepts b is init_b.
 
     k: the number of segments (init_a's length; pass it as a Python int where shapes are traced)."""
-    _, _, _, a, b = hyper_state(pooled, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, segments, width, use_bias, k)
+    _, _, _, a, b = hyper_state(pooled, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, segments, width,
+                                use_bias, k)
     return a, b
 
 

@@ -14,7 +14,8 @@
 //   spatial(x, w, bias)                      variant C's logits z (N, L)
 //   spatial_backward(x, w, gz)               (grad_x, grad_w (C,))
 //   bn_coefs(m, mu?, var, ...)               the fused BN's coefficient math: BN fold, the hyper
-//                                            function, A = a s, B = a t + b (ops.py's bn_coefs)
+//                                            function, A = a s, B = a t + b, and the intermediates
+//                                            its backward reuses (ops.py's _bn_coefs_math)
 //   bn_coefs_backward(state, gA?, gB?, m, ...) its hand-written backward from the forward's state
 //   bn_act(x, mean?, var?, ...)              a whole BN + DY-ReLU A / B training or inference site:
 //                                            statistics, bn_coefs, forward (ops.py's bn_act)
@@ -412,11 +413,11 @@ using CoefGrads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Ten
 
 // ops.py's _bn_coefs_backward: (grad m, var, weight, bias, w1, b1, w2, b2) given the forward's state;
 // mu_in: the mean the forward normalised with, if given (else the batch's, m.mean(0))
-CoefGrads bn_coefs_backward(const std::vector<Tensor>& st, const OptTensor& g_big_a_in,
-                                 const OptTensor& g_big_b_in, const Tensor& m, const OptTensor& mu_in, const Tensor& var,
-                                 const OptTensor& weight, const OptTensor& bias, const Tensor& w1, const Tensor& w2,
-                                 const Tensor& lambda_a, const Tensor& lambda_b, const OptTensor& gs_extra,
-                                 const OptTensor& gt_extra, int64_t segments, int64_t width, bool use_bias) {
+CoefGrads bn_coefs_backward(const std::vector<Tensor>& st, const OptTensor& g_big_a_in, const OptTensor& g_big_b_in,
+                            const Tensor& m, const OptTensor& mu_in, const Tensor& var, const OptTensor& weight,
+                            const OptTensor& bias, const Tensor& w1, const Tensor& w2, const Tensor& lambda_a,
+                            const Tensor& lambda_b, const OptTensor& gs_extra, const OptTensor& gt_extra,
+                            int64_t segments, int64_t width, bool use_bias) {
   TORCH_CHECK(st.size() == S_LEN, "dyrelu_cpu: the saved state holds ", S_LEN, " tensors, got ", st.size());
   const Tensor &r = st[S_R], &t = st[S_T], &a = st[S_A];
   auto cdt = r.scalar_type();
@@ -499,8 +500,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_act_backwa
     int64_t segments, int64_t width, bool use_bias) {
   auto [gx, s_gx, s_g, unused] = backward(g, x, big_a, big_b, std::nullopt, false);
   auto [gm, gvar, g_weight, g_bias, gw1, gb1, gw2, gb2] =
-      bn_coefs_backward(state, s_gx, s_g, m, batch ? OptTensor() : OptTensor(mu), var, weight, bias, w1, w2, lambda_a, lambda_b,
-                             std::nullopt, std::nullopt, segments, width, use_bias);
+      bn_coefs_backward(state, s_gx, s_g, m, batch ? OptTensor() : OptTensor(mu), var, weight, bias, w1, w2,
+                        lambda_a, lambda_b, std::nullopt, std::nullopt, segments, width, use_bias);
   if (batch)
     moments_backward_(gx, x, mu, gm, gvar);
   else  // m = the pool of x: grad m / L on every position

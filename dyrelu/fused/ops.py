@@ -2,8 +2,9 @@
 
   dyrelu::coefs           x (or pooled (N, C)) -> a, b: pool, FC1, ReLU, FC2, 2 sigmoid - 1, Eq. 3,
                           and variant C's spatial logits z (the 1x1 conv with one output channel)
-  dyrelu::bn_coefs        BN statistics -> A, B folded through the BN affine (see bn_act.py), and C's
-                          logits on the BN output s x + t
+  dyrelu::bn_coefs        a BN + DY-ReLU site's input x -> the BN statistics, A, B folded through the
+                          BN affine (see bn_act.py), and C's logits on the BN output s x + t
+  dyrelu::bn_act          a whole BN + DY-ReLU-A / B site: bn_coefs, then apply
   dyrelu::apply           max_k(a_k x + b_k) [* pi]
   dyrelu::moments         per-(n, c) means and the channel variance, one read of x
   dyrelu::pool            global average pool
@@ -271,9 +272,13 @@ def _pool(x: Tensor) -> Tensor:
     return x3.mean(2)
 
 
-def _pool_grad_like(gp: Tensor, shape) -> Tensor:
-    """g / L broadcast to ``shape`` (an expand, never materialised: autograd adds it in place)."""
-    return gp.expand(shape) if len(shape) > 2 else gp
+def _pool_grad_of(gp: Tensor, shape) -> Tensor:
+    """The gradient the pool (N, C, *spatial) -> (N, C) passes back: gp / L at every position (an expand,
+    never materialised: autograd adds it in place)."""
+    length = 1
+    for d in shape[2:]:
+        length *= d
+    return (gp / length).reshape(tuple(shape[:2]) + (1,) * (len(shape) - 2)).expand(shape)
 
 
 @_op("pool")
@@ -292,11 +297,7 @@ def _pool_setup(ctx, inputs, output):
 
 
 def _pool_grad(ctx, gp):
-    shape = ctx.shape
-    length = 1
-    for d in shape[2:]:
-        length *= d
-    return (gp / length).reshape(tuple(shape[:2]) + (1,) * (len(shape) - 2)).expand(shape)
+    return _pool_grad_of(gp, ctx.shape)
 
 
 _autograd(pool, _pool_setup, _pool_grad)
@@ -538,8 +539,8 @@ def _scale(state, weight: Optional[Tensor]) -> Tensor:
 
 
 @_fake(bn_coefs)
-def _bn_coefs_fake(x, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, spatial_w, segments,
-      width, use_bias):
+def _bn_coefs_fake(x, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, spatial_w,
+                   segments, width, use_bias):
     n, c, cdt = x.shape[0], x.shape[1], tk.compute_dtype(x.dtype)
     if mean is None:
         m, var_used, mu_b, var_b = (x.new_empty((n, c), dtype=cdt), x.new_empty(c, dtype=cdt),
@@ -592,7 +593,7 @@ def _add_stats_grad(gx: Optional[Tensor], x: Tensor, mu: Tensor, gm: Tensor, gva
     pass back to x: the moments' backward (one affine pass, in place where the C kernels run) or the
     pool's (gm / L everywhere)."""
     if not batch:
-        stats = _pool_grad_of(gm, x)
+        stats = _pool_grad_of(gm, x.shape)
         return _match(stats, x) if gx is None else gx.add_(stats)
     x3 = _as3d(x)
     if gx is not None and x3.dtype == mu.dtype and backend.native(x3) and gx.is_contiguous():
@@ -602,14 +603,8 @@ def _add_stats_grad(gx: Optional[Tensor], x: Tensor, mu: Tensor, gm: Tensor, gva
     return stats if gx is None else gx.add_(stats)
 
 
-def _pool_grad_of(gm: Tensor, x: Tensor) -> Tensor:
-    """The gradient the pool of x (N, C) -> x passes back: gm / L at every position (an expand)."""
-    length = x[0, 0].numel()
-    return (gm / length).reshape(tuple(gm.shape) + (1,) * (x.dim() - 2)).expand(x.shape)
-
-
-def _bn_coefs_backward(state, g_big_a, g_big_b, m, mu, var, weight, bias, w1, w2, lambda_a, lambda_b, gs_z,
-                            gt_z, segments, width, use_bias):
+def _bn_coefs_backward(state, g_big_a, g_big_b, m, mu, var, weight, bias, w1, w2, lambda_a, lambda_b, gs_z, gt_z,
+                       segments, width, use_bias):
     """(grad m, var, weight, bias, w1, b1, w2, b2): the backward of ``_bn_coefs_math`` given its state and
     variant C's terms of grad s and grad t (or None); mu: the mean it normalised with, if given (else the
     batch's, m.mean(0)). The same ops as ``dyrelu_cpu::bn_coefs_backward`` (_cpu_ops.cpp), which the CPU runs."""
@@ -823,12 +818,11 @@ def _(running_mean, running_var, num_batches_tracked, mu, var, momentum, cumulat
 
 # ---------------------------------------------------------------------------------------
 # dyrelu::bn_act: a whole BN + DY-ReLU site without spatial attention (variants A and B) as one op
-# per direction and one autograd node. Forward: moments (or the pool, with running statistics),
-# bn_coefs, apply. Backward: apply_backward, bn_coefs_backward, and the statistics' gradient added
-# into the apply's grad_x in place: one full-size buffer and pass fewer than three ops whose
-# gradients autograd adds, and a third of their fixed cost per call. The same implementations as
-# the separate ops, in the same order, so the same values. (Variant C's pi is computed by the
-# module between bn_coefs and apply, so a C site keeps the separate ops.)
+# per direction and one autograd node: bn_coefs then apply forward; backward the apply's, then
+# bn_coefs_backward's with the statistics' gradient added into the apply's grad_x in place. On the
+# CPU each direction is one C++ call (dyrelu_cpu::bn_act), the same ops in the same order as the
+# composition below, so the same bits. (Variant C's pi is computed by the module between bn_coefs
+# and apply, so a C site calls those two.)
 # ---------------------------------------------------------------------------------------
 def _native_site(x3: Tensor, w1: Tensor, k: int) -> bool:
     return backend.native(x3, k) and _native.coefs_ok(x3, w1)
