@@ -147,6 +147,42 @@ def test_the_site_op_in_cpp_is_the_separate_ops_composed_bit_for_bit(batch):
             assert u.dtype == v.dtype and torch.equal(u, v), (dt, k, seg, width, use_bias, i)
 
 
+@pytest.mark.parametrize("batch", [True, False])
+def test_the_c_site_in_cpp_is_the_python_composition_bit_for_bit(batch):
+    """dyrelu_cpu::site_coefs / site_coefs_backward (a site's statistics, coefficients and variant C's
+    logits, one call per direction) give what ops.py's Python composition of the same steps gives."""
+    from dyrelu.fused import ops as fused_ops
+
+    lib = _native.library()
+    torch.manual_seed(0)
+    for dt, with_z in itertools.product((torch.float32, torch.float64), (True, False)):
+        x = torch.randn(5, 12, 6, 5, dtype=dt)
+        coef = _coef_args(dt, 2, 2, 12, True, True)
+        weight, bias, hyper, shape = coef[3], coef[4], coef[6:14], coef[14:]
+        sw = torch.randn(1, 12, 1, 1, dtype=dt)
+        mean, var = (None, None) if batch else (torch.randn(12, dtype=dt), torch.rand(12, dtype=dt) + 0.5)
+        x3 = x.view(5, 12, 30)
+        got = lib.site_coefs(x3, mean, var, weight, bias, 1e-5, *hyper, sw, *shape)
+        m, var_used, mu_b, var_b = fused_ops._site_stats(x, mean, var)
+        big_a, big_b, state = fused_ops._bn_coefs_math(m, mean, var_used, weight, bias, 1e-5, *hyper, *shape)
+        _, ws, zb = fused_ops._folded_weight(sw, fused_ops._scale(state, weight), state[1], dt)
+        z = fused_ops._spatial_z(x, ws, zb).reshape(5, 30)
+        want = [big_a, big_b, z, m, mu_b, var_b, *state]
+        got = [*got[:6], *got[6]]
+        mu, var_used = (mu_b, var_b) if batch else (mean, var)
+        g_a, g_b, gz = torch.randn_like(big_a), torch.randn_like(big_b), torch.randn(5, 1, 6, 5, dtype=dt)
+        gz = gz if with_z else None
+        back = (g_a, g_b, gz, x3, m, mu, var_used, batch, weight, bias, hyper[0], hyper[2], hyper[6], hyper[7], sw,
+                state, *shape)
+        got += list(lib.site_coefs_backward(*back))
+        want_back = fused_ops._site_backward(None, g_a, g_b, gz, x, m, mu, var_used, batch, weight, bias, hyper[0],
+                                             hyper[2], hyper[6], hyper[7], sw, state, *shape)
+        want += [want_back[0].view(5, 12, 30), *want_back[1:]]
+        assert len(got) == len(want)
+        for i, (u, v) in enumerate(zip(got, want)):
+            assert u.dtype == v.dtype and u.shape == v.shape and torch.equal(u, v), (dt, with_z, i)
+
+
 def test_the_kernels_are_registered_operators_that_pass_opcheck():
     """Real operators with schemas and fake implementations: what torch.compile, export and an
     AOTInductor package need (ctypes gave none of that)."""
@@ -170,7 +206,14 @@ def test_the_kernels_are_registered_operators_that_pass_opcheck():
     ]
     coef = _coef_args(torch.float32, k, k, c, True, True, c=c)
     cases += [(ops.bn_coefs, coef), (ops.bn_coefs_backward, _coef_backward_args(coef, ops.bn_coefs(*coef)[2], True))]
+    sw = torch.randn(1, c, 1, 1)
     for mean, var in ((None, None), (coef[1], coef[2])):
+        spatial = (x, mean, var, *coef[3:5], 1e-5, *coef[6:14], sw, *coef[14:])
+        big_a, big_b, _, m, mu_b, var_b, state = ops.site_coefs(*spatial)
+        mu, var_used, batch = (mu_b, var_b, True) if mean is None else (mean, var, False)
+        cases += [(ops.site_coefs, spatial),
+                  (ops.site_coefs_backward, (big_a, big_b, gz, x, m, mu, var_used, batch, *coef[3:5], coef[6], coef[8],
+                                             coef[12], coef[13], sw, state, *coef[14:]))]
         site = (x, mean, var, *coef[3:5], 1e-5, *coef[6:])
         y, big_a, big_b, m, mu_b, var_b, state = ops.bn_act(*site)
         mu, var_used, batch = (mu_b, var_b, True) if mean is None else (mean, var, False)

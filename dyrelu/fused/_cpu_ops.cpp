@@ -17,8 +17,11 @@
 //                                            function, A = a s, B = a t + b, and the intermediates
 //                                            its backward reuses (ops.py's _bn_coefs_math)
 //   bn_coefs_backward(state, gA?, gB?, m, ...) its hand-written backward from the forward's state
+//   site_coefs(x, mean?, var?, ...), site_coefs_backward(...)
+//                                            a site's statistics, coefficients and C's logits, and
+//                                            their backward (ops.py's dyrelu::bn_coefs)
 //   bn_act(x, mean?, var?, ...)              a whole BN + DY-ReLU A / B training or inference site:
-//                                            statistics, bn_coefs, forward (ops.py's bn_act)
+//                                            site_coefs, then forward (ops.py's bn_act)
 //   bn_act_backward(g, x, A, B, m, ...)      its backward: backward, bn_coefs_backward, and the
 //                                            statistics' gradient added into grad_x in place
 //   isa_level(cap?)                          the instruction set in use (0 generic, 1 AVX2,
@@ -462,19 +465,29 @@ CoefGrads bn_coefs_backward(const std::vector<Tensor>& st, const OptTensor& g_bi
 }
 
 // ---------------------------------------------------------------------------------------------
-// A whole BN + DY-ReLU site without spatial attention (ops.py's dyrelu::bn_act and its backward):
-// the functions above in the order ops.py's Python composes them, so the same bits, in one call
-// per direction instead of three or four operators.
+// A whole BN + DY-ReLU site (ops.py's dyrelu::bn_coefs and dyrelu::bn_act, and their backward): the
+// functions above in the order ops.py's Python composes them, so the same bits, in one call per
+// direction instead of a dozen Python-level steps.
 // ---------------------------------------------------------------------------------------------
 
-// mean / var given: normalise with them (running statistics) and return empty batch statistics
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, std::vector<Tensor>> bn_act(
-    const Tensor& x, const OptTensor& mean, const OptTensor& var, const OptTensor& weight, const OptTensor& bias,
-    double eps, const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2, const Tensor& init_a,
-    const Tensor& init_b, const Tensor& lambda_a, const Tensor& lambda_b, int64_t segments, int64_t width,
-    bool use_bias) {
+using SiteCoefs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, std::vector<Tensor>>;
+
+// s = r weight, as bn_fold computes it
+Tensor scale_of(const std::vector<Tensor>& st, const OptTensor& weight) {
+  const Tensor& r = st[S_R];
+  return weight.has_value() ? r * weight->to(r.scalar_type()) : r;
+}
+
+// (A, B, z (N, L) or empty, m, batch mu, batch var, state); mean / var given: normalise with them
+// (running statistics) and return empty batch statistics; spatial_w given: variant C's logits on
+// the BN output s x + t (the 1x1 conv folded: weights w s, bias sum(w t))
+SiteCoefs site_coefs(const Tensor& x, const OptTensor& mean, const OptTensor& var, const OptTensor& weight,
+                     const OptTensor& bias, double eps, const Tensor& w1, const Tensor& b1, const Tensor& w2,
+                     const Tensor& b2, const Tensor& init_a, const Tensor& init_b, const Tensor& lambda_a,
+                     const Tensor& lambda_b, const OptTensor& spatial_w, int64_t segments, int64_t width,
+                     bool use_bias) {
   check3(x, "x");
-  TORCH_CHECK(mean.has_value() == var.has_value(), "dyrelu_cpu: bn_act takes both mean and var, or neither");
+  TORCH_CHECK(mean.has_value() == var.has_value(), "dyrelu_cpu: a site takes both mean and var, or neither");
   Tensor m, var_used, batch_mu, batch_var;
   if (mean.has_value()) {
     m = x.mean(2);
@@ -487,6 +500,71 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, std::vector<Tensor>> 
   }
   auto [big_a, big_b, st] = bn_coefs(m, mean, var_used, weight, bias, eps, w1, b1, w2, b2, init_a, init_b,
                                      lambda_a, lambda_b, segments, width, use_bias);
+  Tensor z = x.new_empty({0});
+  if (spatial_w.has_value()) {
+    auto cdt = x.scalar_type();
+    Tensor wv = spatial_w->reshape(-1).to(cdt);
+    Tensor ws = wv * scale_of(st, weight).to(cdt);
+    Tensor zb = (wv * st[S_T].to(cdt)).sum().reshape(1);
+    z = spatial(x, ws.contiguous(), zb.contiguous());
+  }
+  return {big_a, big_b, z, m, batch_mu, batch_var, st};
+}
+
+// The rest of a site's backward once grad A, grad B (and C's gz (N, L)) are known: the spatial conv's
+// gradient of x (into gx, or a fresh one), the coefficient backward, the statistics' gradient added in
+// place. Returns (gx, grad weight, bias, w1, b1, w2, b2, grad spatial_w or empty).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> site_backward(
+    OptTensor gx, const OptTensor& g_big_a, const OptTensor& g_big_b, const OptTensor& gz, const Tensor& x,
+    const Tensor& m, const Tensor& mu, const Tensor& var, bool batch, const OptTensor& weight,
+    const OptTensor& bias, const Tensor& w1, const Tensor& w2, const Tensor& lambda_a, const Tensor& lambda_b,
+    const OptTensor& spatial_w, const std::vector<Tensor>& state, int64_t segments, int64_t width, bool use_bias) {
+  OptTensor gs_z, gt_z;
+  Tensor g_sw = x.new_empty({0});
+  if (gz.has_value() && spatial_w.has_value()) {  // z = sum_c ws_c x_c + sum_c w_c t_c, ws = w s
+    Tensor s = scale_of(state, weight);
+    const Tensor& t = state[S_T];
+    auto cdt = s.scalar_type();
+    Tensor wv = spatial_w->reshape(-1).to(cdt);
+    Tensor ws = wv * s.to(cdt);
+    Tensor gz2 = gz->reshape({x.size(0), -1}).to(cdt).contiguous();
+    auto [gx_z, g_ws] = spatial_backward(x, ws.contiguous(), gz2);
+    Tensor g_zb = gz2.sum();
+    gx = gx.has_value() ? gx->add_(gx_z) : gx_z;
+    gs_z = g_ws * wv;
+    gt_z = g_zb * wv;
+    g_sw = (g_ws * s + g_zb * t).to(spatial_w->scalar_type()).reshape(spatial_w->sizes());
+  }
+  auto [gm, gvar, g_weight, g_bias, gw1, gb1, gw2, gb2] =
+      bn_coefs_backward(state, g_big_a, g_big_b, m, batch ? OptTensor() : OptTensor(mu), var, weight, bias, w1, w2,
+                        lambda_a, lambda_b, gs_z, gt_z, segments, width, use_bias);
+  if (!gx.has_value()) gx = at::zeros_like(x);
+  if (batch)
+    moments_backward_(*gx, x, mu, gm, gvar);
+  else  // m = the pool of x: grad m / L on every position
+    gx->add_((gm / static_cast<double>(x.size(2))).unsqueeze(2));
+  return {*gx, g_weight, g_bias, gw1, gb1, gw2, gb2, g_sw};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> site_coefs_backward(
+    const OptTensor& g_big_a, const OptTensor& g_big_b, const OptTensor& gz, const Tensor& x, const Tensor& m,
+    const Tensor& mu, const Tensor& var, bool batch, const OptTensor& weight, const OptTensor& bias,
+    const Tensor& w1, const Tensor& w2, const Tensor& lambda_a, const Tensor& lambda_b, const OptTensor& spatial_w,
+    const std::vector<Tensor>& state, int64_t segments, int64_t width, bool use_bias) {
+  check3(x, "x");
+  return site_backward(std::nullopt, g_big_a, g_big_b, gz, x, m, mu, var, batch, weight, bias, w1, w2, lambda_a,
+                       lambda_b, spatial_w, state, segments, width, use_bias);
+}
+
+// variants A and B: site_coefs, then the apply: (y, A, B, m, batch mu, batch var, state)
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, std::vector<Tensor>> bn_act(
+    const Tensor& x, const OptTensor& mean, const OptTensor& var, const OptTensor& weight, const OptTensor& bias,
+    double eps, const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2, const Tensor& init_a,
+    const Tensor& init_b, const Tensor& lambda_a, const Tensor& lambda_b, int64_t segments, int64_t width,
+    bool use_bias) {
+  auto [big_a, big_b, z, m, batch_mu, batch_var, st] =
+      site_coefs(x, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, std::nullopt,
+                 segments, width, use_bias);
   Tensor y = forward(x, big_a, big_b, std::nullopt);
   return {y, big_a, big_b, m, batch_mu, batch_var, st};
 }
@@ -499,14 +577,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_act_backwa
     const Tensor& w2, const Tensor& lambda_a, const Tensor& lambda_b, const std::vector<Tensor>& state,
     int64_t segments, int64_t width, bool use_bias) {
   auto [gx, s_gx, s_g, unused] = backward(g, x, big_a, big_b, std::nullopt, false);
-  auto [gm, gvar, g_weight, g_bias, gw1, gb1, gw2, gb2] =
-      bn_coefs_backward(state, s_gx, s_g, m, batch ? OptTensor() : OptTensor(mu), var, weight, bias, w1, w2,
-                        lambda_a, lambda_b, std::nullopt, std::nullopt, segments, width, use_bias);
-  if (batch)
-    moments_backward_(gx, x, mu, gm, gvar);
-  else  // m = the pool of x: grad m / L on every position
-    gx.add_((gm / static_cast<double>(x.size(2))).unsqueeze(2));
-  return {gx, g_weight, g_bias, gw1, gb1, gw2, gb2};
+  auto [gx_all, g_weight, g_bias, gw1, gb1, gw2, gb2, g_sw] =
+      site_backward(gx, s_gx, s_g, std::nullopt, x, m, mu, var, batch, weight, bias, w1, w2, lambda_a, lambda_b,
+                    std::nullopt, state, segments, width, use_bias);
+  return {gx_all, g_weight, g_bias, gw1, gb1, gw2, gb2};
 }
 
 }  // namespace
@@ -530,6 +604,14 @@ TORCH_LIBRARY(dyrelu_cpu, m) {
         "Tensor? weight, Tensor? bias, Tensor w1, Tensor w2, Tensor lambda_a, Tensor lambda_b, Tensor? gs_extra, "
         "Tensor? gt_extra, int segments, int width, bool use_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
         "Tensor, Tensor, Tensor)");
+  m.def("site_coefs(Tensor x, Tensor? mean, Tensor? var, Tensor? weight, Tensor? bias, float eps, Tensor w1, "
+        "Tensor b1, Tensor w2, Tensor b2, Tensor init_a, Tensor init_b, Tensor lambda_a, Tensor lambda_b, "
+        "Tensor? spatial_w, int segments, int width, bool use_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
+        "Tensor, Tensor[])");
+  m.def("site_coefs_backward(Tensor? g_big_a, Tensor? g_big_b, Tensor? gz, Tensor x, Tensor m, Tensor mu, "
+        "Tensor var, bool batch, Tensor? weight, Tensor? bias, Tensor w1, Tensor w2, Tensor lambda_a, "
+        "Tensor lambda_b, Tensor? spatial_w, Tensor[] state, int segments, int width, bool use_bias) -> (Tensor, "
+        "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("bn_act(Tensor x, Tensor? mean, Tensor? var, Tensor? weight, Tensor? bias, float eps, Tensor w1, "
         "Tensor b1, Tensor w2, Tensor b2, Tensor init_a, Tensor init_b, Tensor lambda_a, Tensor lambda_b, "
         "int segments, int width, bool use_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor[])");
@@ -558,6 +640,8 @@ TORCH_LIBRARY_IMPL(dyrelu_cpu, CPU, m) {
   m.impl("spatial_backward", &spatial_backward);
   m.impl("bn_coefs", &bn_coefs);
   m.impl("bn_coefs_backward", &bn_coefs_backward);
+  m.impl("site_coefs", &site_coefs);
+  m.impl("site_coefs_backward", &site_coefs_backward);
   m.impl("bn_act", &bn_act);
   m.impl("bn_act_backward", &bn_act_backward);
 }

@@ -247,6 +247,25 @@ def _register_fakes() -> None:
     def _(gx, x, mu, g_m, g_var):
         return gx
 
+    @reg("dyrelu_cpu::site_coefs")
+    def _(x, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, spatial_w, segments,
+          width, use_bias):
+        n, c, k = x.shape[0], x.shape[1], init_a.shape[0]
+        m = x.new_empty((n, c))
+        stat = x.new_empty(c) if mean is None else x.new_empty(0)
+        z = x.new_empty(0) if spatial_w is None else x.new_empty((n, x.shape[2]))
+        return (x.new_empty((n, k, c)), x.new_empty((n, k, c)), z, m, stat, torch.empty_like(stat),
+                state(m, w1, w2, k, width))
+
+    @reg("dyrelu_cpu::site_coefs_backward")
+    def _(g_big_a, g_big_b, gz, x, m, mu, var, batch, weight, bias, w1, w2, lambda_a, lambda_b, spatial_w, state_,
+          segments, width, use_bias):
+        with_z = gz is not None and spatial_w is not None
+        return (torch.empty_like(x), x.new_empty(0) if weight is None else torch.empty_like(weight),
+                x.new_empty(0) if bias is None else torch.empty_like(bias), torch.empty_like(w1),
+                w1.new_empty(w1.shape[0]), torch.empty_like(w2), w2.new_empty(w2.shape[0]),
+                torch.empty_like(spatial_w) if with_z else x.new_empty(0))
+
     @reg("dyrelu_cpu::bn_act")
     def _(x, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, segments, width,
           use_bias):
@@ -331,6 +350,16 @@ def bn_coefs(*args):
 def bn_coefs_backward(*args):
     """ops._bn_coefs_backward in C++, from the forward's state: (grad m, var, weight, bias, w1, b1, w2, b2)."""
     return _state["lib"].bn_coefs_backward(*args)
+
+
+def site_coefs(*args):
+    """ops.bn_coefs on (N, C, L) in one C++ call: (A, B, z (N, L) or empty, m, batch mu, batch var, state)."""
+    return _state["lib"].site_coefs(*args)
+
+
+def site_coefs_backward(*args):
+    """ops.bn_coefs_backward on (N, C, L) in one C++ call: (grad x, weight, bias, w1, b1, w2, b2, spatial_w)."""
+    return _state["lib"].site_coefs_backward(*args)
 
 
 def bn_act(*args):

@@ -500,6 +500,11 @@ def _coefs_and_state(*args):
     return _native.bn_coefs(*args) if backend.native_coefs(m, w1) else _bn_coefs_math(*args)
 
 
+def _native_site(x3: Tensor, w1: Tensor, k: int) -> bool:
+    """A site's statistics, coefficients (and C's logits), apply and backward run as one C++ call each."""
+    return backend.native(x3, k) and _native.coefs_ok(x3, w1)
+
+
 def _site_stats(x: Tensor, mean: Optional[Tensor], var: Optional[Tensor]):
     """(m, the variance to normalise with, batch mu, batch var): the batch's statistics when mean and
     var are None (``moments``), else the pool of x and the given ones (batch mu and var then empty)."""
@@ -522,6 +527,13 @@ def bn_coefs(x: Tensor, mean: Optional[Tensor], var: Optional[Tensor], weight: O
     the BN output when ``spatial_w`` is given, else empty. m (the per-(n, c) means of x) and the
     coefficient math's intermediates (``_bn_state``) are kept for backward; the batch's mean and biased
     variance (C,) are for the running update (empty when mean and var are given)."""
+    x3 = _as3d(x)
+    if _native_site(x3, w1, init_a.shape[0]):
+        big_a, big_b, z, *rest = _native.site_coefs(x3, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b,
+                                                    lambda_a, lambda_b, spatial_w, segments, width, use_bias)
+        if spatial_w is not None:
+            z = z.reshape((x.shape[0], 1) + tuple(x.shape[2:]))
+        return (big_a, big_b, z, *rest)
     m, var_used, mu_b, var_b = _site_stats(x, mean, var)
     big_a, big_b, state = _coefs_and_state(m, mean, var_used, weight, bias, eps, w1, b1, w2, b2, init_a, init_b,
                                            lambda_a, lambda_b, segments, width, use_bias)
@@ -564,6 +576,11 @@ def bn_coefs_backward(g_big_a: Optional[Tensor], g_big_b: Optional[Tensor], gz: 
     are empty. mu, var: the statistics ``bn_coefs`` normalised with; ``batch``: they were the batch's (mu
     then is differentiated through m, and var's gradient reaches x), else the running ones (constants).
     grad x holds the statistics' gradient and, given z's, the spatial conv's, in one buffer."""
+    x3 = _as3d(x)
+    if _native_site(x3, w1, state[-1].shape[1]):
+        gx3, *grads = _native.site_coefs_backward(g_big_a, g_big_b, gz, x3, m, mu, var, batch, weight, bias, w1, w2,
+                                                  lambda_a, lambda_b, spatial_w, state, segments, width, use_bias)
+        return (_match(gx3, x), *grads)
     return _site_backward(None, g_big_a, g_big_b, gz, x, m, mu, var, batch, weight, bias, w1, w2, lambda_a, lambda_b,
                           spatial_w, state, segments, width, use_bias)
 
@@ -824,10 +841,6 @@ def _(running_mean, running_var, num_batches_tracked, mu, var, momentum, cumulat
 # composition below, so the same bits. (Variant C's pi is computed by the module between bn_coefs
 # and apply, so a C site calls those two.)
 # ---------------------------------------------------------------------------------------
-def _native_site(x3: Tensor, w1: Tensor, k: int) -> bool:
-    return backend.native(x3, k) and _native.coefs_ok(x3, w1)
-
-
 @_op("bn_act")
 def bn_act(x: Tensor, mean: Optional[Tensor], var: Optional[Tensor], weight: Optional[Tensor],
            bias: Optional[Tensor], eps: float, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, init_a: Tensor,
