@@ -7,8 +7,9 @@ t = beta - mu s, and every DY-ReLU segment is affine in z, so
 
 is the existing fused apply (``piecewise_apply``) run on the *conv output* x with folded
 coefficients: z is never written, and only x is kept for backward (the unfused pair keeps x for BN
-and z for DY-ReLU). The statistics come from one read of x: ``dyrelu::moments`` returns the per-(n, c)
-means and variances; the channel mean and variance follow from them (law of total variance), and
+and z for DY-ReLU). The statistics come from one read of x (``moments``, the implementation of
+``dyrelu::moments``): the per-(n, c) means and variances; the channel mean and variance follow from
+them (law of total variance), and
 the pooled context the hyper function needs is m_nc s + t, so DY-ReLU's pooling pass is gone too.
 Variant C's spatial conv on z is a conv on x with weights w s and bias sum(w t).
 
