@@ -343,7 +343,7 @@ def coefs_ok(m: torch.Tensor, w1: torch.Tensor) -> bool:
 
 
 def bn_coefs(*args):
-    """ops.bn_coefs's math in C++: (A, B, state); the arguments of ``dyrelu_cpu::bn_coefs``."""
+    """ops._bn_coefs_math in C++: (A, B, state); the arguments of ``dyrelu_cpu::bn_coefs``."""
     return _state["lib"].bn_coefs(*args)
 
 
