@@ -117,8 +117,8 @@ def _use_triton_bn(x3: Tensor) -> bool:
 # ---------------------------------------------------------------------------------------
 # registration: torch.library's low-level API, with each differentiable op's Autograd kernel a
 # plain autograd.Function. ``torch.library.custom_op`` + ``register_autograd`` do the same through a
-# generic wrapper that cost about 60 us more per op and direction (docs/performance.md), which at
-# three differentiable ops per site was a large share of a site's fixed cost on the CPU.
+# generic wrapper that cost about 50 us more per call (docs/performance.md), which at the three
+# differentiable ops a site had then was a large share of a site's fixed cost on the CPU.
 # ---------------------------------------------------------------------------------------
 _LIB = torch.library.Library("dyrelu", "DEF")
 IMPLS: dict = {}  # name -> the op's Python implementation (a dispatch mode can run it under itself)
