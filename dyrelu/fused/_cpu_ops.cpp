@@ -216,18 +216,26 @@ void affine_add_(Tensor& gx, const Tensor& x, const Tensor& alpha, const Tensor&
                             beta.data_ptr<float>(), n, c, l, threads());
 }
 
+// moments_backward's per-(n, c) affine map: grad_x = alpha_c x + beta_nc = g_m / L + g_var 2 (x - mu) / M;
+// alpha (C,) and beta (N, C) contiguous in mu's dtype
+std::tuple<Tensor, Tensor> moments_grad_affine(const Tensor& x, const Tensor& mu, const OptTensor& g_m,
+                                               const OptTensor& g_var) {
+  int64_t n = x.size(0), c = x.size(1), l = x.size(2);
+  auto cdt = mu.scalar_type();
+  Tensor alpha = g_var.has_value() ? g_var->to(cdt) * (2.0 / static_cast<double>(n * l)) : at::zeros({c}, mu.options());
+  Tensor beta = -(alpha * mu);
+  beta = g_m.has_value() ? g_m->to(cdt) / static_cast<double>(l) + beta : beta.expand({n, c});
+  return {alpha.contiguous(), beta.contiguous()};
+}
+
 // grad_x += g_m / L + g_var 2 (x - mu) / M (ops.py's moments_backward) in place: one pass
 Tensor& moments_backward_(Tensor& gx, const Tensor& x, const Tensor& mu, const OptTensor& g_m,
                           const OptTensor& g_var) {
   check3(x, "x");
   check_like(gx, x, "gx");
   TORCH_CHECK(gx.sizes() == x.sizes(), "dyrelu_cpu: gx must have x's shape");
-  int64_t n = x.size(0), c = x.size(1), l = x.size(2);
-  auto cdt = mu.scalar_type();
-  Tensor alpha = g_var.has_value() ? g_var->to(cdt) * (2.0 / static_cast<double>(n * l)) : at::zeros({c}, mu.options());
-  Tensor beta = -(alpha * mu);
-  beta = g_m.has_value() ? g_m->to(cdt) / static_cast<double>(l) + beta : beta.expand({n, c});
-  affine_add_(gx, x, alpha.contiguous(), beta.contiguous());
+  auto [alpha, beta] = moments_grad_affine(x, mu, g_m, g_var);
+  affine_add_(gx, x, alpha, beta);
   return gx;
 }
 
@@ -235,13 +243,9 @@ Tensor& moments_backward_(Tensor& gx, const Tensor& x, const Tensor& mu, const O
 // affine pass alpha_c x + beta_nc (the forward kernel with K = 1); mu in the statistics' dtype, x's
 Tensor moments_backward(const Tensor& x, const Tensor& mu, const OptTensor& g_m, const OptTensor& g_var) {
   check3(x, "x");
-  int64_t n = x.size(0), c = x.size(1), l = x.size(2);
-  auto cdt = mu.scalar_type();
-  Tensor alpha = g_var.has_value() ? g_var->to(cdt) * (2.0 / static_cast<double>(n * l)) : at::zeros({c}, mu.options());
-  Tensor beta = -(alpha * mu);
-  beta = g_m.has_value() ? g_m->to(cdt) / static_cast<double>(l) + beta : beta.expand({n, c});
-  return forward(x, alpha.expand({n, c}).reshape({n, 1, c}).contiguous(), beta.reshape({n, 1, c}).contiguous(),
-                 std::nullopt);
+  int64_t n = x.size(0), c = x.size(1);
+  auto [alpha, beta] = moments_grad_affine(x, mu, g_m, g_var);
+  return forward(x, alpha.expand({n, c}).reshape({n, 1, c}).contiguous(), beta.reshape({n, 1, c}), std::nullopt);
 }
 
 void run_site(const Tensor& x, const Tensor& y, const Tensor& w1, const Tensor& b1, const Tensor& w2,
@@ -372,6 +376,12 @@ std::tuple<std::vector<Tensor>, Tensor> bn_state(const Tensor& m, const OptTenso
   return {{f.r, f.t, ph, h_pre, h, sig, a.to(cdt)}, b.to(cdt)};
 }
 
+// s = r weight, as bn_fold computes it
+Tensor scale_of(const std::vector<Tensor>& st, const OptTensor& weight) {
+  const Tensor& r = st[S_R];
+  return weight.has_value() ? r * weight->to(r.scalar_type()) : r;
+}
+
 // (A, B, state): A = a s, B = a t + b
 std::tuple<Tensor, Tensor, std::vector<Tensor>> bn_coefs(
     const Tensor& m, const OptTensor& mu, const Tensor& var, const OptTensor& weight, const OptTensor& bias,
@@ -381,7 +391,7 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> bn_coefs(
   auto [st, b] = bn_state(m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b,
                           segments, width, use_bias);
   const Tensor& a = st[S_A];
-  Tensor s = weight.has_value() ? st[S_R] * weight->to(a.scalar_type()) : st[S_R];
+  Tensor s = scale_of(st, weight);
   Tensor big_a = (a * s).contiguous();
   Tensor big_b = at::addcmul(b, a, st[S_T]).contiguous();
   return {big_a, big_b, st};
@@ -427,7 +437,7 @@ CoefGrads bn_coefs_backward(const std::vector<Tensor>& st, const OptTensor& g_bi
   int64_t n = m.size(0), c = m.size(1);
   Tensor mc = m.to(cdt);
   Tensor mu = mu_in.has_value() ? mu_in->to(cdt) : mc.mean(0);  // as bn_fold computes them
-  Tensor s = weight.has_value() ? r * weight->to(cdt) : r;
+  Tensor s = scale_of(st, weight);
   int64_t k = a.size(1);
   auto opts = m.options().dtype(cdt);
   Tensor g_big_a = g_big_a_in.has_value() ? g_big_a_in->to(cdt) : at::zeros({n, k, c}, opts);
@@ -471,12 +481,6 @@ CoefGrads bn_coefs_backward(const std::vector<Tensor>& st, const OptTensor& g_bi
 // ---------------------------------------------------------------------------------------------
 
 using SiteCoefs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, std::vector<Tensor>>;
-
-// s = r weight, as bn_fold computes it
-Tensor scale_of(const std::vector<Tensor>& st, const OptTensor& weight) {
-  const Tensor& r = st[S_R];
-  return weight.has_value() ? r * weight->to(r.scalar_type()) : r;
-}
 
 // (A, B, z (N, L) or empty, m, batch mu, batch var, state); mean / var given: normalise with them
 // (running statistics) and return empty batch statistics; spatial_w given: variant C's logits on

@@ -482,13 +482,19 @@ def _bn_state(m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lam
     return [r, t, ph, h_pre, h, sig, a.to(s.dtype)], b.to(s.dtype)
 
 
+def _scale(state, weight: Optional[Tensor]) -> Tensor:
+    """s = r weight (the BN's per-channel scale) from the state, as ``_bn_fold`` computes it."""
+    r = state[0]
+    return r if weight is None else r * weight.to(r.dtype)
+
+
 def _bn_coefs_math(m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, segments,
                    width, use_bias):
     """(A, B, state); the same ops as ``dyrelu_cpu::bn_coefs`` (_cpu_ops.cpp), which the CPU runs."""
     state, b = _bn_state(m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b,
                          segments, width, use_bias)
-    r, t, a = state[0], state[1], state[6]
-    s = r if weight is None else r * weight.to(r.dtype)
+    t, a = state[1], state[6]
+    s = _scale(state, weight)
     big_a = (a * s).contiguous()
     big_b = torch.addcmul(b, a, t).contiguous()  # t != 0 in general: an intercept even without DY-ReLU's own
     return big_a, big_b, state
@@ -542,12 +548,6 @@ def bn_coefs(x: Tensor, mean: Optional[Tensor], var: Optional[Tensor], weight: O
         _, ws, zb = _folded_weight(spatial_w, _scale(state, weight), state[1], tk.compute_dtype(x.dtype))
         z = _spatial_z(x, ws, zb)
     return big_a, big_b, z, m, mu_b, var_b, state
-
-
-def _scale(state, weight: Optional[Tensor]) -> Tensor:
-    """s = r weight (the BN's per-channel scale) from the state, as ``_bn_fold`` computes it."""
-    r = state[0]
-    return r if weight is None else r * weight.to(r.dtype)
 
 
 @_fake(bn_coefs)
@@ -631,7 +631,7 @@ def _bn_coefs_backward(state, g_big_a, g_big_b, m, mu, var, weight, bias, w1, w2
     n, c = m.shape[0], m.shape[1]
     mc = m.to(cdt)
     mu_v = mc.mean(0) if mu is None else mu.to(cdt)  # as _bn_fold computes them
-    s = r if weight is None else r * weight.to(cdt)
+    s = _scale(state, weight)
     k = a.shape[1]
     g_big_a = torch.zeros((n, k, c), dtype=cdt, device=m.device) if g_big_a is None else g_big_a.to(cdt)
     g_big_b = torch.zeros((n, k, c), dtype=cdt, device=m.device) if g_big_b is None else g_big_b.to(cdt)
