@@ -108,14 +108,16 @@ def _check_act_values(key: str, node: DictConfig) -> None:
     """act.* values: a number where the library's default is a number, then the library's own range
     checks on a small dry build, reported under the config key (``act.k=0 must be >= 1``)."""
     import inspect
+    import typing
 
     import dyrelu
 
     values = {str(k): v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "name"}
     if dyrelu.is_dynamic(node.name):
+        hints = typing.get_type_hints(dyrelu.DyReLU.__init__)  # the module's annotations are strings
         for name, param in inspect.signature(dyrelu.DyReLU.__init__).parameters.items():
             default, value = param.default, values.get(name)
-            integer = _is_int(default) or param.annotation in (int, "int", "Optional[int]")
+            integer = _is_int(default) or hints.get(name) in (int, typing.Optional[int])
             if name not in values or value is None or not (_is_num(default) or integer):
                 continue
             if not _is_num(value) or (integer and not _is_int(value)):
