@@ -5,12 +5,17 @@
     python scripts/gpu_check.py --out gpu_check --only a        # the correctness probe alone (~1 min)
     python scripts/gpu_check.py --out /tmp/gc --device cpu --quick   # the script itself, tiny sizes (CI)
 
-Sections (run in the order a, d, e, p, b, c; docs/gpu.md says what each checks and the targets):
+Sections (run in the order a, t, d, e, p, b, c; docs/gpu.md says what each checks and the targets):
   a  fused == reference on the device, output and every gradient: variants A/B/C, K=1/2/3,
      fp32/bf16/fp16, NCHW and channels_last, N=1 and N=256; the backend that ran (Triton on
      CUDA) and any fallback warning; backward twice bit for bit under deterministic algorithms;
      an (N, C) input with N > 65535; the fp64 pool. The truth is fp32 math with the fused run's
      coefficients (check_case says why).
+  t  the traced path: a small network with a DY-ReLU-B and a DY-ReLU-C site, one training step
+     under torch.compile (Inductor) against eager (output and every gradient), and the names of
+     our Triton kernels in Inductor's generated code (on CUDA the ops' bodies are traced, so the
+     compiled code launches the kernels itself); then the eval model as built, exported and
+     compiled by AOTInductor, against eager. (On the CPU: backend aot_eager, no AOTInductor.)
   b  full training steps through scripts/bench_act.py: MobileNetV2 x1.0 at 224, batch 256,
      bf16, channels_last, eager and torch.compile (--compile-mode), then ResNet-50 (eager): img/s
      and peak memory of DY-ReLU-B (fused) and of the public-style baseline against ReLU. Targets
@@ -57,10 +62,10 @@ from pathlib import Path
 
 from _bootstrap import ROOT  # the checkout on sys.path (the framework is not installed)
 
-SECTIONS = ("a", "b", "c", "d", "e", "p")
+SECTIONS = ("a", "b", "c", "d", "e", "p", "t")
 # Run order: the cheap sections first, then b (whose compiled setting is skipped when it would
 # leave too little of the budget for c), then c.
-ORDER = ("a", "d", "e", "p", "b", "c")
+ORDER = ("a", "t", "d", "e", "p", "b", "c")
 C_EST_S = {True: 20, False: 120}  # section c's cost, quick / full
 TITLES = {
     "a": "fused vs reference (outputs and gradients)",
@@ -69,6 +74,7 @@ TITLES = {
     "d": "inference latency, batch 1 and 64",
     "e": "a model on cuda:1",
     "p": "profile: kernels per step, GPU busy vs wall time",
+    "t": "torch.compile and AOTInductor run our Triton kernels",
 }
 TARGET_SPEED = {"eager": 0.6, "compiled": 0.9}  # DY-ReLU-B fused img/s over ReLU's run the same way (issue 21)
 TARGET_MEMORY = 1.15  # DY-ReLU-B fused peak memory over ReLU's, at most
@@ -450,6 +456,83 @@ def _a_extras(dev, quick, failures) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# (t) the traced path: torch.compile and AOTInductor
+# ---------------------------------------------------------------------------------------------
+OUR_KERNELS = ("_row_moments_kernel", "_affine_rows_kernel", "_apply_fwd_kernel", "_apply_bwd_kernel")
+
+
+def _small_net(seed: int):
+    """conv -> BN + DY-ReLU-B -> depthwise conv -> BN + DY-ReLU-C -> pool -> linear."""
+    import torch
+    from torch import nn
+    from dyrelu import DyReLU
+    from models.mobilenetv2 import ConvBNAct
+
+    torch.manual_seed(seed)
+    return nn.Sequential(ConvBNAct(3, 32, 3, act=DyReLU(32, variant="B")),
+                         ConvBNAct(32, 32, 3, groups=32, act=DyReLU(32, variant="C")),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+
+def _step(net, x):
+    out = net(x)
+    out.square().mean().backward()
+    return [out.detach()] + [p.grad.detach().clone() for p in net.parameters()]
+
+
+def section_t(run: Run) -> dict:
+    import torch
+    from torch._inductor.utils import run_and_get_code
+
+    dev = torch.device(run.args.device)
+    cuda = dev.type == "cuda"
+    failures, out = [], {}
+    x = torch.randn(8, 3, 32, 32, device=dev)
+    eager = _step(_small_net(0).to(dev).train(), x)
+    compiled_net = _small_net(0).to(dev).train()
+    backend = "inductor" if cuda else "aot_eager"  # the CPU: the trace, without a C++ compile
+    t0 = time.perf_counter()
+    cnet = torch.compile(compiled_net, backend=backend, fullgraph=True)
+    if cuda:
+        got, code = run_and_get_code(_step, cnet, x)
+        code = "\n".join(code)
+        launched = {k: code.count(k) for k in OUR_KERNELS}
+        out["kernels_in_compiled_code"] = launched
+        if not all(launched.values()):
+            failures.append(f"compiled code does not launch all of our kernels: {launched}")
+    else:
+        got = _step(cnet, x)
+    out["compile_and_step_s"] = round(time.perf_counter() - t0, 1)
+    errs = [_rel(g, e) for g, e in zip(got, eager)]
+    out["compiled_vs_eager_max_rel_err"] = max(errs)
+    if not max(errs) < 1e-3:
+        failures.append(f"compiled step vs eager: relative errors {[f'{e:.1e}' for e in errs]}")
+    if cuda:
+        import tempfile
+
+        net = _small_net(1).to(dev).eval()
+        with torch.no_grad():
+            want = net(x)
+            t0 = time.perf_counter()
+            try:
+                ep = torch.export.export(net, (x,))
+                path = torch._inductor.aoti_compile_and_package(
+                    ep, package_path=os.path.join(tempfile.mkdtemp(), "net.pt2"))
+                y = torch._inductor.aoti_load_package(path)(x)
+                out["aoti_rel_err"] = _rel(y, want)
+                if not out["aoti_rel_err"] < 1e-4:
+                    failures.append(f"AOTInductor vs eager: relative error {out['aoti_rel_err']:.1e}")
+            except Exception as err:
+                failures.append(f"AOTInductor of the model as built failed: {type(err).__name__}: {str(err)[:300]}")
+            out["aoti_compile_s"] = round(time.perf_counter() - t0, 1)
+    else:
+        out["aoti"] = "skipped on the CPU (the ops run C++ through Python there; deploy the prepared model)"
+    return {"failures": failures, **out,
+            "note": f"compiled ({backend}) vs eager: max rel err {max(errs):.1e}"
+                    + (f"; kernels in the compiled code {out['kernels_in_compiled_code']}" if cuda else "")}
+
+
+# ---------------------------------------------------------------------------------------------
 # (b) training throughput and memory through bench_act.py
 # ---------------------------------------------------------------------------------------------
 def _bench(run: Run, argv: list, est_s: float, own_budget_s: float = 0.0) -> dict:
@@ -818,7 +901,8 @@ def section_p(run: Run) -> dict:
                               f"busy {r['busy_fraction']} of wall" for r in rows)}
 
 
-FUNCS = {"a": section_a, "b": section_b, "c": section_c, "d": section_d, "e": section_e, "p": section_p}
+FUNCS = {"a": section_a, "b": section_b, "c": section_c, "d": section_d, "e": section_e, "p": section_p,
+         "t": section_t}
 
 
 def parse(argv=None):

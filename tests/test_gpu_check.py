@@ -27,7 +27,9 @@ def test_quick_cpu_run_end_to_end(tmp_path):
     doc = json.loads((tmp_path / "gpu_check.json").read_text())
     status = {k: s["status"] for k, s in doc["sections"].items()}
     assert proc.returncode == 0, (status, doc["failures"], proc.stdout[-2000:], proc.stderr[-2000:])
-    assert status == {"a": "pass", "b": "pass", "c": "pass", "d": "pass", "e": "skip", "p": "pass"}, doc["failures"]
+    assert status == {"a": "pass", "b": "pass", "c": "pass", "d": "pass", "e": "skip", "p": "pass", "t": "pass"}, \
+        doc["failures"]
+    assert doc["sections"]["t"]["compiled_vs_eager_max_rel_err"] < 1e-3
     a = doc["sections"]["a"]
     assert a["cases"] == 54 and a["deterministic_bitwise"] and a["backends"] == ["bn", "native"]  # fp32: native, half: bn
     b = {(r["setting"], r["variant"]): r for r in doc["sections"]["b"]["rows"]}

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 import warnings
 from typing import NamedTuple, Optional
 
@@ -441,6 +442,33 @@ def launch_options(plan: Plan) -> dict:
     return opts
 
 
+_STATE = threading.local()
+
+
+@contextlib.contextmanager
+def traced():
+    """Launches inside are traced (``wrap_triton``), not run: ops.py enters this where torch.compile,
+    export's decompositions or AOTInductor trace an op's body into the graph."""
+    before = tracing()
+    _STATE.tracing = True
+    try:
+        yield
+    finally:
+        _STATE.tracing = before
+
+
+def tracing() -> bool:
+    return getattr(_STATE, "tracing", False)
+
+
+def launcher(fn, grid):
+    """``fn[grid]``; while tracing, its ``torch.library.wrap_triton`` twin, which records the launch as
+    a graph node (a user-defined Triton kernel that Inductor calls from the compiled code)."""
+    if tracing():
+        return torch.library.wrap_triton(fn)[grid]
+    return fn[grid]
+
+
 def device_guard(device: torch.device):
     """Launch on the tensor's GPU, not the current one (a model on cuda:1 without set_device)."""
     if device.type == "cuda":
@@ -460,6 +488,11 @@ def _launch(plan: Plan, device: torch.device, tensors: tuple) -> bool:
     key = (plan.kernel, tuple(plan.meta.items()), plan.num_warps, tensors[1 if plan.kernel == "_apply_bwd_kernel" else 0].dtype, device)
     meta = dict(plan.meta, ACC=getattr(tl, plan.meta["ACC"]))
     fn = globals()[plan.kernel]
+    if tracing():  # a graph node, run later by the compiled code: nothing to guard here
+        if key in _FAILED:
+            return False
+        launcher(fn, plan.grid)(*tensors, *plan.ints.values(), **meta, **launch_options(plan))
+        return True
     if key in _OK:
         with device_guard(device):
             fn[plan.grid](*tensors, *plan.ints.values(), **meta, **launch_options(plan))

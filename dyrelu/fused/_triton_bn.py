@@ -21,7 +21,7 @@ from typing import Tuple
 
 import torch
 
-from ._triton import HAS_TRITON, available, interpreting
+from ._triton import HAS_TRITON, available, interpreting, launcher
 
 if HAS_TRITON:
     import triton
@@ -122,8 +122,8 @@ def row_moments(x3: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     split, l_per = moments_split(n, c_blocks, l, bl)
     s1 = torch.empty(split, n, c, device=x3.device, dtype=acc)
     s2 = torch.empty_like(s1)
-    _row_moments_kernel[(split * n * c_blocks,)](x3, s1, s2, n, c, l, *x3.stride(), c_blocks, l_per,
-                                                 BLOCK_C=bc, BLOCK_L=bl, ACC=_acc(x3), num_warps=warps)
+    launcher(_row_moments_kernel, (split * n * c_blocks,))(
+        x3, s1, s2, n, c, l, *x3.stride(), c_blocks, l_per, BLOCK_C=bc, BLOCK_L=bl, ACC=_acc(x3), num_warps=warps)
     if split > 1:
         s1, s2 = s1.sum(0), s2.sum(0)
     else:
@@ -140,7 +140,7 @@ def affine_rows(x3: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> to
     out = torch.empty_strided(x3.shape, x3.stride(), dtype=x3.dtype, device=x3.device)
     bc, bl, warps = tiles(c, l, x3.stride(2) == 1)
     c_blocks, l_blocks = triton.cdiv(c, bc), triton.cdiv(l, bl)
-    _affine_rows_kernel[(n * c_blocks * l_blocks,)](
+    launcher(_affine_rows_kernel, (n * c_blocks * l_blocks,))(
         x3, out, alpha, beta, c, l, *x3.stride(), *out.stride(), c_blocks, l_blocks,
         BLOCK_C=bc, BLOCK_L=bl, ACC=_acc(x3), num_warps=warps)
     return out

@@ -16,7 +16,9 @@ with torch.library's low-level API (``_op``, ``_fake``, ``_autograd`` below), wh
 than ``torch.library.custom_op``. Eager
 mode, torch.compile, CUDA graphs and torch.export all call these same ops, and each op picks its
 kernels at run time through ``backend.choose`` (Triton on CUDA, the C kernels or ATen's batch-norm
-loops on the CPU, plain torch ops otherwise). Outputs always have the strides of the fake
+loops on the CPU, plain torch ops otherwise). On the Triton backend, functionalization (compile,
+AOTInductor) traces an op's body into the graph, its launches through ``wrap_triton``
+(``_traced_body``). Outputs always have the strides of the fake
 implementation (``_match``): Inductor checks them.
 
 Variant C's pi is an input of ``apply``: it is computed by ``DyReLU.spatial_pi`` from the logits
@@ -29,6 +31,7 @@ from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch._subclasses.functional_tensor import FunctionalTensorMode
 
 from .. import _hyper
 from . import _native, _triton, _triton_bn, backend
@@ -131,8 +134,30 @@ def _op(name: str, mutates_args=()):
         _LIB.define(name + torch.library.infer_schema(fn, mutates_args=mutates_args))
         _LIB.impl(name, fn, "CompositeExplicitAutograd")
         IMPLS[name] = fn
-        return getattr(torch.ops.dyrelu, name).default
+        op = getattr(torch.ops.dyrelu, name).default
+        torch.library.register_torch_dispatch(op, FunctionalTensorMode, _traced_body(fn), lib=_LIB)
+        return op
     return define
+
+
+def _traced_body(fn):
+    """On the Triton backend, functionalization (torch.compile's AOTAutograd, export's
+    ``run_decompositions``, AOTInductor) traces the op's body instead of keeping one opaque node:
+    its Triton launches become ``wrap_triton`` nodes and its small torch ops join the graph, so
+    Inductor calls our kernels from the compiled code and AOTInductor packs them. This is what
+    ``torch.library.triton_op`` does (a fake kernel plus this FunctionalTensorMode rule); our ops
+    are not triton_ops because the same op runs C++ on the CPU, where it stays one node. Like
+    triton_op, it stays one node while ``torch.export`` traces (AOTInductor decomposes it later)."""
+    def rule(mode, op, types, args, kwargs):
+        from torch.export._trace import custom_triton_ops_decomposition_disabled
+
+        t = next((a for a in args if isinstance(a, Tensor)), None)
+        if (t is None or custom_triton_ops_decomposition_disabled() or _triton.interpreting()
+                or backend.choose(t) != "triton"):
+            return mode.__torch_dispatch__(op, types, args, kwargs)
+        with mode, _triton.traced():
+            return fn(*args, **kwargs)
+    return rule
 
 
 def _fake(op):

@@ -1,0 +1,143 @@
+"""On CUDA, torch.compile / export's decompositions / AOTInductor trace our ops into Triton kernels.
+
+Without a GPU: the tensors are fake CUDA tensors (``FakeTensorMode``) and ``aot_export_module``
+traces under functionalization, as AOTAutograd does inside torch.compile. On the Triton backend each
+``dyrelu::`` op's body is traced (ops.py ``_traced_body``): its launches become
+``triton_kernel_wrapper_functional`` nodes (``torch.library.wrap_triton``) and no ``dyrelu::`` node
+is left, the property AOTInductor needs to pack a network. On the CPU the same ops stay one opaque
+node each (they run C++ there).
+
+Tracing only: Triton's mutation analysis needs a GPU driver and, without one, assumes every kernel
+argument is written (a logged warning); running the traced kernels is scripts/gpu_check.py's job.
+"""
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+import models  # noqa: E402
+from dyrelu import DyReLU  # noqa: E402
+from dyrelu.fused import ops  # noqa: E402
+from torch._functorch.aot_autograd import aot_export_module  # noqa: E402
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table  # noqa: E402
+from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+
+def _nodes(gm) -> collections.Counter:
+    """dyrelu:: ops and Triton kernels (by name) in a traced graph."""
+    seen = collections.Counter()
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional:
+            seen["triton:" + kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.__name__] += 1
+        else:  # a mutating op is functionalized: auto_functionalized(op, ...)
+            target = node.args[0] if "auto_functionalized" in str(node.target) else node.target
+            if str(target).startswith("dyrelu."):
+                seen[str(target)] += 1
+    return seen
+
+
+class _Call(torch.nn.Module):
+    """forward(*tensors) = op(args with the tensors put back): an op call as an exportable module."""
+
+    def __init__(self, op, args, slots):
+        super().__init__()
+        self.op, self.args, self.slots = op, args, slots
+
+    def forward(self, *tensors):
+        args = list(self.args)
+        for (i, j), t in zip(self.slots, tensors):
+            if j is None:
+                args[i] = t
+            else:
+                args[i] = list(args[i])
+                args[i][j] = t
+        out = self.op(*args)
+        return tuple(o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, torch.Tensor))
+
+
+class _Tuple(torch.nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return (self.net(x),)
+
+
+def _site_calls(act: str) -> dict:
+    """The first call of each dyrelu:: op in one CPU training step of a small network: op -> args."""
+    calls = {}
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "dyrelu" and func not in calls:
+                calls[func] = args
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    net = models.build_model("mbv2_035", act=act, num_classes=10).train()
+    x = torch.randn(2, 3, 32, 32)
+    with Record():
+        F.cross_entropy(net(x), torch.tensor([1, 2])).backward()
+    return calls
+
+
+def _export(op, args, device: str):
+    """The op called on fake tensors of ``device`` (shapes, strides and dtypes of ``args``), traced."""
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        def fake(t):
+            return mode.from_tensor(t).to(device) if device != "cpu" else mode.from_tensor(t)
+
+        slots, tensors = [], []
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor):
+                slots.append((i, None))
+                tensors.append(fake(a))
+            elif isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
+                for j, t in enumerate(a):
+                    slots.append((i, j))
+                    tensors.append(fake(t))
+        with torch.no_grad():
+            gm, _ = aot_export_module(_Call(op, args, slots), tensors, trace_joint=False)
+    return gm
+
+
+@pytest.mark.parametrize("act", ["dyrelu_a", "dyrelu_b", "dyrelu_c"])
+def test_every_op_of_a_training_step_traces_into_triton_kernels_on_cuda(act):
+    calls = _site_calls(act)
+    assert {"bn_act" if act != "dyrelu_c" else "bn_coefs", "running_update"} <= {f._opname for f in calls}
+    kernels = collections.Counter()
+    for op, args in calls.items():
+        seen = _nodes(_export(op, args, "cuda"))
+        left = [k for k in seen if k.startswith("dyrelu.")]
+        assert not left, f"{op} left {left} in the traced graph"
+        kernels.update(k for k in seen.elements() if k.startswith("triton:"))
+    # statistics, apply and its backward, and the statistics' gradient: the site's hand kernels
+    assert {"triton:_row_moments_kernel", "triton:_apply_fwd_kernel", "triton:_apply_bwd_kernel",
+            "triton:_affine_rows_kernel"} <= set(kernels), kernels
+
+
+def test_a_network_forward_is_triton_kernels_and_aten_ops_on_cuda():
+    torch.manual_seed(0)
+    net = models.build_model("mbv2_035", act="dyrelu_b", num_classes=10).train()
+    sites = sum(1 for m in net.modules() if isinstance(m, DyReLU))
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
+        net = _Tuple(net.to("cuda"))
+        gm, _ = aot_export_module(net, [mode.from_tensor(torch.empty(2, 3, 32, 32)).to("cuda")], trace_joint=False)
+    seen = _nodes(gm)
+    assert not [k for k in seen if k.startswith("dyrelu.")], seen
+    assert seen["triton:_row_moments_kernel"] == seen["triton:_apply_fwd_kernel"] == sites > 0
+
+
+def test_on_the_cpu_each_op_stays_one_node():
+    for op, args in _site_calls("dyrelu_b").items():
+        seen = _nodes(_export(op, args, "cpu"))
+        assert seen == {str(op): 1}, (op, seen)
