@@ -7,8 +7,10 @@ traces under functionalization, as AOTAutograd does inside torch.compile. On the
 is left, the property AOTInductor needs to pack a network. On the CPU the same ops stay one opaque
 node each (they run C++ there).
 
-Tracing only: Triton's mutation analysis needs a GPU driver and, without one, assumes every kernel
-argument is written (a logged warning); running the traced kernels is scripts/gpu_check.py's job.
+Tracing only; running the traced kernels is scripts/gpu_check.py's job (section t). Torch asks Triton
+which arguments each kernel writes (its TTIR, for the driver's current target): here the driver is a
+stub that names an sm_90 target, and the tests check the answer, since an argument wrongly taken as
+written costs the compiled code a copy per launch.
 """
 from __future__ import annotations
 
@@ -29,6 +31,23 @@ from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 
+OUTPUTS = {"_row_moments_kernel": {"s1_ptr", "s2_ptr"}, "_affine_rows_kernel": {"out_ptr"},
+           "_apply_fwd_kernel": {"y_ptr"}, "_apply_bwd_kernel": {"gx_ptr", "psx_ptr", "ps_ptr", "ppi_ptr"}}
+
+
+@pytest.fixture(autouse=True)
+def _sm90_target(monkeypatch):
+    """No GPU driver here: the one Triton asks for the current target says sm_90."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    class Stub:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    monkeypatch.setattr(triton.runtime.driver, "_active", Stub())
+
+
 def _nodes(gm) -> collections.Counter:
     """dyrelu:: ops and Triton kernels (by name) in a traced graph."""
     seen = collections.Counter()
@@ -36,7 +55,10 @@ def _nodes(gm) -> collections.Counter:
         if node.op != "call_function":
             continue
         if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional:
-            seen["triton:" + kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.__name__] += 1
+            name = kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.__name__
+            written = set(node.kwargs["tensors_to_clone"])
+            assert written <= OUTPUTS[name], f"{name}: taken to write {sorted(written - OUTPUTS[name])}"
+            seen["triton:" + name] += 1
         else:  # a mutating op is functionalized: auto_functionalized(op, ...)
             target = node.args[0] if "auto_functionalized" in str(node.target) else node.target
             if str(target).startswith("dyrelu."):
