@@ -118,9 +118,10 @@ def test_the_site_op_in_cpp_is_the_separate_ops_composed_bit_for_bit(batch):
 
     lib = _native.library()
     torch.manual_seed(0)
-    for dt, (k, seg), width, use_bias in itertools.product((torch.float32, torch.float64), ((1, 1), (2, 2), (3, 2)),
-                                                           (12, 1), (True, False)):
-        x, g = torch.randn(5, 12, 30, dtype=dt), torch.randn(5, 12, 30, dtype=dt)
+    # rows shorter than a vector loop (7), with a scalar tail (30), longer than one block (517)
+    for dt, (k, seg), width, use_bias, length in itertools.product(
+            (torch.float32, torch.float64), ((1, 1), (2, 2), (3, 2)), (12, 1), (True, False), (7, 30, 517)):
+        x, g = torch.randn(5, 12, length, dtype=dt), torch.randn(5, 12, length, dtype=dt)
         coef = _coef_args(dt, k, seg, width, use_bias, True)
         weight, bias, hyper, shape = coef[3], coef[4], coef[6:14], coef[14:]
         mean, var = (None, None) if batch else (torch.randn(12, dtype=dt), torch.rand(12, dtype=dt) + 0.5)
@@ -144,7 +145,7 @@ def test_the_site_op_in_cpp_is_the_separate_ops_composed_bit_for_bit(batch):
         got += list(grads)
         want += [gx, *param_grads]
         for i, (u, v) in enumerate(zip(got, want)):
-            assert u.dtype == v.dtype and torch.equal(u, v), (dt, k, seg, width, use_bias, i)
+            assert u.dtype == v.dtype and torch.equal(u, v), (dt, k, seg, width, use_bias, length, i)
 
 
 @pytest.mark.parametrize("batch", [True, False])
