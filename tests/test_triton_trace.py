@@ -4,8 +4,8 @@ Without a GPU: the tensors are fake CUDA tensors (``FakeTensorMode``) and ``aot_
 traces under functionalization, as AOTAutograd does inside torch.compile. On the Triton backend each
 ``dyrelu::`` op's body is traced (ops.py ``_traced_body``): its launches become
 ``triton_kernel_wrapper_functional`` nodes (``torch.library.wrap_triton``) and no ``dyrelu::`` node
-is left, the property AOTInductor needs to pack a network. On the CPU the same ops stay one opaque
-node each (they run C++ there).
+is left, the property AOTInductor needs to pack a network. On the CPU, and with symbolic shapes, the
+same ops stay one opaque node each.
 
 Tracing only; running the traced kernels is scripts/gpu_check.py's job (section t). Torch asks Triton
 which arguments each kernel writes (its TTIR, for the driver's current target): here the driver is a
@@ -32,7 +32,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 
 OUTPUTS = {"_row_moments_kernel": {"s1_ptr", "s2_ptr"}, "_affine_rows_kernel": {"out_ptr"},
-           "_apply_fwd_kernel": {"y_ptr"}, "_apply_bwd_kernel": {"gx_ptr", "psx_ptr", "ps_ptr", "ppi_ptr"}}
+           "_pool_kernel": {"part_ptr"}, "_apply_fwd_kernel": {"y_ptr"},
+           "_apply_bwd_kernel": {"gx_ptr", "psx_ptr", "ps_ptr", "ppi_ptr"}}
 
 
 @pytest.fixture(autouse=True)
@@ -163,3 +164,24 @@ def test_on_the_cpu_each_op_stays_one_node():
     for op, args in _site_calls("dyrelu_b").items():
         seen = _nodes(_export(op, args, "cpu"))
         assert seen == {str(op): 1}, (op, seen)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_export_then_decompose_as_aotinductor_does(dynamic):
+    """torch.export keeps the ops; decomposing the program as AOTInductor does traces them into their
+    kernels, except with a symbolic batch size, where each stays one node (launch plans need shapes)."""
+    torch.manual_seed(0)
+    net = models.build_model("mbv2_035", act="dyrelu_b", num_classes=10).eval()
+    sites = sum(1 for m in net.modules() if isinstance(m, DyReLU))
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        net = net.to("cuda")
+        x = mode.from_tensor(torch.empty(4, 3, 32, 32)).to("cuda")
+        shapes = {"x": {0: torch.export.Dim("batch", min=2, max=512)}} if dynamic else None
+        ep = torch.export.export(net, (x,), dynamic_shapes=shapes)
+        assert _nodes(ep.graph_module)["dyrelu.bn_act.default"] == sites
+        seen = _nodes(ep.run_decompositions(decompose_custom_triton_ops=True).graph_module)
+    if dynamic:
+        assert seen == {"dyrelu.bn_act.default": sites}, seen
+    else:
+        assert not [k for k in seen if k.startswith("dyrelu.")], seen
+        assert seen["triton:_apply_fwd_kernel"] == sites

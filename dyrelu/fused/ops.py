@@ -147,13 +147,16 @@ def _traced_body(fn):
     Inductor calls our kernels from the compiled code and AOTInductor packs them. This is what
     ``torch.library.triton_op`` does (a fake kernel plus this FunctionalTensorMode rule); our ops
     are not triton_ops because the same op runs C++ on the CPU, where it stays one node. Like
-    triton_op, it stays one node while ``torch.export`` traces (AOTInductor decomposes it later)."""
+    triton_op, it stays one node while ``torch.export`` traces (AOTInductor decomposes it later).
+    With symbolic shapes (``dynamic=True``, or a recompile for a new batch size) it stays one node
+    too: the kernels' launch plans are chosen from the concrete shape."""
     def rule(mode, op, types, args, kwargs):
         from torch.export._trace import custom_triton_ops_decomposition_disabled
 
-        t = next((a for a in args if isinstance(a, Tensor)), None)
-        if (t is None or custom_triton_ops_decomposition_disabled() or _triton.interpreting()
-                or backend.choose(t) != "triton"):
+        tensors = [a for a in args if isinstance(a, Tensor)]
+        if (not tensors or custom_triton_ops_decomposition_disabled() or _triton.interpreting()
+                or backend.choose(tensors[0]) != "triton"
+                or any(not isinstance(d, int) for t in tensors for d in t.shape)):
             return mode.__torch_dispatch__(op, types, args, kwargs)
         with mode, _triton.traced():
             return fn(*args, **kwargs)
