@@ -74,7 +74,7 @@ TITLES = {
     "d": "inference latency, batch 1 and 64",
     "e": "a model on cuda:1",
     "p": "profile: kernels per step, GPU busy vs wall time",
-    "t": "torch.compile and AOTInductor run our Triton kernels",
+    "t": "the traced path: compiled and AOTInductor against eager",
 }
 TARGET_SPEED = {"eager": 0.6, "compiled": 0.9}  # DY-ReLU-B fused img/s over ReLU's run the same way (issue 21)
 TARGET_MEMORY = 1.15  # DY-ReLU-B fused peak memory over ReLU's, at most

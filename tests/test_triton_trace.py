@@ -18,7 +18,6 @@ import collections
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
@@ -86,31 +85,33 @@ class _Call(torch.nn.Module):
         return tuple(o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, torch.Tensor))
 
 
-class _Tuple(torch.nn.Module):
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        return (self.net(x),)
-
-
-def _site_calls(act: str) -> dict:
-    """The first call of each dyrelu:: op in one CPU training step of a small network: op -> args."""
+def _site_calls(net, x) -> dict:
+    """dyrelu:: op calls in one CPU training step: (op, which dims of its first tensor are 1) -> args,
+    the first call of each (size-1 dims take other paths: _match's as_strided views)."""
     calls = {}
 
     class Record(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.namespace == "dyrelu" and func not in calls:
-                calls[func] = args
+            if func.namespace == "dyrelu":
+                first = next(a for a in args if isinstance(a, torch.Tensor))
+                calls.setdefault((func, tuple(d == 1 for d in first.shape)), args)
             return func(*args, **(kwargs or {}))
 
-    torch.manual_seed(0)
-    net = models.build_model("mbv2_035", act=act, num_classes=10).train()
-    x = torch.randn(2, 3, 32, 32)
     with Record():
-        F.cross_entropy(net(x), torch.tensor([1, 2])).backward()
+        out = net(x)
+        out.square().mean().backward()
     return calls
+
+
+def _network(name: str, act: str, channels_last: bool):
+    torch.manual_seed(0)
+    if name == "DyReLU":  # the activation alone (no BN before it): dyrelu::coefs and apply
+        net, x = DyReLU(16, variant=act[-1].upper()), torch.randn(2, 16, 5, 5)
+    else:
+        net, x = models.build_model(name, act=act, num_classes=10), torch.randn(2, 3, 32, 32)
+    if channels_last:
+        net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    return net.train(), x.requires_grad_(True)
 
 
 def _export(op, args, device: str):
@@ -133,35 +134,29 @@ def _export(op, args, device: str):
     return gm
 
 
-@pytest.mark.parametrize("act", ["dyrelu_a", "dyrelu_b", "dyrelu_c"])
-def test_every_op_of_a_training_step_traces_into_triton_kernels_on_cuda(act):
-    calls = _site_calls(act)
-    assert {"bn_act" if act != "dyrelu_c" else "bn_coefs", "running_update"} <= {f._opname for f in calls}
+@pytest.mark.parametrize("name, act, channels_last", [
+    ("mbv2_035", "dyrelu_a", False), ("mbv2_035", "dyrelu_b", False), ("mbv2_035", "dyrelu_c", False),
+    ("resnet10", "dyrelu_c", True),  # channels_last down to 1x1 maps
+    ("DyReLU", "dyrelu_b", True), ("DyReLU", "dyrelu_c", False)])
+def test_every_op_of_a_training_step_traces_into_triton_kernels_on_cuda(name, act, channels_last):
+    calls = _site_calls(*_network(name, act, channels_last))
+    ops_called = {op._opname for op, _ in calls}
+    site = {"dyrelu_c": "bn_coefs"}.get(act, "bn_act") if name != "DyReLU" else "coefs"
+    assert {site, site + "_backward"} <= ops_called, ops_called
     kernels = collections.Counter()
-    for op, args in calls.items():
+    for (op, _), args in calls.items():
         seen = _nodes(_export(op, args, "cuda"))
         left = [k for k in seen if k.startswith("dyrelu.")]
         assert not left, f"{op} left {left} in the traced graph"
         kernels.update(k for k in seen.elements() if k.startswith("triton:"))
-    # statistics, apply and its backward, and the statistics' gradient: the site's hand kernels
-    assert {"triton:_row_moments_kernel", "triton:_apply_fwd_kernel", "triton:_apply_bwd_kernel",
-            "triton:_affine_rows_kernel"} <= set(kernels), kernels
-
-
-def test_a_network_forward_is_triton_kernels_and_aten_ops_on_cuda():
-    torch.manual_seed(0)
-    net = models.build_model("mbv2_035", act="dyrelu_b", num_classes=10).train()
-    sites = sum(1 for m in net.modules() if isinstance(m, DyReLU))
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
-        net = _Tuple(net.to("cuda"))
-        gm, _ = aot_export_module(net, [mode.from_tensor(torch.empty(2, 3, 32, 32)).to("cuda")], trace_joint=False)
-    seen = _nodes(gm)
-    assert not [k for k in seen if k.startswith("dyrelu.")], seen
-    assert seen["triton:_row_moments_kernel"] == seen["triton:_apply_fwd_kernel"] == sites > 0
+    want = {"triton:_apply_fwd_kernel", "triton:_apply_bwd_kernel"}
+    if name != "DyReLU":  # the BN site's statistics and their gradient
+        want |= {"triton:_row_moments_kernel", "triton:_affine_rows_kernel"}
+    assert want <= set(kernels), kernels
 
 
 def test_on_the_cpu_each_op_stays_one_node():
-    for op, args in _site_calls("dyrelu_b").items():
+    for (op, _), args in _site_calls(*_network("mbv2_035", "dyrelu_b", False)).items():
         seen = _nodes(_export(op, args, "cpu"))
         assert seen == {str(op): 1}, (op, seen)
 
@@ -171,17 +166,18 @@ def test_export_then_decompose_as_aotinductor_does(dynamic):
     """torch.export keeps the ops; decomposing the program as AOTInductor does traces them into their
     kernels, except with a symbolic batch size, where each stays one node (launch plans need shapes)."""
     torch.manual_seed(0)
-    net = models.build_model("mbv2_035", act="dyrelu_b", num_classes=10).eval()
+    net = models.build_model("resnet10", act="dyrelu_b", num_classes=10).eval()
     sites = sum(1 for m in net.modules() if isinstance(m, DyReLU))
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         net = net.to("cuda")
         x = mode.from_tensor(torch.empty(4, 3, 32, 32)).to("cuda")
         shapes = {"x": {0: torch.export.Dim("batch", min=2, max=512)}} if dynamic else None
         ep = torch.export.export(net, (x,), dynamic_shapes=shapes)
-        assert _nodes(ep.graph_module)["dyrelu.bn_act.default"] == sites
+        kept = _nodes(ep.graph_module)
+        assert kept["dyrelu.apply.default"] + kept["dyrelu.bn_act.default"] == sites, kept
         seen = _nodes(ep.run_decompositions(decompose_custom_triton_ops=True).graph_module)
     if dynamic:
-        assert seen == {"dyrelu.bn_act.default": sites}, seen
+        assert seen == kept, seen
     else:
         assert not [k for k in seen if k.startswith("dyrelu.")], seen
         assert seen["triton:_apply_fwd_kernel"] == sites

@@ -622,7 +622,7 @@ def _site_backward(gx, g_big_a, g_big_b, gz, x, m, mu, var, batch, weight, bias,
         s, t = _scale(state, weight), state[1]
         wv, ws, _ = _folded_weight(spatial_w, s, t, s.dtype)
         gx_z, g_ws, g_zb = _spatial_z_backward(gz, x, ws)
-        gx = gx_z if gx is None else gx.add_(gx_z)
+        gx = gx_z if gx is None else _add_into(gx, gx_z)
         gs_z, gt_z = g_ws * wv, g_zb * wv
         g_sw = (g_ws * s + g_zb * t).to(spatial_w.dtype).reshape(spatial_w.shape)
     coef_args = (state, g_big_a, g_big_b, m, None if batch else mu, var, weight, bias, w1, w2, lambda_a, lambda_b,
@@ -633,19 +633,26 @@ def _site_backward(gx, g_big_a, g_big_b, gz, x, m, mu, var, batch, weight, bias,
     return (gx, *grads, _no_z(x) if g_sw is None else g_sw)
 
 
+def _add_into(gx: Tensor, t: Tensor) -> Tensor:
+    """gx + t: in place in eager mode (gx is fresh), out of place while the body is traced, where gx may
+    be an ``as_strided`` view from ``_match`` (size-1 dims, e.g. channels_last 1x1 maps), on which
+    functionalization cannot replay an in-place op (and Inductor reuses the buffer anyway)."""
+    return gx + t if _triton.tracing() else gx.add_(t)
+
+
 def _add_stats_grad(gx: Optional[Tensor], x: Tensor, mu: Tensor, gm: Tensor, gvar: Tensor, batch: bool) -> Tensor:
     """gx (a fresh tensor, or None for zeros) plus the gradient that m (and with batch statistics var)
     pass back to x: the moments' backward (one affine pass, in place where the C kernels run) or the
     pool's (gm / L everywhere)."""
     if not batch:
         stats = _pool_grad_of(gm, x.shape)
-        return _match(stats, x) if gx is None else gx.add_(stats)
+        return _match(stats, x) if gx is None else _add_into(gx, stats)
     x3 = _as3d(x)
     if gx is not None and x3.dtype == mu.dtype and backend.native(x3) and gx.is_contiguous():
         _native.moments_backward_(_as3d(gx), x3, mu, gm, gvar)
         return gx
     stats = IMPLS["moments_backward"](x, mu, gm, gvar)
-    return stats if gx is None else gx.add_(stats)
+    return stats if gx is None else _add_into(gx, stats)
 
 
 def _bn_coefs_backward(state, g_big_a, g_big_b, m, mu, var, weight, bias, w1, w2, lambda_a, lambda_b, gs_z, gt_z,
