@@ -23,7 +23,6 @@ pytest.importorskip("triton")
 
 import models  # noqa: E402
 from dyrelu import DyReLU  # noqa: E402
-from dyrelu.fused import ops  # noqa: E402
 from torch._functorch.aot_autograd import aot_export_module  # noqa: E402
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
