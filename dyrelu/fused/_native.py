@@ -220,6 +220,11 @@ def _register_fakes() -> None:
     def _(x, w, gz):
         return torch.empty_like(x), x.new_empty(x.shape[1])
 
+    def param_grads(ref, weight, bias, w1, w2):  # grad weight, bias (empty where absent), w1, b1, w2, b2
+        return (ref.new_empty(0) if weight is None else torch.empty_like(weight),
+                ref.new_empty(0) if bias is None else torch.empty_like(bias), torch.empty_like(w1),
+                w1.new_empty(w1.shape[0]), torch.empty_like(w2), w2.new_empty(w2.shape[0]))
+
     def state(m, w1, w2, k, width):  # bn_state's list: r, t, ph, h_pre, h, sig, a
         n, c = m.shape
         cdt = torch.float64 if m.dtype == torch.float64 else torch.float32
@@ -238,17 +243,14 @@ def _register_fakes() -> None:
     @reg("dyrelu_cpu::bn_coefs_backward")
     def _(state_, g_big_a, g_big_b, m, mu, var, weight, bias, w1, w2, lambda_a, lambda_b, gs_extra, gt_extra,
           segments, width, use_bias):
-        return (torch.empty_like(m), torch.empty_like(var),
-                m.new_empty(0) if weight is None else torch.empty_like(weight),
-                m.new_empty(0) if bias is None else torch.empty_like(bias), torch.empty_like(w1),
-                w1.new_empty(w1.shape[0]), torch.empty_like(w2), w2.new_empty(w2.shape[0]))
+        return (torch.empty_like(m), torch.empty_like(var), *param_grads(m, weight, bias, w1, w2))
 
     @reg("dyrelu_cpu::moments_backward_")
     def _(gx, x, mu, g_m, g_var):
         return gx
 
     @reg("dyrelu_cpu::site_coefs")
-    def _(x, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, spatial_w, segments,
+    def site_coefs(x, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, spatial_w, segments,
           width, use_bias):
         n, c, k = x.shape[0], x.shape[1], init_a.shape[0]
         m = x.new_empty((n, c))
@@ -261,26 +263,20 @@ def _register_fakes() -> None:
     def _(g_big_a, g_big_b, gz, x, m, mu, var, batch, weight, bias, w1, w2, lambda_a, lambda_b, spatial_w, state_,
           segments, width, use_bias):
         with_z = gz is not None and spatial_w is not None
-        return (torch.empty_like(x), x.new_empty(0) if weight is None else torch.empty_like(weight),
-                x.new_empty(0) if bias is None else torch.empty_like(bias), torch.empty_like(w1),
-                w1.new_empty(w1.shape[0]), torch.empty_like(w2), w2.new_empty(w2.shape[0]),
+        return (torch.empty_like(x), *param_grads(x, weight, bias, w1, w2),
                 torch.empty_like(spatial_w) if with_z else x.new_empty(0))
 
     @reg("dyrelu_cpu::bn_act")
     def _(x, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, segments, width,
           use_bias):
-        n, c, k = x.shape[0], x.shape[1], init_a.shape[0]
-        m = x.new_empty((n, c))
-        stat = x.new_empty(c) if mean is None else x.new_empty(0)
-        return (torch.empty_like(x), x.new_empty((n, k, c)), x.new_empty((n, k, c)), m, stat,
-                torch.empty_like(stat), state(m, w1, w2, k, width))
+        big_a, big_b, _, *rest = site_coefs(x, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b,
+                                            lambda_a, lambda_b, None, segments, width, use_bias)
+        return (torch.empty_like(x), big_a, big_b, *rest)
 
     @reg("dyrelu_cpu::bn_act_backward")
     def _(g, x, big_a, big_b, m, mu, var, batch, weight, bias, w1, w2, lambda_a, lambda_b, state_, segments, width,
           use_bias):
-        return (torch.empty_like(x), x.new_empty(0) if weight is None else torch.empty_like(weight),
-                x.new_empty(0) if bias is None else torch.empty_like(bias), torch.empty_like(w1),
-                w1.new_empty(w1.shape[0]), torch.empty_like(w2), w2.new_empty(w2.shape[0]))
+        return (torch.empty_like(x), *param_grads(x, weight, bias, w1, w2))
 
 
 def ok(x3: torch.Tensor, k: int) -> bool:

@@ -488,23 +488,25 @@ def _launch(plan: Plan, device: torch.device, tensors: tuple) -> bool:
     key = (plan.kernel, tuple(plan.meta.items()), plan.num_warps, tensors[1 if plan.kernel == "_apply_bwd_kernel" else 0].dtype, device)
     meta = dict(plan.meta, ACC=getattr(tl, plan.meta["ACC"]))
     fn = globals()[plan.kernel]
-    if tracing():  # a graph node, run later by the compiled code: nothing to guard here
-        if key in _FAILED:
-            return False
+    if key in _FAILED:
+        return False
+
+    def launch():  # the kernel, or while tracing its graph node
         launcher(fn, plan.grid)(*tensors, *plan.ints.values(), **meta, **launch_options(plan))
+
+    if tracing():  # run later by the compiled code: nothing to guard here
+        launch()
         return True
     if key in _OK:
         with device_guard(device):
-            fn[plan.grid](*tensors, *plan.ints.values(), **meta, **launch_options(plan))
+            launch()
         return True
-    if key in _FAILED:
-        return False
     expected = arg_dtypes(plan.kernel, tensors[0].dtype if plan.kernel != "_apply_bwd_kernel" else tensors[1].dtype)
     if tuple(t.dtype for t in tensors) != expected:  # the AOT test compiles `expected`: keep them equal
         raise AssertionError(f"{plan.kernel}: tensor dtypes {[t.dtype for t in tensors]} != {expected}")
     try:
         with device_guard(device):
-            fn[plan.grid](*tensors, *plan.ints.values(), **meta, **launch_options(plan))
+            launch()
     except Exception as err:
         if strict():
             raise

@@ -702,12 +702,18 @@ def _bn_coefs_backward(state, g_big_a, g_big_b, m, mu, var, weight, bias, w1, w2
 
 
 @_fake(bn_coefs_backward)
-def _(g_big_a, g_big_b, gz, x, m, mu, var, batch, weight, bias, w1, w2, lambda_a, lambda_b, spatial_w, state,
-      segments, width, use_bias):
+def _bn_coefs_backward_fake(g_big_a, g_big_b, gz, x, m, mu, var, batch, weight, bias, w1, w2, lambda_a, lambda_b,
+                            spatial_w, state, segments, width, use_bias):
     with_z = gz is not None and spatial_w is not None
     return (torch.empty_like(x), _empty(m) if weight is None else torch.empty_like(weight),
             _empty(m) if bias is None else torch.empty_like(bias), torch.empty_like(w1), w1.new_empty(w1.shape[0]),
             torch.empty_like(w2), w2.new_empty(w2.shape[0]), torch.empty_like(spatial_w) if with_z else _no_z(x))
+
+
+def _normalised_with(mean: Optional[Tensor], var: Tensor, mu_b: Tensor, var_b: Tensor):
+    """(mu, var, batch) for a site's backward: the batch's statistics when the forward got no running
+    ones (mean None), else the running ones."""
+    return (mu_b, var_b, True) if mean is None else (mean, var, False)
 
 
 def _bn_coefs_setup(ctx, inputs, output):
@@ -725,10 +731,9 @@ def _bn_coefs_grad(ctx, g_big_a, g_big_b, gz, *_unused):
         return (None,) * 18
     x, mean, var, weight, bias, w1, w2, lambda_a, lambda_b, spatial_w = ctx.saved_tensors
     m, mu_b, var_b, state = ctx.kept
-    batch = mean is None
     gx, g_weight, g_bias, gw1, gb1, gw2, gb2, g_sw = torch.ops.dyrelu.bn_coefs_backward(
-        g_big_a, g_big_b, gz, x, m, mu_b if batch else mean, var_b if batch else var, batch, weight, bias, w1, w2,
-        lambda_a, lambda_b, spatial_w, state, *ctx.meta)
+        g_big_a, g_big_b, gz, x, m, *_normalised_with(mean, var, mu_b, var_b), weight, bias, w1, w2, lambda_a,
+        lambda_b, spatial_w, state, *ctx.meta)
     with_z = gz is not None and spatial_w is not None
     return (gx, None, None, g_weight if weight is not None else None, g_bias if bias is not None else None, None,
             gw1, gb1, gw2, gb2, None, None, None, None, g_sw if with_z else None, None, None, None)
@@ -921,9 +926,8 @@ def bn_act_backward(g: Tensor, x: Tensor, big_a: Tensor, big_b: Tensor, m: Tenso
 @_fake(bn_act_backward)
 def _(g, x, big_a, big_b, m, mu, var, batch, weight, bias, w1, w2, lambda_a, lambda_b, state, segments, width,
       use_bias):
-    return (torch.empty_like(x), _empty(m) if weight is None else torch.empty_like(weight),
-            _empty(m) if bias is None else torch.empty_like(bias), torch.empty_like(w1),
-            w1.new_empty(w1.shape[0]), torch.empty_like(w2), w2.new_empty(w2.shape[0]))
+    return _bn_coefs_backward_fake(None, None, None, x, m, mu, var, batch, weight, bias, w1, w2, lambda_a, lambda_b,
+                                   None, state, segments, width, use_bias)[:7]
 
 
 def _bn_act_setup(ctx, inputs, output):
@@ -941,10 +945,9 @@ def _bn_act_grad(ctx, gy, *_unused):
         return (None,) * 17
     x, mean, var, weight, bias, w1, w2, lambda_a, lambda_b = ctx.saved_tensors
     big_a, big_b, m, mu_b, var_b, state = ctx.kept
-    batch = mean is None
     gx, g_weight, g_bias, gw1, gb1, gw2, gb2 = torch.ops.dyrelu.bn_act_backward(
-        gy, x, big_a, big_b, m, mu_b if batch else mean, var_b if batch else var, batch, weight, bias, w1, w2,
-        lambda_a, lambda_b, state, *ctx.meta)
+        gy, x, big_a, big_b, m, *_normalised_with(mean, var, mu_b, var_b), weight, bias, w1, w2, lambda_a,
+        lambda_b, state, *ctx.meta)
     return (gx, None, None, g_weight if weight is not None else None, g_bias if bias is not None else None, None,
             gw1, gb1, gw2, gb2, None, None, None, None, None, None, None)
 
