@@ -260,28 +260,29 @@ def test_triton_interpreter_bn_act():
 
 
 def test_triton_failure_falls_back(monkeypatch):
-    """A Triton launch that raises warns once and the statistics run on torch ops (same values);
-    DYRELU_FUSED_BACKEND=triton makes it raise instead."""
-    from dyrelu.fused import _triton_bn
+    """A Triton launch that raises warns once per configuration, loudly, naming the kernel and the
+    error, and the site runs on other kernels (same values); DYRELU_FUSED_BACKEND=triton raises."""
+    from dyrelu.fused import _triton, _triton_bn
 
-    def boom(*args):
-        raise RuntimeError("no kernel image for this GPU")
+    def boom(fn, grid):
+        def run(*args, **kwargs):
+            raise RuntimeError(f"no kernel image for this GPU ({fn.__name__})")
+        return run
 
-    monkeypatch.setattr(ops, "_TRITON_BN_FAILED", [])
-    monkeypatch.setattr(dyrelu.fused.backend, "choose", lambda x: "triton")  # (the apply kernels then fall back too)
-    monkeypatch.setattr(dyrelu.fused._triton, "_FAILED", {})
-    monkeypatch.setattr(dyrelu.fused._triton, "_OK", set())
+    monkeypatch.setattr(dyrelu.fused.backend, "choose", lambda x: "triton")
+    monkeypatch.setattr(_triton, "_FAILED", {})
+    monkeypatch.setattr(_triton, "_OK", set())
+    monkeypatch.setattr(_triton, "launcher", boom)
     monkeypatch.setattr(_triton_bn, "available", lambda device: True)
-    monkeypatch.setattr(_triton_bn, "row_moments", boom)
     bn, act = _pair("B", 2, True)
     x = torch.randn(2, 12, 5, 5)
     want = act(copy.deepcopy(bn)(x))
-    with pytest.warns(RuntimeWarning, match="no kernel image"):
+    with pytest.warns(RuntimeWarning, match=r"_row_moments_kernel.*no kernel image"):
         got = bn_dyrelu(x, bn, act)
     _close(got, want, 1e-5)
-    assert ops._TRITON_BN_FAILED and not ops._use_triton_bn(x)
+    assert any(key[0] == "_row_moments_kernel" for key in _triton._FAILED)
     monkeypatch.setenv("DYRELU_FUSED_BACKEND", "triton")
-    monkeypatch.setattr(ops, "_TRITON_BN_FAILED", [])
+    monkeypatch.setattr(_triton, "_FAILED", {})
     with pytest.raises(RuntimeError, match="no kernel image"):
         bn_dyrelu(x, bn, act)
 

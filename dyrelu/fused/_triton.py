@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import threading
 import warnings
@@ -356,6 +357,9 @@ def _acc_torch(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+_ARG_DTYPES = ("_pool_kernel", "_apply_fwd_kernel", "_apply_bwd_kernel")
+
+
 def arg_dtypes(kernel: str, dtype: torch.dtype) -> tuple:
     """The dtypes of a kernel's tensor arguments for inputs of ``dtype`` (the launches' contract)."""
     acc = _acc_torch(dtype)
@@ -437,7 +441,7 @@ def launch_options(plan: Plan) -> dict:
     blocks); capped at 128 both compile without spills.
     """
     opts = {"num_warps": plan.num_warps}
-    if plan.kernel != "_pool_kernel" and _has_maxnreg():
+    if plan.kernel in ("_apply_fwd_kernel", "_apply_bwd_kernel") and _has_maxnreg():
         opts["maxnreg"] = MAX_REGISTERS
     return opts
 
@@ -461,12 +465,38 @@ def tracing() -> bool:
     return getattr(_STATE, "tracing", False)
 
 
+def recording():
+    """The list launches are appended to instead of run (``record_launches``), or None."""
+    return getattr(_STATE, "record", None)
+
+
+@contextlib.contextmanager
+def record_launches():
+    """Launches inside are counted, not run: each appends its kernel's name to the yielded list.
+    scripts/count_ops.py runs a step on fake CUDA tensors under this (no GPU, no driver)."""
+    before = recording()
+    _STATE.record = names = []
+    try:
+        yield names
+    finally:
+        _STATE.record = before
+
+
 def launcher(fn, grid):
     """``fn[grid]``; while tracing, its ``torch.library.wrap_triton`` twin, which records the launch as
-    a graph node (a user-defined Triton kernel that Inductor calls from the compiled code)."""
+    a graph node (a user-defined Triton kernel that Inductor calls from the compiled code); while
+    recording, a stand-in that notes the kernel's name."""
     if tracing():
         return torch.library.wrap_triton(fn)[grid]
+    names = recording()
+    if names is not None:
+        return lambda *args, **kwargs: names.append(fn.__name__)
     return fn[grid]
+
+
+# kernel name -> jit function, for the kernels of the other Triton modules (_triton_bn, _triton_site),
+# which launch through ``_launch`` too: one guarded first launch and one failure latch for all
+KERNELS: dict = {}
 
 
 def device_guard(device: torch.device):
@@ -476,34 +506,42 @@ def device_guard(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _launch(plan: Plan, device: torch.device, tensors: tuple) -> bool:
-    """Runs the plan; False when this configuration has failed (the caller uses torch kernels).
+def _launch(plan: Plan, device: torch.device, tensors: tuple, args: tuple = ()) -> bool:
+    """Runs the plan; False when this configuration has failed (the caller uses another kernel).
 
-    The first launch of each configuration (dtypes, constexprs, warps, device) is guarded: a
-    compile or launch error gives one warning naming it and marks the configuration failed for
+    The one failure latch of every Triton kernel here (_triton_bn and _triton_site launch through
+    it too). The first launch of each configuration (kernel, dtypes, constexprs, warps, device) is
+    guarded: a compile or launch error gives one loud warning (``warnings`` and the ``dyrelu`` logger's
+    error) naming the kernel, the configuration and the error, and marks the configuration failed for
     the rest of the process. Later launches are not wrapped (cost nothing extra). Under
-    DYRELU_FUSED_BACKEND=triton the error propagates.
+    DYRELU_FUSED_BACKEND=triton the error propagates. While tracing (compile, export's decompositions)
+    nothing is latched: an error there fails the trace, loudly, instead of switching kernels behind
+    the compiled code's back. ``args``: non-tensor arguments after the integers (floats).
     """
     # the input dtype fixes every tensor's dtype (arg_dtypes, checked below on the first launch)
-    key = (plan.kernel, tuple(plan.meta.items()), plan.num_warps, tensors[1 if plan.kernel == "_apply_bwd_kernel" else 0].dtype, device)
-    meta = dict(plan.meta, ACC=getattr(tl, plan.meta["ACC"]))
-    fn = globals()[plan.kernel]
+    first = tensors[1 if plan.kernel == "_apply_bwd_kernel" else 0]
+    key = (plan.kernel, tuple(plan.meta.items()), plan.num_warps, first.dtype, device)
+    meta = dict(plan.meta)
+    if "ACC" in meta:
+        meta["ACC"] = getattr(tl, meta["ACC"])
+    fn = KERNELS.get(plan.kernel) or globals()[plan.kernel]
     if key in _FAILED:
         return False
 
     def launch():  # the kernel, or while tracing its graph node
-        launcher(fn, plan.grid)(*tensors, *plan.ints.values(), **meta, **launch_options(plan))
+        launcher(fn, plan.grid)(*tensors, *plan.ints.values(), *args, **meta, **launch_options(plan))
 
-    if tracing():  # run later by the compiled code: nothing to guard here
+    if tracing() or recording() is not None:  # run later by the compiled code / counted: nothing to guard
         launch()
         return True
     if key in _OK:
         with device_guard(device):
             launch()
         return True
-    expected = arg_dtypes(plan.kernel, tensors[0].dtype if plan.kernel != "_apply_bwd_kernel" else tensors[1].dtype)
-    if tuple(t.dtype for t in tensors) != expected:  # the AOT test compiles `expected`: keep them equal
-        raise AssertionError(f"{plan.kernel}: tensor dtypes {[t.dtype for t in tensors]} != {expected}")
+    if plan.kernel in _ARG_DTYPES:
+        expected = arg_dtypes(plan.kernel, first.dtype)
+        if tuple(t.dtype for t in tensors) != expected:  # the AOT test compiles `expected`: keep them equal
+            raise AssertionError(f"{plan.kernel}: tensor dtypes {[t.dtype for t in tensors]} != {expected}")
     try:
         with device_guard(device):
             launch()
@@ -511,12 +549,11 @@ def _launch(plan: Plan, device: torch.device, tensors: tuple) -> bool:
         if strict():
             raise
         _FAILED[key] = f"{type(err).__name__}: {err}"
-        warnings.warn(
-            f"dyrelu: Triton kernel {plan.kernel} {plan.meta} num_warps={plan.num_warps} failed on {device} "
-            f"({type(err).__name__}: {str(err).strip()[:500]}); this configuration uses the torch "
-            "kernels from now on (set DYRELU_FUSED_BACKEND=triton to raise instead)",
-            RuntimeWarning, stacklevel=3,
-        )
+        msg = (f"dyrelu: Triton kernel {plan.kernel} {plan.meta} num_warps={plan.num_warps} failed on {device} "
+               f"({type(err).__name__}: {str(err).strip()[:500]}); this configuration uses slower fallback "
+               "kernels from now on (set DYRELU_FUSED_BACKEND=triton to raise instead)")
+        logging.getLogger("dyrelu").error(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
         return False
     _OK.add(key)
     return True
@@ -573,8 +610,11 @@ def apply_forward(x3, a, b, pi) -> Optional[torch.Tensor]:
     return y3
 
 
-def apply_backward(g3, x3, a, b, pi, need_pi: bool):
-    """(grad_x, sum_gx, sum_g, grad_pi) with (N, K, C) sums and (N, 1, L) grad_pi, or None."""
+def apply_backward(g3, x3, a, b, pi, need_pi: bool, raw: bool = False):
+    """(grad_x, sum_gx, sum_g, grad_pi) with (N, K, C) sums and (N, 1, L) grad_pi, or None.
+
+    raw: the per-split partial sums (split, N, K, C) are returned unsummed (the site kernels of
+    _triton_site add them while they read them: no launch for the sum)."""
     k = a.shape[1]
     if k > MAX_K:
         return None
@@ -591,6 +631,8 @@ def apply_backward(g3, x3, a, b, pi, need_pi: bool):
     pi = af if pi is None else pi.to(acc)
     if not _launch(plan, x3.device, (g3, x3, gx3, af, bf, pi, psx, ps, ppi)):
         return None
+    if raw:
+        return gx3, psx, ps, None if (ppi is psx or not need_pi) else ppi
     sum_gx = psx[0] if plan.split == 1 else psx.sum(0)
     sum_g = ps[0] if plan.split == 1 else ps.sum(0)
     gpi = None

@@ -11,7 +11,8 @@ folded coefficients (see bn_act.py); these two kernels add what BN needs:
 * ``affine_rows``: out = alpha_c x + beta_nc (the backward of the statistics), one read, one write,
   output with x's strides.
 
-Both handle NCHW (L stride 1) and channels_last (C stride 1) without a copy. Grid: one axis (N and
+Launches go through ``_triton._launch``: the device guard, the guarded first launch and the one
+failure latch of every Triton kernel here. Both handle NCHW (L stride 1) and channels_last (C stride 1) without a copy. Grid: one axis (N and
 the channel blocks folded into axis 0, the L blocks too for ``affine_rows``), so no grid dimension
 limit binds for any batch size.
 """
@@ -21,13 +22,16 @@ from typing import Tuple
 
 import torch
 
-from ._triton import HAS_TRITON, available, interpreting, launcher
+from . import _triton
+from ._triton import HAS_TRITON, Plan, available, interpreting
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    @triton.jit
+    # every integer argument unspecialised (no recompile per shape or stride, Triton's default
+    # specialises on ==1 and %16): a configuration is the dtype and the constexprs only
+    @triton.jit(do_not_specialize=["N", "C", "L", "sxn", "sxc", "sxl", "C_BLOCKS", "L_PER"])
     def _row_moments_kernel(x_ptr, s1_ptr, s2_ptr, N, C, L, sxn, sxc, sxl, C_BLOCKS, L_PER,
                             BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, ACC: tl.constexpr):
         # program = (L split, sample, channel block); it writes the shifted sums of its L range,
@@ -57,7 +61,7 @@ if HAS_TRITON:
         tl.store(s1_ptr + out, tl.sum(acc, axis=1), mask=mask_c)
         tl.store(s2_ptr + out, tl.sum(acc2, axis=1), mask=mask_c)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["C", "L", "sxn", "sxc", "sxl", "son", "soc", "sol", "C_BLOCKS", "L_BLOCKS"])
     def _affine_rows_kernel(x_ptr, out_ptr, alpha_ptr, beta_ptr, C, L, sxn, sxc, sxl, son, soc, sol,
                             C_BLOCKS, L_BLOCKS,
                             BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, ACC: tl.constexpr):
@@ -79,12 +83,15 @@ if HAS_TRITON:
                  y.to(out_ptr.dtype.element_ty), mask=m)
 
 
+    _triton.KERNELS.update(_row_moments_kernel=_row_moments_kernel, _affine_rows_kernel=_affine_rows_kernel)
+
+
 def _acc_torch(x3: torch.Tensor) -> torch.dtype:
     return torch.float64 if x3.dtype == torch.float64 else torch.float32
 
 
-def _acc(x3: torch.Tensor):
-    return tl.float64 if x3.dtype == torch.float64 else tl.float32
+def _acc(x3: torch.Tensor) -> str:
+    return "float64" if x3.dtype == torch.float64 else "float32"
 
 
 def tiles(c: int, l: int, unit_l: bool) -> Tuple[int, int, int]:
@@ -112,8 +119,9 @@ def moments_split(n: int, c_blocks: int, l: int, bl: int) -> Tuple[int, int]:
     return triton.cdiv(l, l_per), l_per
 
 
-def row_moments(x3: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(mean, biased var) over L of an (N, C, L) view, each (N, C) in fp32 (fp64 for fp64)."""
+def row_partials(x3: torch.Tensor):
+    """(s1, s2, split) of the statistics kernel, or None (this configuration failed: the caller
+    falls back). s1, s2 (split, N, C): per L range, sum (x - x0) and sum (x - x0)^2 with x0 = x[:, :, 0]."""
     n, c, l = x3.shape
     acc = _acc_torch(x3)
     bc, bl, warps = tiles(c, l, x3.stride(2) == 1)
@@ -122,8 +130,24 @@ def row_moments(x3: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     split, l_per = moments_split(n, c_blocks, l, bl)
     s1 = torch.empty(split, n, c, device=x3.device, dtype=acc)
     s2 = torch.empty_like(s1)
-    launcher(_row_moments_kernel, (split * n * c_blocks,))(
-        x3, s1, s2, n, c, l, *x3.stride(), c_blocks, l_per, BLOCK_C=bc, BLOCK_L=bl, ACC=_acc(x3), num_warps=warps)
+    sxn, sxc, sxl = x3.stride()
+    plan = Plan("_row_moments_kernel", (split * n * c_blocks,),
+                dict(N=n, C=c, L=l, sxn=sxn, sxc=sxc, sxl=sxl, C_BLOCKS=c_blocks, L_PER=l_per),
+                dict(BLOCK_C=bc, BLOCK_L=bl, ACC=_acc(x3)), warps, split)
+    if not _triton._launch(plan, x3.device, (x3, s1, s2)):
+        return None
+    return s1, s2, split
+
+
+def row_moments(x3: torch.Tensor):
+    """(mean, biased var) over L of an (N, C, L) view, each (N, C) in fp32 (fp64 for fp64), or None
+    (the kernel failed on this configuration: one warning, the caller uses torch ops)."""
+    got = row_partials(x3)
+    if got is None:
+        return None
+    s1, s2, split = got
+    l = x3.shape[2]
+    acc = s1.dtype
     if split > 1:
         s1, s2 = s1.sum(0), s2.sum(0)
     else:
@@ -134,16 +158,20 @@ def row_moments(x3: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return mean, var
 
 
-def affine_rows(x3: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """alpha (C,) * x + beta (N, C) per row of an (N, C, L) view; output with x's strides."""
+def affine_rows(x3: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor):
+    """alpha (C,) * x + beta (N, C) per row of an (N, C, L) view; output with x's strides; or None."""
     n, c, l = x3.shape
     out = torch.empty_strided(x3.shape, x3.stride(), dtype=x3.dtype, device=x3.device)
     bc, bl, warps = tiles(c, l, x3.stride(2) == 1)
     c_blocks, l_blocks = triton.cdiv(c, bc), triton.cdiv(l, bl)
-    launcher(_affine_rows_kernel, (n * c_blocks * l_blocks,))(
-        x3, out, alpha, beta, c, l, *x3.stride(), *out.stride(), c_blocks, l_blocks,
-        BLOCK_C=bc, BLOCK_L=bl, ACC=_acc(x3), num_warps=warps)
+    sxn, sxc, sxl = x3.stride()
+    son, soc, sol = out.stride()
+    plan = Plan("_affine_rows_kernel", (n * c_blocks * l_blocks,),
+                dict(C=c, L=l, sxn=sxn, sxc=sxc, sxl=sxl, son=son, soc=soc, sol=sol, C_BLOCKS=c_blocks,
+                     L_BLOCKS=l_blocks), dict(BLOCK_C=bc, BLOCK_L=bl, ACC=_acc(x3)), warps, 1)
+    if not _triton._launch(plan, x3.device, (x3, out, alpha, beta)):
+        return None
     return out
 
 
-__all__ = ["available", "row_moments", "affine_rows", "tiles", "HAS_TRITON"]
+__all__ = ["available", "row_moments", "row_partials", "affine_rows", "tiles", "HAS_TRITON"]

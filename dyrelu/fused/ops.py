@@ -26,7 +26,6 @@ Variant C's pi is an input of ``apply``: it is computed by ``DyReLU.spatial_pi``
 """
 from __future__ import annotations
 
-import warnings
 from typing import List, Optional, Tuple
 
 import torch
@@ -96,25 +95,10 @@ class _NoAutocast:
             self.cm.__exit__(*exc)
 
 
-_TRITON_BN_FAILED: list = []  # the first launch error of the BN statistics kernels, once one happened
-
-
-def _triton_bn_or_none(launch, *args):
-    """Runs a Triton BN-statistics launcher; a failure warns once and switches them to torch ops, so a
-    compile or launch problem on some GPU cannot kill a training run (forced Triton raises)."""
-    try:
-        return launch(*args)
-    except Exception as err:
-        if backend.strict():
-            raise
-        _TRITON_BN_FAILED.append(repr(err))
-        warnings.warn(f"dyrelu fused BN + DY-ReLU: Triton kernel {launch.__name__} failed ({err!r}); "
-                      "using torch ops for its statistics from now on", RuntimeWarning, stacklevel=3)
-        return None
-
-
 def _use_triton_bn(x3: Tensor) -> bool:
-    return not _TRITON_BN_FAILED and backend.choose(x3) == "triton" and _triton_bn.available(x3.device)
+    """The BN statistics kernels of _triton_bn run (each returns None where its configuration failed:
+    ``_triton._launch``'s one failure latch warns once, loudly, and the caller uses torch ops)."""
+    return backend.choose(x3) == "triton" and _triton_bn.available(x3.device)
 
 
 # ---------------------------------------------------------------------------------------
@@ -307,6 +291,16 @@ def _pool_grad_of(gp: Tensor, shape) -> Tensor:
     for d in shape[2:]:
         length *= d
     return (gp / length).reshape(tuple(shape[:2]) + (1,) * (len(shape) - 2)).expand(shape)
+
+
+def _pool_acc(x: Tensor) -> Tensor:
+    """(N, C) mean over the spatial dims in the accumulation dtype (float32, float64 for float64)."""
+    x3 = _as3d(x)
+    if backend.choose(x) == "triton":
+        pooled = _triton.pool(x3)
+        if pooled is not None:
+            return pooled.contiguous()
+    return x3.mean(2, dtype=tk.compute_dtype(x.dtype))
 
 
 @_op("pool")
@@ -545,7 +539,10 @@ def _site_stats(x: Tensor, mean: Optional[Tensor], var: Optional[Tensor]):
     if mean is None:
         m, var_b, mu_b = IMPLS["moments"](x)
         return m, var_b, mu_b, var_b
-    return IMPLS["pool"](x), var, _no_z(x), _no_z(x)
+    if x.device.type == "cpu":  # (today's bits on the CPU: the mean in x's dtype)
+        return IMPLS["pool"](x), var, _no_z(x), _no_z(x)
+    # elsewhere the context comes from the fp32 mean, as in training (moments): not a bf16-rounded one
+    return _pool_acc(x), var, _no_z(x), _no_z(x)
 
 
 @_op("bn_coefs")
@@ -586,7 +583,8 @@ def _bn_coefs_fake(x, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init
         m, var_used, mu_b, var_b = (x.new_empty((n, c), dtype=cdt), x.new_empty(c, dtype=cdt),
                                     x.new_empty(c, dtype=cdt), x.new_empty(c, dtype=cdt))
     else:
-        m, var_used, mu_b, var_b = x.new_empty((n, c)), var, _no_z(x), _no_z(x)
+        mdt = x.dtype if x.device.type == "cpu" else cdt  # as _site_stats
+        m, var_used, mu_b, var_b = x.new_empty((n, c), dtype=mdt), var, _no_z(x), _no_z(x)
     # the coefficient math itself on fake tensors: its intermediates' shapes and dtypes (autocast included)
     big_a, big_b, state = _bn_coefs_math(m, mean, var_used, weight, bias, eps, w1, b1, w2, b2, init_a, init_b,
                                          lambda_a, lambda_b, segments, width, use_bias)
@@ -756,7 +754,7 @@ def _row_moments(x3: Tensor, cdt: torch.dtype) -> Tuple[Tensor, Tensor]:
     """
     n, c, l = x3.shape
     if _use_triton_bn(x3):
-        got = _triton_bn_or_none(_triton_bn.row_moments, x3)
+        got = _triton_bn.row_moments(x3)
         if got is not None:
             return got
     if x3.device.type == "cpu" and tk.bn_ok(x3):
@@ -799,7 +797,7 @@ def _affine_rows(x3: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
     """alpha_c x + beta_nc on (N, C, L), output like x (a fresh tensor, one pass)."""
     n, c, l = x3.shape
     if _use_triton_bn(x3):
-        got = _triton_bn_or_none(_triton_bn.affine_rows, x3, alpha.contiguous(), beta.contiguous())
+        got = _triton_bn.affine_rows(x3, alpha.contiguous(), beta.contiguous())
         if got is not None:
             return got
     if x3.device.type == "cpu" and tk.bn_ok(x3):
