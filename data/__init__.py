@@ -75,7 +75,9 @@ def build_cls_datasets(name: str, root=None, crop_size: Optional[int] = None, va
 
     ``crop_size`` None = the dataset's default (224 for imagenet, 64 for demo); ``val_resize`` None =
     int(crop_size / 0.875). Common kwargs: ``crop_scale`` (RandomResizedCrop scale), ``hflip``, ``interpolation``,
-    ``scan_bad_images`` (None = auto), ``bad_files_log``, ``mean``, ``std``. ``demo`` also takes
+    ``scan_bad_images`` (None = auto), ``bad_files_log``, ``mean``, ``std``, ``pipeline`` ("classic", the
+    default: float tensors; "uint8" or "gpu_decode": see data/feeding.py, whose ``DeviceFeed`` finishes
+    the batch on the device), ``draft`` (uint8: reduced-size JPEG decode when the crop allows it). ``demo`` also takes
     ``num_classes``, ``train_per_class``, ``val_per_class``, ``image_size``, ``seed`` (its root
     None = the default cache, generated if needed).
     """
@@ -88,16 +90,25 @@ def build_cls_datasets(name: str, root=None, crop_size: Optional[int] = None, va
 
 def _image_folder_pair(root, crop_size, val_resize, color_jitter, skip_bad_images, crop_scale=(0.08, 1.0),
                        hflip=0.5, interpolation="bilinear", scan_bad_images=None, bad_files_log=None,
-                       mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None):
+                       mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+                       pipeline: str = "classic", draft: bool = True):
     crop_scale = (0.08, 1.0) if crop_scale is None else tuple(float(v) for v in crop_scale)
     check_imagenet_root(root)
-    norm = {k: tuple(v) for k, v in (("mean", mean), ("std", std)) if v is not None}
-    train_tf = build_train_transform(crop_size, scale=crop_scale, color_jitter=color_jitter, hflip=hflip,
-                                     interpolation=interpolation, **norm)
-    val_tf = build_val_transform(crop_size, resize=val_resize, interpolation=interpolation, **norm)
     common = dict(skip_bad_images=skip_bad_images, scan_bad_images=scan_bad_images, bad_files_log=bad_files_log)
-    train_ds = RobustImageFolder(root, "train", transform=train_tf, **common)
-    val_ds = RobustImageFolder(root, "val", transform=val_tf, class_to_idx=train_ds.class_to_idx, **common)
+    if pipeline == "classic":
+        norm = {k: tuple(v) for k, v in (("mean", mean), ("std", std)) if v is not None}
+        train_tf = build_train_transform(crop_size, scale=crop_scale, color_jitter=color_jitter, hflip=hflip,
+                                         interpolation=interpolation, **norm)
+        val_tf = build_val_transform(crop_size, resize=val_resize, interpolation=interpolation, **norm)
+        train_kw, val_kw = dict(transform=train_tf), dict(transform=val_tf)
+    else:  # uint8 / gpu_decode: the samples are uint8 or bytes; data.feeding.DeviceFeed normalises on the device
+        from .feeding import build_readers
+
+        train_rd, val_rd = build_readers(pipeline, crop_size, scale=crop_scale, hflip=hflip, color_jitter=color_jitter,
+                                         val_resize=val_resize, interpolation=interpolation, draft=draft)
+        train_kw, val_kw = dict(reader=train_rd), dict(reader=val_rd)
+    train_ds = RobustImageFolder(root, "train", **train_kw, **common)
+    val_ds = RobustImageFolder(root, "val", class_to_idx=train_ds.class_to_idx, **val_kw, **common)
     return train_ds, val_ds, len(train_ds.classes), list(train_ds.class_names)
 
 

@@ -150,15 +150,23 @@ def read_class_names(root: Union[str, Path], classes: Sequence[str]) -> List[str
     return list(classes)
 
 
-def load_image(path: Union[str, os.PathLike]) -> Image.Image:
-    """Decode ``path`` fully and return an RGB PIL image; any failure is a :class:`BadImageError`."""
+def load_image(path: Union[str, os.PathLike], before_load: Optional[Callable[[Image.Image], None]] = None
+               ) -> Image.Image:
+    """Decode ``path`` fully and return an RGB PIL image; any failure is a :class:`BadImageError`.
+
+    ``before_load(img)`` runs on the opened, not yet decoded image (its size and format are known):
+    the uint8 pipeline draws its crop there and sets a reduced JPEG decode (``img.draft``)."""
     path = str(path)
     try:
         if os.path.getsize(path) == 0:
             raise BadImageError(path, "empty file (0 bytes)")
         with open(path, "rb") as f:
             img = Image.open(f)
+            if before_load is not None:
+                before_load(img)
             img.load()  # full decode: catches truncated files, not just bad headers
+            if before_load is not None and img.mode == "RGB":
+                return img  # the same pixels; convert() would copy them (the uint8 pipeline's time)
             return img.convert("RGB")
     except BadImageError:
         raise
@@ -199,13 +207,16 @@ class RobustImageFolder(Dataset):
                  skip_bad_images: bool = True, scan_bad_images: Optional[bool] = None,
                  class_to_idx: Optional[Dict[str, int]] = None, target_transform: Optional[Callable] = None,
                  extensions: Sequence[str] = IMG_EXTENSIONS, bad_files_log: Union[str, os.PathLike, None] = None,
-                 max_consecutive_bad: int = 64, scan_threads: int = 4):
+                 max_consecutive_bad: int = 64, scan_threads: int = 4, reader: Optional[Callable[[str], object]] = None):
         if root is None or str(root).strip() == "":
             raise _layout_error("dataset root is not set (data.root is empty)")
         self.root = Path(root).expanduser()
         self.split = split
         self.split_dir = self.root / split
         self.transform = transform
+        # reader(path) -> sample replaces load_image + transform (data/feeding.py: the uint8 and
+        # GPU-decode pipelines decode, or only read, the file their own way); it raises BadImageError
+        self.reader = reader
         self.target_transform = target_transform
         self.skip_bad_images = bool(skip_bad_images)
         self.extensions = tuple(e.lower() for e in extensions)
@@ -318,13 +329,13 @@ class RobustImageFolder(Dataset):
             if path in self.bad_file_reasons:
                 continue
             try:
-                img = load_image(path)
+                img = self.reader(path) if self.reader is not None else load_image(path)
             except BadImageError as e:
                 if not self.skip_bad_images:
                     raise
                 self._record_bad(path, e.reason)
                 continue
-            if self.transform is not None:
+            if self.transform is not None and self.reader is None:
                 img = self.transform(img)
             if self.target_transform is not None:
                 target = self.target_transform(target)

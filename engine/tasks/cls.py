@@ -18,6 +18,7 @@ class ClassificationTask(Task):
         super().__init__(cfg)
         self.num_classes = None
         self.mixup = None
+        self.feed = None  # data.feeding.DeviceFeed when data.pipeline is not classic
         aug = cfg.aug
         if aug.mixup_alpha > 0 or aug.cutmix_alpha > 0:
             from timm.loss import SoftTargetCrossEntropy
@@ -32,12 +33,21 @@ class ClassificationTask(Task):
     def build_datasets(self):
         d = self.cfg.data
         extra = {k: d[k] for k in ("num_classes", "train_per_class", "val_per_class", "image_size", "seed") if d.name == "demo" and k in d}
+        pipeline = self._pipeline()
+        if pipeline != "classic":  # only then: the classic call stays exactly what it was
+            extra["pipeline"] = pipeline
         train, val, num_classes, _ = build_cls_datasets(
             d.name, d.root, crop_size=int(d.crop_size), val_resize=d.get("val_resize"),
             color_jitter=float(self.cfg.aug.color_jitter), skip_bad_images=bool(d.skip_bad_images), **extra,
         )
         if not d.get("train_augment", True):
-            train.transform = val.transform  # no random crops or flips: reproducible across process counts
+            # no random crops or flips: reproducible across process counts
+            train.transform, train.reader = val.transform, val.reader
+        if pipeline != "classic":
+            from data.feeding import DeviceFeed
+
+            self.feed = DeviceFeed(pipeline, int(d.crop_size), color_jitter=float(self.cfg.aug.color_jitter),
+                                   resize=d.get("val_resize"))
         self.num_classes = num_classes
         if self._mixup_args is not None:
             from timm.data import Mixup
@@ -48,7 +58,27 @@ class ClassificationTask(Task):
     def model_kwargs(self) -> dict:
         return {"num_classes": self.num_classes}
 
+    def _pipeline(self) -> str:
+        """data.pipeline / data.decode resolved for the run's device (data/feeding.py): auto is
+        uint8 on CUDA, classic (today's, unchanged) on the CPU."""
+        from data.feeding import resolve_pipeline
+
+        from ..runtime import resolve_device
+
+        d = self.cfg.data
+        device = resolve_device(str(self.cfg.trainer.device)) if "trainer" in self.cfg else torch.device("cpu")
+        return resolve_pipeline(str(d.get("pipeline", "auto")), str(d.get("decode", "cpu")), device.type)
+
+    def collate_fn(self):
+        if self.feed is not None and self.feed.mode == "gpu_decode":
+            from data.feeding import collate_encoded
+
+            return collate_encoded  # the byte strings differ in length
+        return None
+
     def to_device(self, batch, device, channels_last):
+        if self.feed is not None:  # uint8 or bytes: float conversion, jitter and normalisation on the device
+            return self.feed(batch, device, channels_last)
         images, targets = batch
         images = images.to(device, non_blocking=True)
         if channels_last:
