@@ -33,7 +33,7 @@ from torch import Tensor
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 
 from .. import _hyper
-from . import _native, _triton, _triton_bn, backend
+from . import _native, _triton, _triton_bn, _triton_site, backend
 from . import _torch_kernels as tk
 
 
@@ -73,6 +73,14 @@ def _match(t: Tensor, like: Tensor, dtype: Optional[torch.dtype] = None) -> Tens
     out = torch.empty_like(like, dtype=dtype)
     out.copy_(t)
     return out
+
+
+class _Nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return None
 
 
 def _empty(ref: Tensor) -> Tensor:
@@ -565,14 +573,34 @@ def bn_coefs(x: Tensor, mean: Optional[Tensor], var: Optional[Tensor], weight: O
         if spatial_w is not None:
             z = z.reshape((x.shape[0], 1) + tuple(x.shape[2:]))
         return (big_a, big_b, z, *rest)
+    if _triton_site_ok(x, w1, init_a.shape[0]):
+        with _NoAutocast(x.device.type):  # the fake's dtypes: fp32 state, as the kernels write it
+            got = _triton_site.coefs(x3, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a,
+                                     lambda_b, segments, width, use_bias)
+            if got is None:  # a launch failed (warned): the composition, same dtypes
+                return _bn_coefs_composed(x, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b,
+                                          lambda_a, lambda_b, spatial_w, segments, width, use_bias)
+        big_a, big_b, m, mu_b, var_b, state = got
+        return big_a, big_b, _site_z(x, spatial_w, state, weight), m, mu_b, var_b, state
+    return _bn_coefs_composed(x, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b,
+                              spatial_w, segments, width, use_bias)
+
+
+def _site_z(x: Tensor, spatial_w: Optional[Tensor], state, weight: Optional[Tensor]) -> Tensor:
+    """Variant C's logits on the BN output s x + t (empty without spatial_w)."""
+    if spatial_w is None:
+        return _no_z(x)
+    _, ws, zb = _folded_weight(spatial_w, _scale(state, weight), state[1], tk.compute_dtype(x.dtype))
+    return _spatial_z(x, ws, zb)
+
+
+def _bn_coefs_composed(x, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, spatial_w,
+                       segments, width, use_bias):
+    """``bn_coefs`` as a composition of torch ops (and the C++ coefficient math where it applies)."""
     m, var_used, mu_b, var_b = _site_stats(x, mean, var)
     big_a, big_b, state = _coefs_and_state(m, mean, var_used, weight, bias, eps, w1, b1, w2, b2, init_a, init_b,
                                            lambda_a, lambda_b, segments, width, use_bias)
-    z = _no_z(x)
-    if spatial_w is not None:
-        _, ws, zb = _folded_weight(spatial_w, _scale(state, weight), state[1], tk.compute_dtype(x.dtype))
-        z = _spatial_z(x, ws, zb)
-    return big_a, big_b, z, m, mu_b, var_b, state
+    return big_a, big_b, _site_z(x, spatial_w, state, weight), m, mu_b, var_b, state
 
 
 @_fake(bn_coefs)
@@ -586,8 +614,9 @@ def _bn_coefs_fake(x, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init
         mdt = x.dtype if x.device.type == "cpu" else cdt  # as _site_stats
         m, var_used, mu_b, var_b = x.new_empty((n, c), dtype=mdt), var, _no_z(x), _no_z(x)
     # the coefficient math itself on fake tensors: its intermediates' shapes and dtypes (autocast included)
-    big_a, big_b, state = _bn_coefs_math(m, mean, var_used, weight, bias, eps, w1, b1, w2, b2, init_a, init_b,
-                                         lambda_a, lambda_b, segments, width, use_bias)
+    with _NoAutocast(x.device.type) if _triton_site_ok(x, w1, init_a.shape[0]) else _Nothing():
+        big_a, big_b, state = _bn_coefs_math(m, mean, var_used, weight, bias, eps, w1, b1, w2, b2, init_a, init_b,
+                                             lambda_a, lambda_b, segments, width, use_bias)
     z = _no_z(x) if spatial_w is None else x.new_empty((n, 1) + tuple(x.shape[2:]))
     return big_a, big_b, z, m, mu_b, var_b, state
 
@@ -856,6 +885,9 @@ def running_update(running_mean: Tensor, running_var: Tensor, num_batches_tracke
     """BatchNorm2d's running-stat update from the batch's mean mu and biased variance var:
     momentum (or, cumulative, 1 / num_batches_tracked computed on the device: no host sync), the
     unbiased variance, num_batches_tracked + 1."""
+    if backend.choose(running_mean) == "triton" and _triton_site.running_update(
+            running_mean, running_var, num_batches_tracked, mu, var, momentum, cumulative, count):
+        return  # one launch instead of five
     factor: object = 0.0 if cumulative else momentum
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
@@ -896,6 +928,11 @@ def bn_act(x: Tensor, mean: Optional[Tensor], var: Optional[Tensor], weight: Opt
     return (IMPLS["apply"](x, big_a, big_b, None), big_a, big_b, *rest)
 
 
+def _triton_site_ok(x: Tensor, w1: Tensor, k: int) -> bool:
+    """The site's (N, C)-sized math runs in _triton_site's kernels (fp32, autocast off)."""
+    return backend.choose(x) == "triton" and _triton_site.ok(x, w1, k)
+
+
 @_fake(bn_act)
 def _(x, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, segments, width,
       use_bias):
@@ -916,9 +953,38 @@ def bn_act_backward(g: Tensor, x: Tensor, big_a: Tensor, big_b: Tensor, m: Tenso
         gx3, *grads = _native.bn_act_backward(_as3d(g).contiguous(), x3, big_a, big_b, m, mu, var, batch, weight,
                                               bias, w1, w2, lambda_a, lambda_b, state, segments, width, use_bias)
         return (_match(gx3, x), *grads)
+    if _triton_site_ok(x, w1, big_a.shape[1]) and state[0].dtype == torch.float32:
+        got = _triton_site_backward(g, x, big_a, big_b, m, mu, var, batch, weight, bias, w1, w2, lambda_a, lambda_b,
+                                    state, segments, width, use_bias)
+        if got is not None:
+            return got
     gx, ga, gb, _ = IMPLS["apply_backward"](g, x, big_a, big_b, None, False)
     return _site_backward(gx, ga, gb, None, x, m, mu, var, batch, weight, bias, w1, w2, lambda_a, lambda_b, None,
                           state, segments, width, use_bias)[:7]
+
+
+def _triton_site_backward(g, x, big_a, big_b, m, mu, var, batch, weight, bias, w1, w2, lambda_a, lambda_b, state,
+                          segments, width, use_bias):
+    """bn_act_backward in four launches: the apply's backward (its partial sums left unsummed), the
+    coefficient backward's two kernels, the statistics' gradient added into grad x in place. None
+    where the apply kernel fell back (the caller runs the composition)."""
+    x3 = _as3d(x)
+    got = _triton.apply_backward(_as3d(g), x3, big_a, big_b, None, False, raw=True)
+    if got is None:
+        return None
+    gx3, psx, ps, _ = got
+    back = _triton_site.coefs_backward(psx, ps, psx.shape[0], m, mu, batch, x3.shape[2], weight, w1, w2, lambda_a,
+                                       lambda_b, state, segments, width, use_bias)
+    if back is not None:
+        gp, alpha, coefp, v, g_weight, g_bias, _gvar, gw1, gb1, gw2, gb2 = back
+        if _triton_site.add_stats_grad(gx3, _triton._prepare(x3)[0], alpha, coefp, v, gp):
+            return (_match(gx3, x), _empty(m) if weight is None else g_weight.to(weight.dtype),
+                    _empty(m) if bias is None else g_bias.to(bias.dtype), gw1.to(w1.dtype), gb1.to(w1.dtype),
+                    gw2.to(w2.dtype), gb2.to(w2.dtype))
+    # a site kernel failed (warned): the composition from the apply's sums
+    ga, gb = psx.sum(0), ps.sum(0)
+    return _site_backward(_match(gx3, x), ga, gb, None, x, m, mu, var, batch, weight, bias, w1, w2, lambda_a,
+                          lambda_b, None, state, segments, width, use_bias)[:7]
 
 
 @_fake(bn_act_backward)
