@@ -6,6 +6,7 @@ from .convert import convert
 from .fused.bn_act import BNDyReLU, bn_dyrelu
 from .inference import InferenceDyReLU, fold_batchnorm, prepare_for_inference
 from .core import Coefficients, DyReLU, set_tau
+from .static import StaticDyReLU
 from .registry import (
     ACT_NAMES,
     Maxout,
@@ -20,6 +21,7 @@ from .registry import (
 
 __all__ = [
     "DyReLU",
+    "StaticDyReLU",
     "Coefficients",
     "set_tau",
     "build_act",

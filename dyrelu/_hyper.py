@@ -50,10 +50,18 @@ def hyper_state(pooled: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2
                 segments: int, width: int, use_bias: bool, k: Optional[int] = None):
     """``hyper`` with what its backward needs: (FC1's output h_pre, h = ReLU(h_pre), sig = sigmoid of
     FC2's output, a, b)."""
-    k = init_a.shape[0] if k is None else k
     h_pre = F.linear(pooled, w1, b1)
     h = F.relu(h_pre)
-    logits = F.linear(h, w2, b2)
+    sig, a, b = from_logits(F.linear(h, w2, b2), init_a, init_b, lambda_a, lambda_b, segments, width, use_bias, k)
+    return h_pre, h, sig, a, b
+
+
+def from_logits(logits: Tensor, init_a: Tensor, init_b: Tensor, lambda_a: Tensor, lambda_b: Tensor,
+                segments: int, width: int, use_bias: bool, k: Optional[int] = None):
+    """FC2's output (N, (2|1) * segments * width) -> (sig, a, b): Eq. 2's normalisation and Eq. 3.
+
+    The static twin (static.py) feeds its learned constants here in place of FC2's output."""
+    k = init_a.shape[0] if k is None else k
     dt = coef_dtype(logits.dtype)
     sig = torch.sigmoid(logits.to(dt))
     theta = 2.0 * sig - 1.0
@@ -66,7 +74,7 @@ def hyper_state(pooled: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2
     a = init_a.to(dt).reshape(1, k, 1) + lambda_a.to(dt) * da
     b_init = init_b.to(dt).reshape(1, k, 1)
     b = b_init + lambda_b.to(dt) * db if db is not None else b_init.expand_as(a)
-    return h_pre, h, sig, a, b
+    return sig, a, b
 
 
 def hyper_backward(ga: Optional[Tensor], gb: Optional[Tensor], pooled: Tensor, w1: Tensor, b1: Optional[Tensor],

@@ -179,11 +179,12 @@ class DyReLU(nn.Module):
         # DYReLU); it makes pi independent of the spatial conv's scale.
         self.spatial_bn = nn.BatchNorm2d(1) if self.spatial_norm == "bn" else None
         if hyper_init == "zero":
-            # The paper calls alpha^k, beta^k the "initialization values" of a^k, b^k and says the
-            # defaults correspond to static ReLU (Sec. 3.2): the residuals are zero at step 0, so a
-            # fresh module is exactly max_k(alpha^k x + beta^k) (times pi for C). PyTorch's default
-            # Linear init instead starts every channel at a different random piecewise function,
-            # which on the demo left DY-ReLU-B near chance with eval losses of 1e2-1e6.
+            # Ours, not the paper's: the paper names alpha^k, beta^k as the initial values of a^k, b^k
+            # (Eq. 3) and says nothing of FC2's init; DyHead's public DYReLU keeps PyTorch's default.
+            # With FC2 = 0 the residuals are zero at step 0, so a fresh module is exactly
+            # max_k(alpha^k x + beta^k) (times pi for C). PyTorch's default Linear init ("random")
+            # starts every channel at a different random piecewise function, which on the demo left
+            # DY-ReLU-B near chance with eval losses of 1e2-1e6 (docs/training-health.md).
             nn.init.zeros_(self.fc2.weight)
             nn.init.zeros_(self.fc2.bias)
         elif hyper_init == "small":
@@ -237,6 +238,13 @@ class DyReLU(nn.Module):
                             self.init_b, self.lambda_a, self.lambda_b, self.dynamic_segments, self.coef_width,
                             self.use_bias, k=self.k)
 
+    def context_coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """a, b (N, K, width) for input ``x``: the hyper function on its pooled context.
+
+        The reference path and ``coefficients`` go through here, so a subclass that computes its
+        coefficients another way (the static twin, static.py) overrides this one method."""
+        return self.hyper(self.pool(x))
+
     def spatial_pi(self, z: torch.Tensor) -> torch.Tensor:
         """pi from the spatial conv's logits z (N, 1, H, W): the normalisation, then Eq. 4.
 
@@ -260,13 +268,13 @@ class DyReLU(nn.Module):
     def coefficients(self, x: torch.Tensor) -> Coefficients:
         """a, b (and pi for C) that this module would use on ``x``, for analysis tools."""
         self._check(x)
-        a, b = self.hyper(self.pool(x))
+        a, b = self.context_coefficients(x)
         return Coefficients(a=a, b=b, pi=self.attention(x))
 
     # ---- forward ----------------------------------------------------------------------
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
-        a, b = self.hyper(self.pool(x))
+        a, b = self.context_coefficients(x)
         a, b = a.to(x.dtype), b.to(x.dtype)
         y = piecewise_max(x, a, b if self.has_intercept else None)
         pi = self.attention(x)

@@ -25,7 +25,10 @@ DyReLU keyword names.
     se_relu       SEReLU: SE gate (sigmoid) then ReLU           reduction (8), hidden (None -> C // 8)
     dyrelu_a/b/c  DyReLU(channels, variant="A"/"B"/"C")         k, reduction, lambda_a, lambda_b, init_a,
                                                                 init_b, use_bias, dynamic_segments, tau,
-                                                                impl, hidden
+                                                                impl, hidden, hyper_init, spatial_norm
+    dyrelu_*_static  StaticDyReLU(channels, variant=...): the    the same as dyrelu_a/b/c
+                  same Eq. 3 with learned constants in place
+                  of the hyper function (static.py)
     maxout        Maxout(k): (N, k*C, ...) -> (N, C, ...)       k (2)
 
 se_relu's squeeze width: C // 8 (at least 1), the same hidden width as DY-ReLU at R = 8, so the SE and
@@ -47,6 +50,7 @@ from torch import nn
 
 from .core import DyReLU
 from .errors import BadNameError, BadValueError
+from .static import StaticDyReLU
 
 ActSpec = Union[str, Mapping]
 
@@ -181,6 +185,13 @@ def _dyrelu(variant: str) -> Callable[..., nn.Module]:
     return factory
 
 
+def _static_dyrelu(variant: str) -> Callable[..., nn.Module]:
+    def factory(channels: int, **kwargs: Any) -> nn.Module:
+        return StaticDyReLU(channels, variant=variant, **kwargs)
+
+    return factory
+
+
 def _own_params(fn: Callable) -> tuple:
     return tuple(list(inspect.signature(fn).parameters)[1:])
 
@@ -200,6 +211,10 @@ _REGISTRY: dict[str, _Entry] = {
     "dyrelu_a": _Entry(_dyrelu("A"), DYRELU_KEYS, dynamic=True),
     "dyrelu_b": _Entry(_dyrelu("B"), DYRELU_KEYS, dynamic=True),
     "dyrelu_c": _Entry(_dyrelu("C"), DYRELU_KEYS, dynamic=True),
+    # the static twins take DyReLU's keywords and sites (k1, hidden sizing) as their dynamic variants do
+    "dyrelu_a_static": _Entry(_static_dyrelu("A"), DYRELU_KEYS, dynamic=True),
+    "dyrelu_b_static": _Entry(_static_dyrelu("B"), DYRELU_KEYS, dynamic=True),
+    "dyrelu_c_static": _Entry(_static_dyrelu("C"), DYRELU_KEYS, dynamic=True),
     "maxout": _Entry(_maxout, _own_params(_maxout)),
 }
 
@@ -291,7 +306,8 @@ def act_name(spec: ActSpec) -> str:
 
 
 def is_dynamic(spec: ActSpec) -> bool:
-    """True for the DY-ReLU variants (dyrelu_a/b/c), False for the static activations and se_relu."""
+    """True for the DY-ReLU family (dyrelu_a/b/c and their static twins dyrelu_*_static: they take
+    DyReLU's keywords and sites), False for the static activations and se_relu."""
     return _REGISTRY[parse_spec(spec)[0]].dynamic
 
 
