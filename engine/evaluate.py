@@ -68,7 +68,8 @@ def load_run(ckpt: str | Path, overrides: Sequence[str] = (),
     path = Path(ckpt)
     if not path.is_file():
         raise MissingPathError(f"ckpt={ckpt} does not exist (expected <run>/checkpoints/best.pt or last.pt)")
-    state = ckpt_io.load(path)
+    state = ckpt_io.load(path, ("model", "config", "epoch"),
+                         "copy it again from its run, or use the run's other checkpoint (best.pt or last.pt)")
     cfg = OmegaConf.create(state["config"])
     if overrides:
         from .config import apply_overrides as apply_train_overrides

@@ -33,7 +33,7 @@ from .loggers import RunLogger
 from .precise_bn import recalibrate_bn
 from .runtime import build_model, setup_process, use_channels_last, wrap_for_training
 from .signals import PreemptionHandler, StoppableBatches, StopRequested
-from .state import TrainState, build_state, checkpoint, resume, save_and_stop, save_last, seed_epoch
+from .state import TrainState, build_state, checkpoint, read_start, resume, save_and_stop, save_last, seed_epoch
 from .tasks import build_task
 from .tasks.base import Task
 from .threads import CpuThreads
@@ -248,7 +248,7 @@ def end_epoch(state: TrainState, row: dict, improved: bool, paths: tuple[Path, P
         saved = checkpoint(state, rngs, extra)
         if improved:  # before last.pt: a kill in between redoes the epoch, which improves again
             ckpt_io.atomic_save(saved, best_path)
-        ckpt_io.atomic_save(saved, last_path)
+        ckpt_io.atomic_save(saved, last_path, keep_previous=True)
         state.last_good = str(last_path)
         log.info("epoch %d/%d: %s", row["epoch"], max_epochs,
                  ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if k != "epoch"))
@@ -287,14 +287,16 @@ def _run(cfg, run_dir: str | Path, threads: CpuThreads) -> dict:
 
     # ---- data, model, optimizer ------------------------------------------------------------
     task = build_task(cfg)
+    # Read before anything is built: a damaged checkpoint costs seconds, and leaves no run folder.
+    start = read_start(last_path, cfg.ckpt, dist.is_main)
     data = build_data(cfg, task, dist)
     model, complexity = build_model(cfg, task, device, dist, channels_last)
     state = build_state(cfg, task, model, data, device, dist, channels_last)
 
     # ---- resume ----------------------------------------------------------------------------
-    resumed_rng = resume(state, last_path, cfg.ckpt)
+    resumed_rng = resume(state, start, cfg)
+    del start  # the checkpoint's tensors: not held through training
     state.train_model = wrap_for_training(model, cfg, device, dist)
-    state.last_good = str(last_path) if last_path.exists() else None
     resolved = OmegaConf.to_container(cfg, resolve=True)
     extra = {"config": resolved, "complexity": complexity, "primary_metric": task.primary_metric}
     run_logger = RunLogger(cfg, run_dir, state.epoch, dist.is_main, resolved)

@@ -8,10 +8,14 @@ precise point, so the kill lands where it is meant to on any machine load:
   a fresh process, which starts the loader's workers then; issue 20's regression);
 * ``mid_epoch``: one training step after a mid-epoch last.pt (``trainer.save_every=2``) in epoch 2,
   so the rerun continues the saved random stream from step 2;
-* ``validation``: after the first batch of epoch 2's validation (last.pt is still epoch 1's).
+* ``validation``: after the first batch of epoch 2's validation (last.pt is still epoch 1's);
+* ``mid_write``: half-way through writing epoch 1's last.pt (its temporary file holds half the
+  bytes). The last.pt before it (epoch 1, step 4) must be intact; the test then cuts that file short
+  too (a bad copy), so the rerun must resume from last.prev.pt (epoch 1, step 2), with one warning,
+  and still end bit for bit as the uninterrupted run.
 
 Covered (one uninterrupted reference per activation and worker count, shared by its cases):
-ReLU with 0 workers at the epoch end and in validation, DY-ReLU-B with 2 workers at the epoch end
+ReLU with 0 workers at the epoch end, in validation and in the write, DY-ReLU-B with 2 workers at the epoch end
 and mid-epoch. Every kill point, activation and worker count is covered; the full cross product
 (12 cases, 4 references) would take about three times as long, and the suite must stay under 15
 minutes on 2 cores.
@@ -36,7 +40,7 @@ ARGS = [*TINY, "trainer.max_epochs=3", "trainer.deterministic=true", "trainer.lo
 
 # train.py, with a SIGKILL of its own process planted at $KILL_AT (see the module docstring).
 WRAPPER = r"""
-import os, runpy, signal, sys
+import io, os, runpy, signal, sys
 
 import torch
 
@@ -49,9 +53,14 @@ die = lambda: os.kill(os.getpid(), signal.SIGKILL)
 save = checkpoint.atomic_save
 armed = []
 
-def save_then_maybe_die(obj, path):
-    save(obj, path)
-    if os.path.basename(str(path)) != "last.pt":
+cutting = []
+
+def save_then_maybe_die(obj, path, **kwargs):
+    last = os.path.basename(str(path)) == "last.pt"
+    if where == "mid_write" and last and obj["epoch"] == 1 and obj["step_in_epoch"] == 0:
+        cutting.append(1)  # torch.save below writes half of it, then dies
+    save(obj, path, **kwargs)
+    if not last:
         return
     if where == "epoch_end" and obj["epoch"] == 1 and obj["step_in_epoch"] == 0:
         die()
@@ -59,6 +68,19 @@ def save_then_maybe_die(obj, path):
         armed.append(obj["global_step"])
 
 checkpoint.atomic_save = save_then_maybe_die
+torch_save = torch.save
+
+def torch_save_maybe_die(obj, f, *args, **kwargs):
+    if not cutting:
+        return torch_save(obj, f, *args, **kwargs)
+    buf = io.BytesIO()
+    torch_save(obj, buf, *args, **kwargs)
+    f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+    f.flush()
+    os.fsync(f.fileno())
+    die()
+
+torch.save = torch_save_maybe_die
 
 def step_hook(opt, args, kwargs):
     if armed:  # one more step after the mid-epoch checkpoint, then die
@@ -86,6 +108,7 @@ CASES = [
     ("dyrelu_b", 2, "epoch_end"),
     ("dyrelu_b", 2, "mid_epoch"),
     ("relu", 0, "validation"),
+    ("relu", 0, "mid_write"),
 ]
 
 
@@ -128,11 +151,21 @@ def test_kill9_then_rerun_ends_exactly_as_the_uninterrupted_run(tmp_path, straig
     p = subprocess.run(cmd, cwd=ROOT, env={**env(), "KILL_AT": where}, capture_output=True, text=True, timeout=600)
     assert p.returncode == -signal.SIGKILL, p.stdout[-2000:] + p.stderr[-3000:]
     killed_at = _last(run_dir)
-    expected = {"epoch_end": (1, 0), "mid_epoch": (1, 2), "validation": (1, 4)}[where]
+    expected = {"epoch_end": (1, 0), "mid_epoch": (1, 2), "validation": (1, 4), "mid_write": (0, 4)}[where]
     assert (killed_at["epoch"], killed_at["step_in_epoch"]) == expected
+    checkpoints = run_dir / "checkpoints"
+    if where == "mid_write":
+        assert len(list(checkpoints.glob(".last.pt.*.tmp"))) == 1  # the write the kill cut short
+        last = checkpoints / "last.pt"
+        os.truncate(last, last.stat().st_size // 2)
 
     p = run_train(run_dir, *args)
-    assert "Resuming from" in p.stdout + p.stderr
+    out = p.stdout + p.stderr
+    assert "Resuming from" in out
+    if where == "mid_write":
+        assert out.count("is damaged") == 1 and "resuming from the previous checkpoint" in out, out[-3000:]
+        assert "Resuming from " + str(checkpoints / "last.prev.pt") + ": epoch 1, step 2" in out
+        assert not list(checkpoints.glob(".*.tmp")), "the cut write's temporary file was left behind"
     a, b = _last(ref), _last(run_dir)
     assert (b["epoch"], b["global_step"]) == (a["epoch"], a["global_step"]) == (3, 15)
     assert a["model"].keys() == b["model"].keys()
