@@ -284,11 +284,11 @@ def _run(cfg, run_dir: str | Path, threads: CpuThreads) -> dict:
     paths = last_path, _ = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
     channels_last = use_channels_last(cfg.trainer, device)
     max_epochs = int(cfg.trainer.max_epochs)
+    # Read before anything is built: a damaged checkpoint costs seconds, and leaves no run folder.
+    start = read_start(last_path, cfg.ckpt, dist.is_main)
 
     # ---- data, model, optimizer ------------------------------------------------------------
     task = build_task(cfg)
-    # Read before anything is built: a damaged checkpoint costs seconds, and leaves no run folder.
-    start = read_start(last_path, cfg.ckpt, dist.is_main)
     data = build_data(cfg, task, dist)
     model, complexity = build_model(cfg, task, device, dist, channels_last)
     state = build_state(cfg, task, model, data, device, dist, channels_last)

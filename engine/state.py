@@ -131,17 +131,15 @@ def resume(state: TrainState, start: Start, cfg=None) -> Optional[dict]:
     state.epoch, state.step_in_epoch, state.global_step = saved["epoch"], saved.get("step_in_epoch", 0), saved["global_step"]
     state.best, state.metrics = saved.get("best_metric", -math.inf), dict(saved.get("metrics", {}))
     state.epoch_loss_sum, state.epoch_seen = saved.get("epoch_loss_sum", 0.0), saved.get("epoch_seen", 0)
+    state.last_good = str(start.path)
     state.scheduler.step_update(state.global_step)
     if state.dist.is_main:
-    state.last_good = str(start.path)
         log.info("Resuming from %s: epoch %d, step %d (global step %d), best %s %.4f", start.path, state.epoch + 1,
                  state.step_in_epoch, state.global_step, state.task.primary_metric, state.best)
     rngs = saved["rng"]
     return rngs[state.dist.rank] if isinstance(rngs, list) and state.dist.rank < len(rngs) else None
 
 
-def checkpoint(state: TrainState, rngs: list, extra: dict) -> dict:
-    """The contents of last.pt / best.pt; ``rngs`` is every rank's RNG state."""
 #: DY-ReLU's constants, stored with the weights: loading a checkpoint sets them
 DYRELU_CONSTANTS = ("tau", "lambda_a", "lambda_b", "init_a", "init_b")
 
@@ -188,6 +186,8 @@ def load_init_weights(model: torch.nn.Module, start: Start, cfg=None) -> None:
                     ", ".join(f"{k}={s} (given {g})" for k, (s, g) in sorted(overridden.items())))
 
 
+def checkpoint(state: TrainState, rngs: list, extra: dict) -> dict:
+    """The contents of last.pt / best.pt; ``rngs`` is every rank's RNG state."""
     return {
         "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict() if state.scaler is not None else None,
