@@ -224,23 +224,37 @@ def collate_encoded(samples):
     return (list(datas), torch.stack(rows), list(paths)), torch.as_tensor(targets)
 
 
-def _blend_jitter(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """ColorJitter's brightness / contrast / saturation on a float batch in [0, 1], each image with
-    its own factors and order (rows[:, 5:8], rows[:, 8:11]). Each op is a blend
-    ``f * x + (1 - f) * target`` (target 0, the mean grey level, or the grey image), which is how
-    torchvision defines them; one pass per position in the order, all images at once and without
-    reading values back (no device sync)."""
+GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights, which ColorJitter blends towards
+
+
+def _jitter_matrices(x: torch.Tensor, factor: torch.Tensor, op: torch.Tensor):
+    """One ColorJitter step for every image as an affine map of its RGB rows, ``x @ M + t``.
+
+    ``x`` is (N, pixels, 3). Each op is torchvision's blend ``f * x + (1 - f) * target``:
+    brightness (target 0): M = f I; contrast (target the mean grey level m): M = f I, t = (1 - f) m;
+    saturation (target each pixel's grey w.x): M = f I + (1 - f) w 1^T. Picking the map per image
+    by arithmetic (no indexing by a mask) keeps it one batched op with no device sync."""
     n = x.shape[0]
+    w = torch.tensor(GRAY, dtype=x.dtype, device=x.device)
+    f = factor.view(n, 1, 1)
+    eye = torch.eye(3, dtype=x.dtype, device=x.device).expand(n, 3, 3)
+    is_c, is_s = (op == 1).to(x.dtype).view(n, 1, 1), (op == 2).to(x.dtype).view(n, 1, 1)
+    m = x.mean(dim=1) @ w                                       # (N,) mean grey level
+    matrix = f * eye + is_s * (1 - f) * (w.view(1, 3, 1) * torch.ones(1, 1, 3, dtype=x.dtype, device=x.device))
+    offset = is_c * (1 - f) * m.view(n, 1, 1).expand(n, 1, 3)
+    return matrix, offset
+
+
+def _jitter(x: torch.Tensor, rows: torch.Tensor, high: float) -> torch.Tensor:
+    """ColorJitter's brightness / contrast / saturation on (N, pixels, 3) floats in [0, ``high``],
+    each image with its own factors and order (rows[:, 5:8], rows[:, 8:11]), clamped after each
+    step as torchvision does."""
     factors = rows[:, 5:8].to(x.dtype)
     order = rows[:, 8:11].long()
     for k in range(3):
         op = order[:, k]
-        f = factors.gather(1, op[:, None]).view(n, 1, 1, 1)
-        gray = F.rgb_to_grayscale(x)
-        mean = gray.mean(dim=(-3, -2, -1), keepdim=True)
-        target = torch.where((op == 1).view(n, 1, 1, 1), mean, gray)
-        target = target * (op != 0).view(n, 1, 1, 1).to(x.dtype)
-        x = torch.lerp(target, x, f).clamp_(0.0, 1.0)  # target + f * (x - target) = f x + (1 - f) target
+        matrix, offset = _jitter_matrices(x, factors.gather(1, op[:, None]).squeeze(1), op)
+        x = torch.baddbmm(offset, x, matrix).clamp_(0.0, high)
     return x
 
 
@@ -300,12 +314,18 @@ class DeviceFeed:
 
     # -- both ----------------------------------------------------------------------------------
     def normalise(self, images: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """uint8 NCHW (any strides) -> float32 in [0, 1], jittered when rows carry factors, then
-        normalised. The float copy keeps the input's memory format (NHWC stays channels_last)."""
-        x = images.float().div_(255.0)
+        """uint8 (N, 3, H, W) (any strides) -> float32, jittered when rows carry factors, then
+        normalised; returned channels_last (an NHWC buffer). Works on 0..255 floats, so the
+        division by 255 folds into the normalisation."""
+        n, c, h, w = images.shape
+        nhwc = images.permute(0, 2, 3, 1)
+        x = nhwc.reshape(n, h * w, c).float()   # a copy either way: the float conversion
         if self.jitter and rows.numel() and rows.shape[1] == len(PARAM_COLUMNS):
-            x = _blend_jitter(x, rows)
-        return F.normalize(x, self.mean, self.std, inplace=True)
+            x = _jitter(x, rows.to(x.device), 255.0)
+        scale = torch.tensor([1.0 / (255.0 * s) for s in self.std], device=x.device)
+        shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std)], device=x.device)
+        x = torch.addcmul(shift, x, scale)       # (x / 255 - mean) / std in one pass
+        return x.view(n, h, w, c).permute(0, 3, 1, 2)
 
     def __call__(self, batch, device, channels_last: bool = False):
         inputs, targets = batch

@@ -193,3 +193,25 @@ def test_task_uint8_and_gpu_decode_to_device():
     assert OmegaConf.select(cfg, "data.pipeline") == "auto"
     task = ClassificationTask(cfg)
     assert task._pipeline() == "classic" and task.feed is None
+
+
+def test_device_jitter_is_torchvisions_per_image():
+    """The batched jitter equals torchvision's adjust_brightness / contrast / saturation applied
+    image by image in each image's order, with its factors."""
+    from torchvision.transforms.v2 import functional as F
+
+    from data.feeding import PARAM_COLUMNS, _jitter
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 8, 10, generator=g)
+    rows = torch.zeros(6, len(PARAM_COLUMNS))
+    rows[:, 5:8] = 0.6 + 0.8 * torch.rand(6, 3, generator=g)
+    rows[:, 8:11] = torch.stack([torch.randperm(3, generator=g) for _ in range(6)]).float()
+    ops = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation)
+    ref = []
+    for img, row in zip(x, rows):
+        for op in row[8:11].long().tolist():
+            img = ops[op](img, float(row[5 + op]))
+        ref.append(img)
+    got = _jitter(x.permute(0, 2, 3, 1).reshape(6, 80, 3), rows, 1.0).view(6, 8, 10, 3).permute(0, 3, 1, 2)
+    assert torch.allclose(got, torch.stack(ref), atol=1e-5)
