@@ -15,29 +15,37 @@ and output of every DY-ReLU; ``DyReLU.coefficients(x)`` gives its per-image coef
 
 Writes into ``out`` (default <run>/inspect_dynamic/):
   fig3_top_scatter.png      input vs output of the DY-ReLU after the depthwise conv (MobileNetV2's A2)
-                            in every other block (1, 3, ..., 17), with the lines y = x and y = -x
-  supp_fig1_scatter.png     the same panels as a grid (supplementary Fig. 1)
+                            in every other block (1, 3, ..., 17), a grid of 3-inch panels, the lines
+                            y = x and y = -x drawn light and under the points
+  supp_fig1_scatter.png     the same for every block (supplementary Fig. 1)
   fig3_bottom_slope_diff.png  slope difference |a1 - a2| per block (mean, 10-90 % band), all A2 blocks
-  stats.json                the statistics below, per DY-ReLU and pooled
-and prints one JSON object (the summary) as its last stdout line.
+  fig3_band.png             Fig. 3's band per block: the 10-90 % range over images of y at x = +0.5 and -0.5
+  stats.json                the statistics below, per DY-ReLU, per A2 block and pooled, with their definitions
+and prints one JSON object (the summary) as its last stdout line. Static twins (act=dyrelu_*_static)
+are inspected as DY-ReLUs.
 
-Statistics (Sec. 5.2), with the exact definitions used here:
+Statistics (dyrelu/dynamics.py has the code; stats.json's "definitions" the exact wording):
   unit: one activation function = one (DY-ReLU layer, validation image, channel) triple for
         DY-ReLU-B/C (one per image and layer for DY-ReLU-A, whose function is shared by the channels).
         The coefficients are a_c^k, b_c^k of Eq. 3 (for DY-ReLU-C before the spatial attention pi,
         which only rescales the whole function by pi in [0, 1]).
-  share_slope_neg_or_gt1:  units with at least one segment k with a_c^k < 0 or a_c^k > 1
-                           ("51% of DY-ReLU have segments with either negative slope or slope above 1")
-  share_intercept_gt_0.05: units with at least one segment with b_c^k > 0.05
-                           ("37% of DY-ReLU have at least one segment with intercept more than 0.05")
+  Sec. 5.2's statistics with a stated margin, so that a DY-ReLU at its initial function scores 0:
+  share_slope_margin:      units with some a_c^k < -0.05 or a_c^k > 1.05 (the paper: "51% of DY-ReLU have
+                           segments with either negative slope or slope above 1", without a margin)
+  share_intercept_gt_0.05: units with some b_c^k > 0.05 (the paper: 37 %)
   share_abs_intercept_gt_0.05: the same with |b_c^k| > 0.05 (the other reading of the sentence)
-  pooled over every DY-ReLU of the network ("all", including the K=1 ones after projection convs)
-  and over those with K >= 2 only ("k2plus"); per-layer shares are in stats.json.
+  Shares are pooled over the units of every DY-ReLU ("all", including the K=1 ones after projection
+  convs) and of those with K >= 2 ("k2plus"); the other measures pooled as medians over layers.
   slope difference: max_k a_c^k - min_k a_c^k, which is |a_c^1 - a_c^2| for K = 2.
-  a_spread / b_spread: how dynamic each layer is -- the std over images of every a_c^k (b_c^k),
-        averaged over channels and segments; 0 means the layer computes one static function for
-        every input. pi_spread (DY-ReLU-C): the std of pi over positions, averaged over images.
-        Per layer in stats.json; the median over layers in the printed line.
+  a_spread / b_spread: std over images of every a_c^k (b_c^k), averaged over channels and segments
+        (0: one static function for every input); a_spread_rel / b_spread_rel: divided by lambda_a / lambda_b.
+  a_dist / b_dist: |mean over images of a_c^k - alpha^k| (b_c^k, beta^k), averaged: how far the mean
+        function moved from the initial one.
+  band_x_pos / band_x_neg: per channel the 10-90 % range over images of y = max_k(a^k x + b^k) at
+        x = +0.5 / -0.5, median over channels (over the first --band-images images).
+  pi_flatness (DY-ReLU-C): std of pi over positions, averaged over images (0: flat).
+  pi_input_var (DY-ReLU-C): per position std over images / mean over images of pi, averaged over
+        positions (0: the same attention for every image).
 Scatter points are a seeded random sample of ``--points-per-image`` elements per image and layer
 (at most ``--max-points`` per layer); the statistics use every unit, not the sample.
 """
@@ -52,6 +60,33 @@ import sys
 from pathlib import Path
 
 import _bootstrap  # noqa: F401  the checkout on sys.path (the framework is not installed)
+
+#: stats.json's definitions: what every key means, exactly (the code is dyrelu/dynamics.py)
+DEFINITIONS = {
+    "unit": "one (DY-ReLU layer, image, channel) function; (layer, image) for DY-ReLU-A; a, b of Eq. 3, "
+            "for DY-ReLU-C before pi",
+    "share_slope_margin": "units with some a^k < -0.05 or a^k > 1.05 (Sec. 5.2's 'negative slope or slope above 1' "
+                          "with a 0.05 margin: a DY-ReLU at its initial function scores 0)",
+    "share_intercept_gt_0.05": "units with some b^k > 0.05",
+    "share_abs_intercept_gt_0.05": "units with some |b^k| > 0.05",
+    "slope_diff": "max_k a^k - min_k a^k (= |a^1 - a^2| for K = 2)",
+    "a_spread": "std over images of each a_c^k, averaged over channels and segments (0: a static function)",
+    "b_spread": "the same for b_c^k",
+    "a_spread_rel": "a_spread / lambda_a", "b_spread_rel": "b_spread / lambda_b",
+    "a_dist": "|mean over images of a_c^k - alpha^k|, averaged over channels and segments (0: the mean function "
+              "is the initial one)",
+    "b_dist": "the same for b_c^k and beta^k",
+    "band_x_pos": "per channel the 10-90 % range over images of y = max_k(a^k x + b^k) at x = +0.5; median over "
+                  "channels (Fig. 3's band; first --band-images images; before pi for DY-ReLU-C)",
+    "band_x_neg": "the same at x = -0.5",
+    "pi_flatness": "DY-ReLU-C: std of pi over positions, averaged over images (0: a flat attention)",
+    "pi_input_var": "DY-ReLU-C: at each position std of pi over images / mean of pi over images, averaged over "
+                    "positions (0: the same attention map for every image)",
+    "pooled.all": "every DY-ReLU layer, including the K=1 ones after projection convs: shares over all units, "
+                  "*_median: the median over layers",
+    "pooled.k2plus": "DY-ReLU layers with K >= 2 only",
+    "per_block": "the DY-ReLU after the depthwise conv (A2) of each block, by block number",
+}
 
 A2_NAME = re.compile(r"^(.*?)blocks\.(\d+)\.conv_dw\.act$")
 
@@ -79,6 +114,8 @@ def parse_args(argv) -> argparse.Namespace:
     ap.add_argument("--max-points", type=int, default=100000)
     ap.add_argument("--blocks", choices=["every_other", "all"], default="every_other")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--band-images", type=int, default=2000,
+                    help="Fig. 3's band (y at x = +-0.5) over the first this many images")
     ap.add_argument("--wandb", choices=["auto", "true", "false"], default="auto",
                     help="auto: when the run logged to W&B (logger=wandb)")
     return ap.parse_intermixed_args(argv)
@@ -99,12 +136,14 @@ def load_run(ckpt: str, overrides):
 
 
 class Recorder:
-    """Forward hooks on every DY-ReLU: pooled statistics of the coefficients, and scatter samples."""
+    """Forward hooks on every DY-ReLU (and static twin): one ``dyrelu.dynamics.LayerDynamics`` per
+    layer, a sample of slope differences for Fig. 3's bottom band, and scatter samples."""
 
-    def __init__(self, model, scatter_names, points_per_image, max_points, seed):
+    def __init__(self, model, scatter_names, points_per_image, max_points, seed, band_images=2000):
         import torch
 
         from dyrelu import DyReLU
+        from dyrelu.dynamics import LayerDynamics
 
         self.torch = torch
         self.mods = [(n, m) for n, m in model.named_modules() if isinstance(m, DyReLU)]
@@ -113,10 +152,9 @@ class Recorder:
         self.scatter_names = set(scatter_names)
         self.ppi, self.max_points = int(points_per_image), int(max_points)
         self.gen = torch.Generator().manual_seed(int(seed))
-        self.stats = {n: {"units": 0, "slope": 0, "int_pos": 0, "int_abs": 0, "diff_sum": 0.0, "diff_sq": 0.0,
-                          "diff_sample": [], "k": int(m.k), "variant": m.variant, "channels": int(m.channels),
-                          "images": 0, "a_sum": 0.0, "a_sq": 0.0, "b_sum": 0.0, "b_sq": 0.0, "pi_std_sum": 0.0}
-                      for n, m in self.mods}
+        self.acc = {n: LayerDynamics.for_module(m, band_images) for n, m in self.mods}
+        self.info = {n: {"k": int(m.k), "variant": m.variant, "channels": int(m.channels),
+                         "static": type(m).__name__ != "DyReLU", "diff_sample": []} for n, m in self.mods}
         self.points = {n: ([], []) for n in self.scatter_names}
         self.handles = [m.register_forward_hook(self._hook(n)) for n, m in self.mods]
 
@@ -126,25 +164,13 @@ class Recorder:
         def hook(mod, inputs, output):
             x = inputs[0]
             c = mod.coefficients(x)
-            a, b = c.a.float(), c.b.float()  # (N, K, W)
-            s = self.stats[name]
-            s["units"] += a.shape[0] * a.shape[2]
-            s["slope"] += int(((a < 0) | (a > 1)).any(dim=1).sum())
-            s["int_pos"] += int((b > 0.05).any(dim=1).sum())
-            s["int_abs"] += int((b.abs() > 0.05).any(dim=1).sum())
-            diff = (a.max(dim=1).values - a.min(dim=1).values).flatten().double()
-            # across-sample spread: running sums per (segment, channel) over images
-            s["images"] += a.shape[0]
-            for key, t in (("a", a), ("b", b)):
-                s[key + "_sum"] = s[key + "_sum"] + t.double().sum(dim=0)
-                s[key + "_sq"] = s[key + "_sq"] + (t.double() ** 2).sum(dim=0)
-            if c.pi is not None:
-                s["pi_std_sum"] += float(c.pi.float().flatten(1).std(dim=1, correction=0).sum())
-            s["diff_sum"] += float(diff.sum())
-            s["diff_sq"] += float((diff * diff).sum())
-            if len(s["diff_sample"]) < 20000:
+            self.acc[name].update(c.a, c.b, c.pi)
+            sample = self.info[name]["diff_sample"]
+            if len(sample) < 20000:
+                a = c.a.float()
+                diff = (a.max(dim=1).values - a.min(dim=1).values).flatten().double()
                 take = torch.randperm(diff.numel(), generator=self.gen)[: min(diff.numel(), 512)]
-                s["diff_sample"] += diff[take].tolist()
+                sample += diff[take].tolist()
             if name in self.points and len(self.points[name][0]) < self.max_points:
                 xs, ys = x.detach().float().flatten(1).cpu(), output.detach().float().flatten(1).cpu()
                 n_el = xs.shape[1]
@@ -160,42 +186,34 @@ class Recorder:
             h.remove()
 
 
+#: measures summarised by their median over layers (the shares are pooled over units instead)
+MEDIAN_KEYS = ("a_spread", "b_spread", "a_spread_rel", "b_spread_rel", "a_dist", "b_dist", "band_x_pos", "band_x_neg",
+               "pi_flatness", "pi_input_var")
+SHARE_KEYS = ("share_slope_margin", "share_intercept_gt_0.05", "share_abs_intercept_gt_0.05")
+
+
 def _share(num, den):
     return num / den if den else None
 
 
-def _spread(s: dict, key: str):
-    """Std over images of each coefficient (segment, channel), averaged over them: 0 is a static function."""
-    n = s["images"]
-    if not n:
-        return None
-    var = (s[key + "_sq"] / n - (s[key + "_sum"] / n) ** 2).clamp(min=0.0)
-    return float(var.sqrt().mean())
-
-
 def summarize(rec: Recorder, a2_blocks: dict) -> dict:
+    """per_layer (every measure of dyrelu.dynamics per DY-ReLU), per_block (the A2 layers by block
+    number) and pooled: shares over every unit, the other measures as medians over layers."""
     per = []
-    for name, s in rec.stats.items():
-        n = s["units"]
-        mean = s["diff_sum"] / n if n else None
-        std = math.sqrt(max(s["diff_sq"] / n - mean * mean, 0.0)) if n else None
-        per.append({"name": name, "k": s["k"], "variant": s["variant"], "channels": s["channels"], "units": n,
-                    "share_slope_neg_or_gt1": _share(s["slope"], n), "share_intercept_gt_0.05": _share(s["int_pos"], n),
-                    "share_abs_intercept_gt_0.05": _share(s["int_abs"], n), "slope_diff_mean": mean, "slope_diff_std": std,
-                    "a_spread": _spread(s, "a"), "b_spread": _spread(s, "b"),
-                    "pi_spread": s["pi_std_sum"] / s["images"] if s["variant"] == "C" and s["images"] else None,
-                    "block": a2_blocks.get(name)})
+    for name, acc in rec.acc.items():
+        info = rec.info[name]
+        per.append({"name": name, "k": info["k"], "variant": info["variant"], "channels": info["channels"],
+                    "static_twin": info["static"], **acc.result(), "block": a2_blocks.get(name)})
     pooled = {}
-    for scope, keep in (("all", lambda s: True), ("k2plus", lambda s: s["k"] >= 2)):
-        ss = [s for s in rec.stats.values() if keep(s)]
-        n = sum(s["units"] for s in ss)
-        pooled[scope] = {"layers": len(ss), "units": n,
-                         "share_slope_neg_or_gt1": _share(sum(s["slope"] for s in ss), n),
-                         "share_intercept_gt_0.05": _share(sum(s["int_pos"] for s in ss), n),
-                         "share_abs_intercept_gt_0.05": _share(sum(s["int_abs"] for s in ss), n),
-                         **{f"{key}_median": _median([r[key] for r in per if r[key] is not None and keep(rec.stats[r["name"]])])
-                            for key in ("a_spread", "b_spread", "pi_spread")}}
-    return {"pooled": pooled, "per_layer": per}
+    for scope, keep in (("all", lambda r: True), ("k2plus", lambda r: r["k"] >= 2)):
+        rows = [r for r in per if keep(r) and r["units"]]
+        n = sum(r["units"] for r in rows)
+        pooled[scope] = {"layers": len(rows), "units": n,
+                         **{key: _share(sum(r[key] * r["units"] for r in rows), n) for key in SHARE_KEYS},
+                         **{f"{key}_median": _median([r[key] for r in rows if r.get(key) is not None]) for key in MEDIAN_KEYS}}
+    by_block = {str(r["block"]): {key: r.get(key) for key in ("name",) + SHARE_KEYS + MEDIAN_KEYS + ("slope_diff_mean",)}
+                for r in sorted((r for r in per if r["block"] is not None), key=lambda r: r["block"])}
+    return {"pooled": pooled, "per_block": by_block, "per_layer": per}
 
 
 def _median(values):
@@ -210,7 +228,21 @@ def _percentile(values, q):
     return v[i]
 
 
-def plot(rec: Recorder, scatter: list, a2_blocks: dict, out: Path, title: str) -> dict:
+def _grid(n: int, cols: int = 3, panel_in: float = 3.0):
+    """A rows x cols figure of ``panel_in``-inch panels for n panels (the unused ones switched off)."""
+    import matplotlib.pyplot as plt
+
+    cols = max(1, min(cols, n))
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(panel_in * cols, panel_in * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    return fig, list(axes.flat[:n])
+
+
+def plot(rec: Recorder, scatter: list, supp: list, a2_blocks: dict, out: Path, title: str, summary: dict) -> dict:
+    """fig3_top_scatter (``scatter``'s layers), supp_fig1_scatter (``supp``'s), fig3_bottom_slope_diff
+    and fig3_band (Fig. 3's band at x = +-0.5 per block); returns {name: path}."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -220,7 +252,6 @@ def plot(rec: Recorder, scatter: list, a2_blocks: dict, out: Path, title: str) -
 
     def panel(ax, name, label):
         xs, ys = rec.points[name]
-        ax.scatter(xs, ys, s=0.3, c="tab:blue", alpha=0.25, linewidths=0, rasterized=True)
         if xs:
             lo, hi = _percentile(xs, 0.5), _percentile(xs, 99.5)
             r = max(abs(lo), abs(hi), 1e-3) * 1.05
@@ -228,51 +259,43 @@ def plot(rec: Recorder, scatter: list, a2_blocks: dict, out: Path, title: str) -
             ylo, yhi = _percentile(ys, 0.5), _percentile(ys, 99.5)
             ax.set_ylim(min(-r * 0.25, ylo * 1.05), max(r, yhi * 1.05))
         lim = ax.get_xlim()
-        ax.plot(lim, lim, "r-", lw=0.8)
-        ax.plot(lim, (-lim[0], -lim[1]), "r-", lw=0.8)
-        ax.set_title(label, fontsize=9)
-        ax.set_xlabel("input x", fontsize=7)
-        ax.set_ylabel("output y", fontsize=7)
-        ax.tick_params(labelsize=6)
+        # the references under the data and lighter, so the band the points draw stays visible
+        ax.plot(lim, lim, color="0.65", lw=0.8, ls="--", zorder=1)
+        ax.plot(lim, (-lim[0], -lim[1]), color="0.65", lw=0.8, ls="--", zorder=1)
+        ax.scatter(xs, ys, s=1.0, c="tab:blue", alpha=0.3, linewidths=0, rasterized=True, zorder=2)
+        ax.set_xlim(lim)
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("input x", fontsize=8)
+        ax.set_ylabel("output y", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.2, zorder=0)
 
-    labels = [(n, f"Block {a2_blocks[n]}" if n in a2_blocks else n) for n in scatter]
-    if labels:
-        fig, axes = plt.subplots(1, len(labels), figsize=(2.2 * len(labels), 2.4), squeeze=False)
-        for ax, (n, lab) in zip(axes[0], labels):
-            panel(ax, n, lab)
-        fig.suptitle(f"DY-ReLU input vs output ({title})", fontsize=9)
-        fig.tight_layout()
-        files["fig3_top_scatter"] = out / "fig3_top_scatter.png"
-        fig.savefig(files["fig3_top_scatter"], dpi=130)
+    def label(n):
+        return f"Block {a2_blocks[n]}" if n in a2_blocks else n
+
+    for key, names, what in (("fig3_top_scatter", scatter, "Fig. 3 top"), ("supp_fig1_scatter", supp, "supp. Fig. 1")):
+        if not names:
+            continue
+        fig, axes = _grid(len(names))
+        for ax, n in zip(axes, names):
+            panel(ax, n, label(n))
+        fig.suptitle(f"{what}: DY-ReLU input vs output; grey dashed: y = x and y = -x\n({title})", fontsize=10)
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.55 / fig.get_figheight()))  # room for the two-line title
+        files[key] = out / f"{key}.png"
+        fig.savefig(files[key], dpi=110)
         plt.close(fig)
 
-        cols = min(3, len(labels))
-        rows = math.ceil(len(labels) / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
-        for ax in axes.flat[len(labels):]:
-            ax.axis("off")
-        for ax, (n, lab) in zip(axes.flat, labels):
-            panel(ax, n, lab)
-        fig.suptitle(f"DY-ReLU input vs output, red: y = x and y = -x ({title})", fontsize=9)
-        fig.tight_layout()
-        files["supp_fig1_scatter"] = out / "supp_fig1_scatter.png"
-        fig.savefig(files["supp_fig1_scatter"], dpi=130)
-        plt.close(fig)
-
-    diff_names = sorted(a2_blocks, key=a2_blocks.get) if a2_blocks else [n for n, _ in rec.mods if rec.stats[n]["k"] >= 2]
+    diff_names = sorted(a2_blocks, key=a2_blocks.get) if a2_blocks else [n for n, _ in rec.mods if rec.info[n]["k"] >= 2]
     if diff_names:
-        xs = list(range(1, len(diff_names) + 1))
-        means, lo, hi = [], [], []
-        for n in diff_names:
-            s = rec.stats[n]
-            means.append(s["diff_sum"] / s["units"] if s["units"] else float("nan"))
-            lo.append(_percentile(s["diff_sample"], 10))
-            hi.append(_percentile(s["diff_sample"], 90))
-        fig, ax = plt.subplots(figsize=(6, 3))
-        ticks = [a2_blocks.get(n, i) for i, n in zip(xs, diff_names)]
+        per = {r["name"]: r for r in summary["per_layer"]}
+        ticks = [a2_blocks.get(n, i) for i, n in enumerate(diff_names, 1)]
+        xlabel = "block" if a2_blocks else "DY-ReLU layer (K >= 2)"
+        fig, ax = plt.subplots(figsize=(6.5, 3.2))
+        lo = [_percentile(rec.info[n]["diff_sample"], 10) for n in diff_names]
+        hi = [_percentile(rec.info[n]["diff_sample"], 90) for n in diff_names]
         ax.fill_between(ticks, lo, hi, color="tab:blue", alpha=0.2, label="10-90 %")
-        ax.plot(ticks, means, "o-", color="tab:blue", label="mean")
-        ax.set_xlabel("block" if a2_blocks else "DY-ReLU layer (K >= 2)")
+        ax.plot(ticks, [per[n]["slope_diff_mean"] for n in diff_names], "o-", color="tab:blue", label="mean")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("|a1 - a2|")
         ax.set_title(f"slope difference between the two segments ({title})", fontsize=9)
         ax.set_xticks(ticks)
@@ -280,6 +303,20 @@ def plot(rec: Recorder, scatter: list, a2_blocks: dict, out: Path, title: str) -
         fig.tight_layout()
         files["fig3_bottom_slope_diff"] = out / "fig3_bottom_slope_diff.png"
         fig.savefig(files["fig3_bottom_slope_diff"], dpi=130)
+        plt.close(fig)
+
+        fig, ax = plt.subplots(figsize=(6.5, 3.2))
+        for key, x, color in (("band_x_pos", "+0.5", "tab:red"), ("band_x_neg", "-0.5", "tab:green")):
+            ax.plot(ticks, [per[n][key] for n in diff_names], "o-", color=color, label=f"x = {x}")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("10-90 % range of y over images")
+        ax.set_title(f"Fig. 3's band: spread of y at a fixed x, median over channels\n({title})", fontsize=9)
+        ax.set_xticks(ticks)
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        files["fig3_band"] = out / "fig3_band.png"
+        fig.savefig(files["fig3_band"], dpi=130)
         plt.close(fig)
     return files
 
@@ -327,17 +364,18 @@ def main(argv=None) -> int:
         out = Path(args.out) if args.out else run_dir / "inspect_dynamic"
         out.mkdir(parents=True, exist_ok=True)
 
-        names = [n for n, m in model.named_modules() if type(m).__name__ == "DyReLU"]
+        from dyrelu import DyReLU
+
+        names = [n for n, m in model.named_modules() if isinstance(m, DyReLU)]  # static twins included
         a2_blocks = find_a2_blocks(names)
         if a2_blocks:
-            scatter = sorted(a2_blocks, key=a2_blocks.get)
-            if args.blocks == "every_other":
-                scatter = [n for n in scatter if a2_blocks[n] % 2 == 1]
+            supp = sorted(a2_blocks, key=a2_blocks.get)
         else:  # no DY-ReLU after a depthwise conv (e.g. ResNet, or Table 7 without A2): every (other) DY-ReLU
             log.warning("no DY-ReLU after a depthwise conv (blocks.<i>.conv_dw.act); plotting %s DY-ReLU layer instead",
                         "every other" if args.blocks == "every_other" else "every")
-            scatter = names[::2] if args.blocks == "every_other" else names
-        rec = Recorder(model, scatter, args.points_per_image, args.max_points, args.seed)
+            supp = names
+        scatter = supp[::2] if args.blocks == "every_other" else supp
+        rec = Recorder(model, supp, args.points_per_image, args.max_points, args.seed, args.band_images)
 
         n_images = len(val_ds) if args.max_images is None else min(len(val_ds), args.max_images)
         batch = int(run_cfg.data.batch_size)
@@ -355,27 +393,16 @@ def main(argv=None) -> int:
         summary = summarize(rec, a2_blocks)
         model_name = run_cfg.model.name
         title = f"{model_name}, {run_cfg.act.name}, {seen} val images"
-        files = plot(rec, scatter, a2_blocks, out, title)
+        files = plot(rec, scatter, supp, a2_blocks, out, title, summary)
         stats = {
             "ckpt": str(ckpt), "task": run_cfg.task.name, "model": model_name, "act": run_cfg.act.name,
             "table": run_cfg.get("table"), "row": run_cfg.get("row"), "epoch": state.get("epoch"),
             "data": run_cfg.data.name, "images": seen, "scatter_layers": scatter,
-            "slope_diff_per_block": {str(a2_blocks[n]): rec.stats[n]["diff_sum"] / max(rec.stats[n]["units"], 1)
-                                     for n in sorted(a2_blocks, key=a2_blocks.get)},
-            "paper": {"share_slope_neg_or_gt1": 0.51, "share_intercept_gt_0.05": 0.37,
-                      "note": "MobileNetV2 x0.35 DY-ReLU-B on 50,000 ImageNet val images (Sec. 5.2)"},
-            "definitions": {
-                "unit": "one (DY-ReLU layer, image, channel) function; (layer, image) for DY-ReLU-A",
-                "share_slope_neg_or_gt1": "units with some a^k < 0 or a^k > 1",
-                "share_intercept_gt_0.05": "units with some b^k > 0.05",
-                "share_abs_intercept_gt_0.05": "units with some |b^k| > 0.05",
-                "slope_diff": "max_k a^k - min_k a^k (= |a^1 - a^2| for K = 2)",
-                "a_spread": "std over images of each a_c^k, averaged over channels and segments (0: a static function)",
-                "b_spread": "the same for b_c^k",
-                "pi_spread": "DY-ReLU-C: std of pi over positions, averaged over images (0: a flat attention)",
-                "pooled.all": "every DY-ReLU layer, including the K=1 ones after projection convs",
-                "pooled.k2plus": "DY-ReLU layers with K >= 2 only",
-            },
+            "slope_diff_per_block": {b: r["slope_diff_mean"] for b, r in summary["per_block"].items()},
+            "paper": {"share_slope_margin": 0.51, "share_intercept_gt_0.05": 0.37,
+                      "note": "MobileNetV2 x0.35 DY-ReLU-B on 50,000 ImageNet val images (Sec. 5.2); the paper's "
+                              "slope statistic is a < 0 or a > 1, without a margin"},
+            "definitions": DEFINITIONS,
             **summary,
             "files": {k: str(v) for k, v in files.items()},
         }

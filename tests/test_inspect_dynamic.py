@@ -31,11 +31,13 @@ def test_inspect_writes_plots_and_statistics(smoke_ckpt, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     line = json.loads(p.stdout.strip().splitlines()[-1])
     assert line["images"] == 20
-    for key in ("all.share_slope_neg_or_gt1", "all.share_intercept_gt_0.05", "all.share_abs_intercept_gt_0.05",
-                "k2plus.share_slope_neg_or_gt1"):
+    for key in ("all.share_slope_margin", "all.share_intercept_gt_0.05", "all.share_abs_intercept_gt_0.05",
+                "k2plus.share_slope_margin"):
         assert 0.0 <= line[key] <= 1.0, key
+    for key in ("a_spread", "a_spread_rel", "b_spread_rel", "a_dist", "b_dist", "band_x_pos", "band_x_neg"):
+        assert line[f"all.{key}_median"] >= 0.0, key
     assert sorted(map(int, line["slope_diff_per_block"])) == list(range(1, 18))  # MobileNetV2: 17 blocks
-    for name in ("fig3_top_scatter", "supp_fig1_scatter", "fig3_bottom_slope_diff"):
+    for name in ("fig3_top_scatter", "supp_fig1_scatter", "fig3_bottom_slope_diff", "fig3_band"):
         png = out / f"{name}.png"
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     stats = json.loads((out / "stats.json").read_text())
@@ -46,6 +48,7 @@ def test_inspect_writes_plots_and_statistics(smoke_ckpt, tmp_path):
     assert per["blocks.0.conv_dw.act"]["units"] == 20 * per["blocks.0.conv_dw.act"]["channels"]
     assert stats["pooled"]["all"]["units"] == sum(r["units"] for r in stats["per_layer"])
     assert stats["pooled"]["all"]["layers"] > stats["pooled"]["k2plus"]["layers"]  # the K=1 ones at A3
+    assert sorted(map(int, stats["per_block"])) == list(range(1, 18)) and "pi_input_var" in stats["definitions"]
     # W&B (offline): the three plots as images, in the table's group
     (run,) = wandb_offline_runs(out)
     assert run["group"] == "table2" and run["job_type"] == "inspect_dynamic"
@@ -79,11 +82,11 @@ def test_statistics_follow_the_documented_definitions():
     rec.remove()
     s = ind.summarize(rec, {})
     per = {r["name"]: r for r in s["per_layer"]}
-    assert per["0"]["units"] == 6 and per["0"]["share_slope_neg_or_gt1"] == pytest.approx(0.5)
+    assert per["0"]["units"] == 6 and per["0"]["share_slope_margin"] == pytest.approx(0.5)
     assert per["0"]["share_intercept_gt_0.05"] == pytest.approx(0.5) and per["0"]["share_abs_intercept_gt_0.05"] == 1.0
     assert per["0"]["slope_diff_mean"] == pytest.approx(1.5)  # (|2-0| + |1-0|) / 2
-    assert per["1"]["units"] == 3 and per["1"]["share_slope_neg_or_gt1"] == 1.0 and per["1"]["share_intercept_gt_0.05"] == 0
-    assert s["pooled"]["all"]["units"] == 9 and s["pooled"]["all"]["share_slope_neg_or_gt1"] == pytest.approx(6 / 9)
+    assert per["1"]["units"] == 3 and per["1"]["share_slope_margin"] == 1.0 and per["1"]["share_intercept_gt_0.05"] == 0
+    assert s["pooled"]["all"]["units"] == 9 and s["pooled"]["all"]["share_slope_margin"] == pytest.approx(6 / 9)
     assert len(rec.points["0"][0]) == 3 * 4  # scatter sample: points_per_image per image
 
 
@@ -101,10 +104,10 @@ def test_spread_is_zero_for_a_static_function_and_measures_the_dynamic_one():
         model(x)
     rec.remove()
     per = {r["name"]: r for r in ind.summarize(rec, {})["per_layer"]}
-    assert per["0"]["a_spread"] == 0 and per["0"]["b_spread"] == 0 and per["0"]["pi_spread"] > 0
+    assert per["0"]["a_spread"] == 0 and per["0"]["b_spread"] == 0 and per["0"]["pi_flatness"] > 0
     a = dynamic.coefficients(static(x)).a.double()  # (N, K, C)
     assert per["1"]["a_spread"] == pytest.approx(float(a.std(dim=0, correction=0).mean()), rel=1e-6)
-    assert per["1"]["a_spread"] > 1e-3 and per["1"]["pi_spread"] is None
+    assert per["1"]["a_spread"] > 1e-3 and per["1"]["pi_flatness"] is None and per["1"]["pi_input_var"] is None
 
 
 def test_a_model_without_dyrelu_is_a_clear_error():
