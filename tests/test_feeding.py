@@ -213,5 +213,7 @@ def test_device_jitter_is_torchvisions_per_image():
         for op in row[8:11].long().tolist():
             img = ops[op](img, float(row[5 + op]))
         ref.append(img)
-    got = _jitter(x.permute(0, 2, 3, 1).reshape(6, 80, 3), rows, 1.0).view(6, 8, 10, 3).permute(0, 3, 1, 2)
-    assert torch.allclose(got, torch.stack(ref), atol=1e-5)
+    for per_image in (True, False):  # the CPU's loop and the accelerators' batched maps
+        flat = x.permute(0, 2, 3, 1).reshape(6, 80, 3).clone()
+        got = _jitter(flat, rows, 1.0, per_image=per_image).view(6, 8, 10, 3).permute(0, 3, 1, 2)
+        assert torch.allclose(got, torch.stack(ref), atol=1e-5), per_image
