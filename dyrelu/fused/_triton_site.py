@@ -322,9 +322,9 @@ if HAS_TRITON:
     _INTS4 = ["N", "C", "R", "COLS", "L", "PARTS", "T1", "T2", "J_TILES", "R_TILES"]
 
     @triton.jit(do_not_specialize=_INTS4)
-    def _site_bwd2_kernel(dlog_ptr, h_ptr, dh_ptr, ph_ptr, gsp_ptr, gtp_ptr, gsz_ptr, gtz_ptr, mu_ptr, r_ptr,
-                          w_ptr, gw2_ptr, gb2_ptr, gw1_ptr, gb1_ptr, gw_ptr, gbias_ptr, gvar_ptr, alpha_ptr,
-                          coefp_ptr, v_ptr,
+    def _site_bwd2_kernel(dlog_ptr, h_ptr, dh_ptr, ph_ptr, gsp_ptr, gtp_ptr, zp_ptr, zq_ptr, sw_ptr, t_ptr, mu_ptr,
+                          r_ptr, w_ptr, gw2_ptr, gb2_ptr, gw1_ptr, gb1_ptr, gw_ptr, gbias_ptr, gvar_ptr, alpha_ptr,
+                          coefp_ptr, v_ptr, gsw_ptr, wsz_ptr,
                           N, C, R, COLS, L, PARTS, T1, T2, J_TILES, R_TILES,
                           BATCH: tl.constexpr, HAS_W: tl.constexpr, HAS_Z: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):
@@ -380,11 +380,25 @@ if HAS_TRITON:
             for p in range(0, PARTS):
                 gs += tl.load(gsp_ptr + p * C + offs_c, mask=mask_c, other=0.0)
                 gt += tl.load(gtp_ptr + p * C + offs_c, mask=mask_c, other=0.0)
-            if HAS_Z:
-                gs += tl.load(gsz_ptr + offs_c, mask=mask_c, other=0.0)
-                gt += tl.load(gtz_ptr + offs_c, mask=mask_c, other=0.0)
             mu = tl.load(mu_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
             r = tl.load(r_ptr + offs_c, mask=mask_c, other=0.0)
+            if HAS_Z:  # variant C's logits z = sum_c w_c (s_c x + t_c): their part of grad s, t and grad w
+                g_ws = tl.zeros([BLOCK_C], dtype=tl.float32)
+                g_zb = tl.zeros([BLOCK_C], dtype=tl.float32)
+                for n0 in range(0, N, BLOCK_N):
+                    nn = n0 + tl.arange(0, BLOCK_N)
+                    mk = (nn < N)[:, None] & mask_c[None, :]
+                    g_ws += tl.sum(tl.load(zp_ptr + nn[:, None] * C + offs_c[None, :], mask=mk, other=0.0), axis=0)
+                    g_zb += tl.sum(tl.load(zq_ptr + nn, mask=nn < N, other=0.0), axis=0)
+                swv = tl.load(sw_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+                sz = r
+                if HAS_W:
+                    sz = r * tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+                tz = tl.load(t_ptr + offs_c, mask=mask_c, other=0.0)
+                gs += g_ws * swv
+                gt += g_zb * swv
+                tl.store(gsw_ptr + offs_c, g_ws * sz + g_zb * tz, mask=mask_c)
+                tl.store(wsz_ptr + offs_c, swv * sz, mask=mask_c)
             gs = gs - gt * mu  # t = beta - mu s
             gr = gs
             s = r
@@ -411,10 +425,11 @@ if HAS_TRITON:
     _INTS5 = ["C", "L", "sxn", "sxc", "sxl", "sgn", "sgc", "sgl", "C_BLOCKS", "L_BLOCKS"]
 
     @triton.jit(do_not_specialize=_INTS5)
-    def _site_dx_kernel(x_ptr, gx_ptr, alpha_ptr, coefp_ptr, v_ptr, gp_ptr,
+    def _site_dx_kernel(x_ptr, gx_ptr, alpha_ptr, coefp_ptr, v_ptr, gp_ptr, wsz_ptr, gz_ptr,
                         C, L, sxn, sxc, sxl, sgn, sgc, sgl, C_BLOCKS, L_BLOCKS,
-                        BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
-        # grad x += alpha_c x + gp_nc s_c / L + v_c, in place (the statistics' gradient)
+                        ACCUM: tl.constexpr, HAS_Z: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+        # grad x (+)= alpha_c x + gp_nc s_c / L + v_c [+ ws_c gz_nl]: the statistics' gradient, in place
+        # into the apply's grad x (ACCUM), and for variant C the logits' gradient
         pid = tl.program_id(0)
         lb = pid % L_BLOCKS
         rest = pid // L_BLOCKS
@@ -427,13 +442,71 @@ if HAS_TRITON:
         n64 = n.to(tl.int64)
         x = tl.load(x_ptr + n64 * sxn + offs_c[:, None] * sxc + offs_l[None, :] * sxl, mask=m, other=0.0)
         gptr = gx_ptr + n64 * sgn + offs_c[:, None] * sgc + offs_l[None, :] * sgl
-        g = tl.load(gptr, mask=m, other=0.0).to(tl.float32)
+        if ACCUM:
+            g = tl.load(gptr, mask=m, other=0.0).to(tl.float32)
+        else:
+            g = tl.zeros([BLOCK_C, BLOCK_L], dtype=tl.float32)
+        if HAS_Z:
+            gz = tl.load(gz_ptr + n64 * L + offs_l, mask=offs_l < L, other=0.0).to(tl.float32)
+            g += tl.load(wsz_ptr + offs_c, mask=mask_c, other=0.0)[:, None] * gz[None, :]
         al = tl.load(alpha_ptr + offs_c, mask=mask_c, other=0.0)
         be = tl.load(gp_ptr + n * C + offs_c, mask=mask_c, other=0.0) * tl.load(coefp_ptr + offs_c, mask=mask_c,
                                                                                  other=0.0) \
             + tl.load(v_ptr + offs_c, mask=mask_c, other=0.0)
         g += x.to(tl.float32) * al[:, None] + be[:, None]
         tl.store(gptr, g.to(gx_ptr.dtype.element_ty), mask=m)
+
+    _INTS7 = ["C", "L", "sxn", "sxc", "sxl", "L_BLOCKS"]
+
+    @triton.jit(do_not_specialize=_INTS7)
+    def _site_z_kernel(x_ptr, z_ptr, sw_ptr, r_ptr, t_ptr, w_ptr, C, L, sxn, sxc, sxl, L_BLOCKS,
+                       HAS_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+        # variant C's logits on the BN output: z_nl = sum_c w_c (s_c x_ncl + t_c), one read of x
+        pid = tl.program_id(0)
+        lb = pid % L_BLOCKS
+        n = pid // L_BLOCKS
+        offs_l = lb * BLOCK_L + tl.arange(0, BLOCK_L)
+        mask_l = offs_l < L
+        acc = tl.zeros([BLOCK_C, BLOCK_L], dtype=tl.float32)
+        bias = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mask_c = offs_c < C
+            sw = tl.load(sw_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+            s = tl.load(r_ptr + offs_c, mask=mask_c, other=0.0)
+            if HAS_W:
+                s = s * tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + n.to(tl.int64) * sxn + offs_c[:, None] * sxc + offs_l[None, :] * sxl,
+                        mask=mask_c[:, None] & mask_l[None, :], other=0.0).to(tl.float32)
+            acc += x * (sw * s)[:, None]
+            bias += sw * tl.load(t_ptr + offs_c, mask=mask_c, other=0.0)
+        z = tl.sum(acc, axis=0) + tl.sum(bias, axis=0)
+        tl.store(z_ptr + n.to(tl.int64) * L + offs_l, z.to(z_ptr.dtype.element_ty), mask=mask_l)
+
+    _INTS8 = ["N", "C", "L", "sxn", "sxc", "sxl", "C_BLOCKS"]
+
+    @triton.jit(do_not_specialize=_INTS8)
+    def _site_zgrad_kernel(x_ptr, gz_ptr, zp_ptr, zq_ptr, N, C, L, sxn, sxc, sxl, C_BLOCKS,
+                           BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+        # per (n, c): sum_l gz_nl x_ncl (grad of the folded weights), per n: sum_l gz_nl (of the bias)
+        pid = tl.program_id(0)
+        cb = pid % C_BLOCKS
+        n = pid // C_BLOCKS
+        offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        acc = tl.zeros([BLOCK_C, BLOCK_L], dtype=tl.float32)
+        accq = tl.zeros([BLOCK_L], dtype=tl.float32)
+        for l0 in range(0, L, BLOCK_L):
+            offs_l = l0 + tl.arange(0, BLOCK_L)
+            mask_l = offs_l < L
+            gz = tl.load(gz_ptr + n.to(tl.int64) * L + offs_l, mask=mask_l, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + n.to(tl.int64) * sxn + offs_c[:, None] * sxc + offs_l[None, :] * sxl,
+                        mask=mask_c[:, None] & mask_l[None, :], other=0.0).to(tl.float32)
+            acc += x * gz[None, :]
+            accq += gz
+        tl.store(zp_ptr + n * C + offs_c, tl.sum(acc, axis=1), mask=mask_c)
+        if cb == 0:
+            tl.store(zq_ptr + n, tl.sum(accq, axis=0))
 
     _INTS6 = ["C"]
 
@@ -461,7 +534,8 @@ if HAS_TRITON:
 
     _triton.KERNELS.update(_site_fwd1_kernel=_site_fwd1_kernel, _site_fwd2_kernel=_site_fwd2_kernel,
                            _site_bwd1_kernel=_site_bwd1_kernel, _site_bwd2_kernel=_site_bwd2_kernel,
-                           _site_dx_kernel=_site_dx_kernel, _running_kernel=_running_kernel)
+                           _site_dx_kernel=_site_dx_kernel, _running_kernel=_running_kernel,
+                           _site_z_kernel=_site_z_kernel, _site_zgrad_kernel=_site_zgrad_kernel)
 
 
 def ok(x: torch.Tensor, w1: torch.Tensor, k: int) -> bool:
@@ -535,9 +609,10 @@ def coefs(x3, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lamb
 
 
 def coefs_backward(psx, ps, split, m, mu, batch, l, weight, w1, w2, lambda_a, lambda_b, state, segments, width,
-                   use_bias, gs_z=None, gt_z=None):
+                   use_bias, zsums=None, spatial_w=None):
     """The coefficient backward from the apply backward's partial sums: (gp, alpha, coefp, v, g_weight,
-    g_bias, gvar, gw1, gb1, gw2, gb2), or None. Two launches."""
+    g_bias, gvar, gw1, gb1, gw2, gb2, g_sw, wsz), or None. Two launches. zsums: variant C's (zp, zq) from
+    ``z_sums`` (then g_sw is spatial_w's gradient (C,) and wsz the folded weights w s, else empty)."""
     r, t, ph, h_pre, h, sig, a = state
     n, c = m.shape
     k = a.shape[1]
@@ -565,21 +640,53 @@ def coefs_backward(psx, ps, split, m, mu, batch, l, weight, w1, w2, lambda_a, la
     gb1 = torch.empty(rdim, device=dev, dtype=f32)
     g_weight, g_bias, gvar = (torch.empty(c, device=dev, dtype=f32) for _ in range(3))
     alpha, coefp, v = (torch.empty(c, device=dev, dtype=f32) for _ in range(3))
-    has_z = gs_z is not None
+    has_z = zsums is not None
+    zp, zq = zsums if has_z else (empty, empty)
+    g_sw = torch.empty(c, device=dev, dtype=f32) if has_z else empty
+    wsz = torch.empty(c, device=dev, dtype=f32) if has_z else empty
     p2 = Plan("_site_bwd2_kernel", (t1 + t2 + c_tiles,),
               dict(N=n, C=c, R=rdim, COLS=cols, L=l, PARTS=2 * nblocks, T1=t1, T2=t2, J_TILES=j_tiles,
                    R_TILES=r_tiles),
               dict(BATCH=bool(batch), HAS_W=weight is not None, HAS_Z=has_z, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C,
                    BLOCK_R=BLOCK_R, BLOCK_J=BLOCK_J), WARPS, 1)
-    if not _triton._launch(p2, dev, (dlog, h, dh, ph, gsp, gtp, gs_z if has_z else empty, gt_z if has_z else empty,
-                                     mu, r, _f32(weight, empty), gw2, gb2, gw1, gb1, g_weight, g_bias, gvar, alpha,
-                                     coefp, v)):
+    sw = _f32(spatial_w.reshape(-1), empty) if has_z else empty
+    if not _triton._launch(p2, dev, (dlog, h, dh, ph, gsp, gtp, zp, zq, sw, t, mu, r, _f32(weight, empty), gw2, gb2,
+                                     gw1, gb1, g_weight, g_bias, gvar, alpha, coefp, v, g_sw, wsz)):
         return None
-    return gp, alpha, coefp, v, g_weight, g_bias, gvar, gw1, gb1, gw2, gb2
+    return gp, alpha, coefp, v, g_weight, g_bias, gvar, gw1, gb1, gw2, gb2, g_sw, wsz
 
 
-def add_stats_grad(gx3: torch.Tensor, x3: torch.Tensor, alpha, coefp, v, gp) -> bool:
-    """grad x += alpha_c x + gp_nc coefp_c + v_c in place on the (N, C, L) view gx3; one launch."""
+def spatial_z(x3: torch.Tensor, spatial_w: torch.Tensor, r, t, weight) -> Optional[torch.Tensor]:
+    """Variant C's logits (N, L) in x's dtype on the BN output s x + t; one launch (None: failed)."""
+    n, c, l = x3.shape
+    z = torch.empty(n, l, device=x3.device, dtype=x3.dtype)
+    bl = 64
+    l_blocks = _cdiv(l, bl)
+    sxn, sxc, sxl = x3.stride()
+    empty = r[:0]
+    plan = Plan("_site_z_kernel", (n * l_blocks,), dict(C=c, L=l, sxn=sxn, sxc=sxc, sxl=sxl, L_BLOCKS=l_blocks),
+                dict(HAS_W=weight is not None, BLOCK_C=32, BLOCK_L=bl), WARPS, 1)
+    ok = _triton._launch(plan, x3.device, (x3, z, _f32(spatial_w.reshape(-1), empty), r, t, _f32(weight, empty)))
+    return z if ok else None
+
+
+def z_sums(x3: torch.Tensor, gz2: torch.Tensor):
+    """(zp (N, C) = sum_l gz x, zq (N,) = sum_l gz) for the logits' backward; one launch (None: failed)."""
+    n, c, l = x3.shape
+    bc = 32
+    c_blocks = _cdiv(c, bc)
+    zp = torch.empty(n, c, device=x3.device, dtype=torch.float32)
+    zq = torch.empty(n, device=x3.device, dtype=torch.float32)
+    sxn, sxc, sxl = x3.stride()
+    plan = Plan("_site_zgrad_kernel", (n * c_blocks,), dict(N=n, C=c, L=l, sxn=sxn, sxc=sxc, sxl=sxl,
+                                                            C_BLOCKS=c_blocks), dict(BLOCK_C=bc, BLOCK_L=64), WARPS, 1)
+    return (zp, zq) if _triton._launch(plan, x3.device, (x3, gz2, zp, zq)) else None
+
+
+def add_stats_grad(gx3: torch.Tensor, x3: torch.Tensor, alpha, coefp, v, gp, accum: bool = True, wsz=None,
+                   gz2=None) -> bool:
+    """grad x += alpha_c x + gp_nc coefp_c + v_c in place on the (N, C, L) view gx3 (accum False: = instead
+    of +=), plus wsz_c gz_nl given variant C's logits' gradient gz2 (N, L); one launch."""
     n, c, l = x3.shape
     bc, bl, warps = _triton_bn.tiles(c, l, x3.stride(2) == 1)
     c_blocks, l_blocks = _cdiv(c, bc), _cdiv(l, bl)
@@ -587,8 +694,9 @@ def add_stats_grad(gx3: torch.Tensor, x3: torch.Tensor, alpha, coefp, v, gp) -> 
     sgn, sgc, sgl = gx3.stride()
     plan = Plan("_site_dx_kernel", (n * c_blocks * l_blocks,),
                 dict(C=c, L=l, sxn=sxn, sxc=sxc, sxl=sxl, sgn=sgn, sgc=sgc, sgl=sgl, C_BLOCKS=c_blocks,
-                     L_BLOCKS=l_blocks), dict(BLOCK_C=bc, BLOCK_L=bl), warps, 1)
-    return _triton._launch(plan, x3.device, (x3, gx3, alpha, coefp, v, gp))
+                     L_BLOCKS=l_blocks), dict(ACCUM=accum, HAS_Z=gz2 is not None, BLOCK_C=bc, BLOCK_L=bl), warps, 1)
+    return _triton._launch(plan, x3.device, (x3, gx3, alpha, coefp, v, gp, alpha if wsz is None else wsz,
+                                             alpha if gz2 is None else gz2))
 
 
 def running_update(running_mean, running_var, num_batches_tracked, mu, var, momentum, cumulative, count) -> bool:

@@ -581,7 +581,13 @@ def bn_coefs(x: Tensor, mean: Optional[Tensor], var: Optional[Tensor], weight: O
                 return _bn_coefs_composed(x, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b,
                                           lambda_a, lambda_b, spatial_w, segments, width, use_bias)
         big_a, big_b, m, mu_b, var_b, state = got
-        return big_a, big_b, _site_z(x, spatial_w, state, weight), m, mu_b, var_b, state
+        z = None
+        if spatial_w is not None:
+            z = _triton_site.spatial_z(_triton._prepare(x3)[0], spatial_w, state[0], state[1], weight)
+            z = None if z is None else z.reshape((x.shape[0], 1) + tuple(x.shape[2:]))
+        if z is None:
+            z = _site_z(x, spatial_w, state, weight)
+        return big_a, big_b, z, m, mu_b, var_b, state
     return _bn_coefs_composed(x, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b,
                               spatial_w, segments, width, use_bias)
 
@@ -636,8 +642,45 @@ def bn_coefs_backward(g_big_a: Optional[Tensor], g_big_b: Optional[Tensor], gz: 
         gx3, *grads = _native.site_coefs_backward(g_big_a, g_big_b, gz, x3, m, mu, var, batch, weight, bias, w1, w2,
                                                   lambda_a, lambda_b, spatial_w, state, segments, width, use_bias)
         return (_match(gx3, x), *grads)
+    k = state[-1].shape[1]
+    if _triton_site_ok(x, w1, k) and state[0].dtype == torch.float32:
+        got = _triton_coefs_backward(g_big_a, g_big_b, gz, x, m, mu, batch, weight, bias, w1, w2, lambda_a, lambda_b,
+                                     spatial_w, state, segments, width, use_bias)
+        if got is not None:
+            return got
     return _site_backward(None, g_big_a, g_big_b, gz, x, m, mu, var, batch, weight, bias, w1, w2, lambda_a, lambda_b,
                           spatial_w, state, segments, width, use_bias)
+
+
+def _triton_coefs_backward(g_big_a, g_big_b, gz, x, m, mu, batch, weight, bias, w1, w2, lambda_a, lambda_b, spatial_w,
+                           state, segments, width, use_bias):
+    """bn_coefs_backward in three or four launches ([the logits' sums], _bwd1, _bwd2, grad x), or None."""
+    x3 = _triton._prepare(_as3d(x))[0]
+    n, c, l = x3.shape
+    k = state[-1].shape[1]
+    zeros = None
+    if g_big_a is None or g_big_b is None:
+        zeros = torch.zeros((n, k, c), dtype=torch.float32, device=x.device)
+    ga = (zeros if g_big_a is None else g_big_a.to(torch.float32).contiguous())[None]
+    gb = (zeros if g_big_b is None else g_big_b.to(torch.float32).contiguous())[None]
+    with_z = gz is not None and spatial_w is not None
+    gz2 = gz.reshape(n, l).contiguous() if with_z else None
+    zsums = _triton_site.z_sums(x3, gz2) if with_z else None
+    if with_z and zsums is None:
+        return None
+    back = _triton_site.coefs_backward(ga, gb, 1, m, mu, batch, l, weight, w1, w2, lambda_a, lambda_b, state,
+                                       segments, width, use_bias, zsums, spatial_w if with_z else None)
+    if back is None:
+        return None
+    gp, alpha, coefp, v, g_weight, g_bias, _gvar, gw1, gb1, gw2, gb2, g_sw, wsz = back
+    gx3 = torch.empty_strided(x3.shape, x3.stride(), dtype=x.dtype, device=x.device)
+    if not _triton_site.add_stats_grad(gx3, x3, alpha, coefp, v, gp, accum=False, wsz=wsz if with_z else None,
+                                       gz2=gz2):
+        return None
+    return (_match(gx3, x), _empty(m) if weight is None else g_weight.to(weight.dtype),
+            _empty(m) if bias is None else g_bias.to(bias.dtype), gw1.to(w1.dtype), gb1.to(w1.dtype),
+            gw2.to(w2.dtype), gb2.to(w2.dtype),
+            g_sw.to(spatial_w.dtype).reshape(spatial_w.shape) if with_z else _no_z(x))
 
 
 def _site_backward(gx, g_big_a, g_big_b, gz, x, m, mu, var, batch, weight, bias, w1, w2, lambda_a, lambda_b,
@@ -976,7 +1019,7 @@ def _triton_site_backward(g, x, big_a, big_b, m, mu, var, batch, weight, bias, w
     back = _triton_site.coefs_backward(psx, ps, psx.shape[0], m, mu, batch, x3.shape[2], weight, w1, w2, lambda_a,
                                        lambda_b, state, segments, width, use_bias)
     if back is not None:
-        gp, alpha, coefp, v, g_weight, g_bias, _gvar, gw1, gb1, gw2, gb2 = back
+        gp, alpha, coefp, v, g_weight, g_bias, _gvar, gw1, gb1, gw2, gb2, _, _ = back
         if _triton_site.add_stats_grad(gx3, _triton._prepare(x3)[0], alpha, coefp, v, gp):
             return (_match(gx3, x), _empty(m) if weight is None else g_weight.to(weight.dtype),
                     _empty(m) if bias is None else g_bias.to(bias.dtype), gw1.to(w1.dtype), gb1.to(w1.dtype),
