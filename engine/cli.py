@@ -45,6 +45,20 @@ def group_options(group: str) -> list[str]:
     return sorted(str(p.relative_to(folder).with_suffix("")) for p in folder.rglob("*.yaml"))
 
 
+def _owners_hint(parent: str, node: Any, leaf: str) -> str:
+    """`` (tau belongs to act=dyrelu_c)`` when ``leaf`` is a key of other options of the group
+    ``parent`` was picked from (``act.tau`` under DY-ReLU-B): the key is right, the option is not."""
+    group = "act" if parent == "head_act" else parent  # act@head_act picks from configs/act/
+    if not parent or not (CONFIG_DIR / group).is_dir() or not isinstance(node, DictConfig) or "name" not in node:
+        return ""
+    owners = [o for o in group_options(group) if o != node.name
+              and leaf in (OmegaConf.load(CONFIG_DIR / group / f"{o}.yaml") or {})]
+    if not owners:
+        return ""
+    pick = "act@head_act" if parent == "head_act" else group
+    return f" ({leaf} belongs to {', '.join(f'{pick}={o}' for o in owners[:4])}{', ...' if len(owners) > 4 else ''})"
+
+
 def _command_overrides(argv: Sequence[str]) -> list[str]:
     return [a for a in argv if "=" in a and not a.startswith("-")]
 
@@ -95,7 +109,7 @@ def _unknown_key_line(message: str, argv: Sequence[str], list_keys: bool) -> Opt
     if not isinstance(node, DictConfig):
         return f"{typed}: {parent or 'the config'} has no key {leaf}"
     keys = [str(k) for k in node.keys()]
-    hint = _did_you_mean(leaf, keys, prefix=f"{parent}." if parent else "")
+    hint = _owners_hint(parent, node, leaf) or _did_you_mean(leaf, keys, prefix=f"{parent}." if parent else "")
     return f"{typed}: {parent or 'the config'} has no key {leaf}{hint}; valid keys: {_listing(keys, parent or 'the config')}"
 
 
@@ -225,6 +239,6 @@ def check_added_keys(cfg: DictConfig, overrides: Sequence[str]) -> None:
                                f"valid: {', '.join(valid)}")
         keys = [str(k) for k in node.keys() if str(k) != leaf] if isinstance(node, DictConfig) else []
         what = (f"{parent} ({node.name})" if isinstance(node, DictConfig) and "name" in node else parent) or "the config"
-        hint = _did_you_mean(leaf, keys, f"{parent}." if parent else "")
+        hint = _owners_hint(parent, node, leaf) or _did_you_mean(leaf, keys, f"{parent}." if parent else "")
         raise BadNameError(f"{o.input_line}: {what} has no key {leaf}, so nothing would read it{hint}; "
                            f"valid keys: {', '.join(keys)}")

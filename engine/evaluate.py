@@ -80,6 +80,18 @@ def load_run(ckpt: str | Path, overrides: Sequence[str] = (),
     return build_run(cfg, state)
 
 
+def what_was_scored(cfg: DictConfig, val_ds, indices: Sequence[int]) -> dict:
+    """The model, ``act`` (and ``head_act``) and ``val_images`` of eval.py's record. A top-down
+    keypoint set's samples are person boxes, several per image: counted apart, as ``val_instances``."""
+    out = {"model": cfg.model.name, "act": cfg.act.name}
+    if cfg.get("head_act") is not None:
+        out["head_act"] = cfg.head_act.name
+    records = getattr(val_ds, "records", None)
+    if records is None:
+        return {**out, "val_images": len(indices)}
+    return {**out, "val_images": len({records[i]["image_id"] for i in indices}), "val_instances": len(indices)}
+
+
 def result_path(ckpt: str | Path) -> Path:
     """Where eval.py writes the metrics of ``ckpt``: <run>/eval_<checkpoint name>.json
     (eval_best.json, eval_last.json), so evaluating another checkpoint keeps the first result."""
@@ -204,7 +216,7 @@ def evaluate_checkpoint(argv: Sequence[str]) -> dict:
         loader = tqdm(loader, total=len(loader), desc="eval", leave=False, mininterval=1.0, dynamic_ncols=True)
     metrics = run.task.evaluate(model, loader, device, autocast, channels_last)
     out = {"ckpt": str(path.resolve()), "epoch": state["epoch"], "task": run.task.name,
-           "model": cfg.model.name, "act": cfg.act.name, "val_images": len(indices), **metrics}
+           **what_was_scored(cfg, run.val_ds, indices), **metrics}
     dest = result_path(path)
     tmp = dest.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(out, indent=2))

@@ -64,6 +64,7 @@ class RunLogger:
     def __init__(self, cfg, run_dir: Path, resume_epoch: int, enabled: bool, config_dict: dict):
         self.enabled = enabled
         self.run_dir = Path(run_dir)
+        self.config = config_dict  # metrics.png's title names what ran
         self.csv = CsvLogger(run_dir / "metrics.csv", resume_epoch) if enabled else None
         self.wandb = None
         self.tb = None
@@ -133,7 +134,7 @@ class RunLogger:
             from .plots import plot_metrics
 
             try:
-                plot_metrics(self.csv.path)
+                plot_metrics(self.csv.path, config=self.config)
             except Exception as exc:  # a picture must never hide how the run ended
                 log.warning("could not draw %s: %s", self.csv.path.with_name("metrics.png"), exc)
         if self.wandb is not None:

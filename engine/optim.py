@@ -105,6 +105,25 @@ def build_optimizer(model, optim_cfg, global_batch: int):
                                filter_bias_and_bn=filter_bias_and_bn, **kwargs)
 
 
+def warn_undecayed(sched_cfg, epochs: int, lr: float) -> None:
+    """One warning line when a step schedule's milestone is never reached. A cosine schedule is
+    compressed into a shortened run, a step schedule is not: under ``trainer.max_epochs=2`` the
+    keypoint recipe's milestones (16, 19) would keep the full learning rate without a word."""
+    milestones = [int(m) for m in sched_cfg.milestones]
+    missed = [m for m in milestones if m >= epochs]
+    if not missed and milestones and float(sched_cfg.gamma) != 1.0:
+        return
+    fix = "set sched.milestones to epochs below trainer.max_epochs (or use sched=cosine)"
+    if float(sched_cfg.gamma) == 1.0 and milestones and not missed:
+        log.warning("sched.gamma=1: the step schedule never changes the learning rate (%.4g)", lr)
+    elif len(missed) == len(milestones):
+        log.warning("sched.milestones=%s with trainer.max_epochs=%d: no decay happens, the learning rate stays at "
+                    "%.4g for the whole run; %s", milestones, epochs, lr, fix)
+    else:
+        log.warning("trainer.max_epochs=%d ends before sched.milestones %s, so %s never happens; %s", epochs,
+                    missed, "that decay" if len(missed) == 1 else "those decays", fix)
+
+
 def build_scheduler(optimizer, sched_cfg, epochs: int, steps_per_epoch: int):
     """Stepped with `scheduler.step_update(global_step)` after every optimizer step.
 
@@ -117,6 +136,7 @@ def build_scheduler(optimizer, sched_cfg, epochs: int, steps_per_epoch: int):
     if name == "cosine":
         sched = CosineLRScheduler(optimizer, t_initial=max(1, epochs * steps_per_epoch), lr_min=float(sched_cfg.min_lr), **common)
     elif name == "step":
+        warn_undecayed(sched_cfg, epochs, optimizer.param_groups[0]["lr"])
         decay_t = [int(m) * steps_per_epoch for m in sched_cfg.milestones]
         sched = MultiStepLRScheduler(optimizer, decay_t=decay_t, decay_rate=float(sched_cfg.gamma), **common)
     else:

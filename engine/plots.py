@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 import matplotlib
 
@@ -34,9 +34,23 @@ def _column(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return xs, ys
 
 
-def plot_metrics(csv_path: Path, out: Optional[Path] = None) -> Optional[Path]:
-    """Draw ``csv_path`` (a run's metrics.csv) into ``out`` (default: metrics.png beside it);
-    returns the picture's path, or None when the file has no epoch yet."""
+def run_title(config: Mapping) -> str:
+    """What ran, for a picture's title: model, activation (and the head's), data, seed."""
+    def name(group: str) -> Optional[str]:
+        node = config.get(group)
+        return str(node.get("name")) if isinstance(node, Mapping) and node.get("name") is not None else None
+
+    parts = [name("model"), f"act={name('act')}" if name("act") else None,
+             f"head_act={name('head_act')}" if name("head_act") else None,
+             f"data={name('data')}" if name("data") else None,
+             f"seed={config['seed']}" if config.get("seed") is not None else None]
+    return "  ".join(p for p in parts if p)
+
+
+def plot_metrics(csv_path: Path, out: Optional[Path] = None, config: Optional[Mapping] = None) -> Optional[Path]:
+    """Draw ``csv_path`` (a run's metrics.csv) into ``out`` (default: metrics.png beside it), titled
+    with what ran (``config``: the run's config; else the folder's name, which for the default run
+    folders is only a time); returns the picture's path, or None when the file has no epoch yet."""
     csv_path = Path(csv_path)
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -56,8 +70,8 @@ def plot_metrics(csv_path: Path, out: Optional[Path] = None) -> Optional[Path]:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
-    name = csv_path.parent.name  # sweep job folders are named after all their overrides
-    fig.suptitle(name if len(name) <= 90 else name[:87] + "...", fontsize=9)
+    name = run_title(config) if config else csv_path.parent.name
+    fig.suptitle(name if len(name) <= 110 else name[:107] + "...", fontsize=9)
     fig.tight_layout()
     tmp = out.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=100)

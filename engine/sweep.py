@@ -160,6 +160,19 @@ class JobRow:
     def is_demo(self) -> bool:
         return self.data in DEMO_DATA
 
+    @property
+    def chance(self) -> Optional[float]:
+        """What guessing scores: 100 / num_classes top-1 for classification; None where unknown."""
+        n = (self.results or {}).get("num_classes")
+        return 100.0 / float(n) if self.task == "cls" and n else None
+
+    @property
+    def at_chance(self) -> bool:
+        """A completed run whose final metric is within 1 point of chance: it learned nothing, which
+        a table of numbers alone does not make plain (a sweep of runs all at 10.00)."""
+        return (self.status == "completed" and self.metric is not None and self.chance is not None
+                and abs(self.metric - self.chance) <= 1.0)
+
 
 def _read_yaml(path: Path) -> Any:
     try:
@@ -265,19 +278,25 @@ def render_markdown(rows: Sequence[JobRow], title: str) -> str:
              f"{_metric_name(rows)} in % (final epoch); params and MAdds in millions; time as [h:]mm:ss."]
     if common:
         lines.append("Every run: `" + " ".join(common) + "`.")
+    stuck = [r for r in rows if r.at_chance]
+    if stuck:
+        lines.append(f"**{len(stuck)} run(s) ended within 1 point of chance** (marked *at chance*; chance is "
+                     f"100 / classes top-1): they learned nothing; see docs/training-health.md.")
     if any(r.is_demo for r in rows):
         lines.append("Runs on `demo` / `coco_demo` data are generated stand-ins for smoke tests: their numbers "
                      "are not comparable with ImageNet or COCO results.")
     lines += ["", f"| job | overrides | data | {_metric_name(rows)} | params | MAdds | time | status |",
               "|---:|---|---|---:|---:|---:|---:|---|"]
     for r, mine in zip(rows, own):
-        cells = ["—" if r.num is None else str(r.num), " ".join(mine) or "—", r.data or "—", _fmt(r.metric, ".2f"),
+        cells = ["—" if r.num is None else str(r.num), " ".join(mine) or "—", r.data or "—",
+                 _fmt(r.metric, ".2f") + (f" *at chance* ({r.chance:.2f})" if r.at_chance else ""),
                  _fmt(r.params, ".3f", 1e6), _fmt(r.madds, ".1f", 1e6), _fmt_time(r.wall_time_s), _status(r)]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-CSV_FIELDS = ("job", "overrides", "task", "data", "top1", "ap", "params", "madds", "wall_time_s", "status", "reason", "run_dir")
+CSV_FIELDS = ("job", "overrides", "task", "data", "top1", "ap", "params", "madds", "wall_time_s", "status", "reason", "run_dir",
+              "at_chance")
 
 
 def render_csv(rows: Sequence[JobRow]) -> str:
@@ -288,7 +307,8 @@ def render_csv(rows: Sequence[JobRow]) -> str:
         res = r.results or {}
         w.writerow({"job": r.num, "overrides": " ".join(r.overrides), "task": r.task, "data": r.data,
                     "top1": res.get("top1"), "ap": res.get("ap"), "params": r.params, "madds": r.madds,
-                    "wall_time_s": r.wall_time_s, "status": r.status, "reason": r.reason, "run_dir": str(r.dir)})
+                    "wall_time_s": r.wall_time_s, "status": r.status, "reason": r.reason, "run_dir": str(r.dir),
+                    "at_chance": r.at_chance})
     return out.getvalue()
 
 

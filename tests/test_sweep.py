@@ -81,3 +81,14 @@ def test_sweep_jobs_record_failures_and_the_summary_names_them(tmp_path, monkeyp
     # A rerun of a job clears its old marker.
     sweep.run_sweep_job(lambda: 1.0, tmp_path / "2_act=x", 2, "act=x")
     assert not (tmp_path / "2_act=x" / sweep.ERROR_FILE).exists()
+
+
+def test_runs_that_end_at_chance_are_marked(tmp_path):
+    _job(tmp_path, 0, ["act=relu"], results={"top1": 61.25, "num_classes": 10})
+    _job(tmp_path, 1, ["act=dyrelu_c"], results={"top1": 10.0, "num_classes": 10})
+    _job(tmp_path, 2, ["act=dyrelu_b"], results={"top1": 10.75, "num_classes": 10})
+    md = sweep.write_summary(tmp_path)
+    assert "**2 run(s) ended within 1 point of chance**" in md
+    assert "| 10.00 *at chance* (10.00) |" in md and "| 10.75 *at chance* (10.00) |" in md and "| 61.25 |" in md
+    table = list(csv.DictReader(io.StringIO((tmp_path / sweep.SUMMARY_CSV).read_text())))
+    assert [r["at_chance"] for r in table] == ["False", "True", "True"]
