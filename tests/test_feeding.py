@@ -217,3 +217,11 @@ def test_device_jitter_is_torchvisions_per_image():
         flat = x.permute(0, 2, 3, 1).reshape(6, 80, 3).clone()
         got = _jitter(flat, rows, 1.0, per_image=per_image).view(6, 8, 10, 3).permute(0, 3, 1, 2)
         assert torch.allclose(got, torch.stack(ref), atol=1e-5), per_image
+
+
+def test_gpu_data_check_runs_on_the_cpu():
+    """gpu_check's input-pipeline section (scripts/_gpu_data_check.py), its code path at tiny sizes."""
+    from runs import load_script
+
+    out = load_script("_gpu_data_check").check("cpu", quick=True)
+    assert out["failures"] == [] and set(out["img_s"]) == {"decode", "gpu_decode_train", "gpu_decode_eval", "uint8_device_step"}

@@ -1,6 +1,8 @@
 """ImageNet-style classification: label smoothing or mixup, top-1 and top-5 in percent."""
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -8,6 +10,8 @@ from data import build_cls_datasets
 
 from ..distributed import all_reduce_sum
 from .base import Task
+
+log = logging.getLogger("dyrelu.train")
 
 
 class ClassificationTask(Task):
@@ -45,6 +49,10 @@ class ClassificationTask(Task):
             train.transform, train.reader = val.transform, val.reader
         if pipeline != "classic":
             from data.feeding import DeviceFeed
+
+            log.info("input pipeline: %s (data.pipeline=%s, data.decode=%s): %s", pipeline, d.get("pipeline", "auto"),
+                     d.get("decode", "cpu"), "workers read bytes, the device decodes" if pipeline == "gpu_decode"
+                     else "uint8 crops from the workers, float / jitter / normalisation on the device")
 
             self.feed = DeviceFeed(pipeline, int(d.crop_size), color_jitter=float(self.cfg.aug.color_jitter),
                                    resize=d.get("val_resize"))
