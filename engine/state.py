@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+import dyrelu
 from dyrelu.errors import BadValueError
 
 from . import checkpoint as ckpt_io
@@ -152,9 +153,7 @@ def _fmt(t: torch.Tensor):
 def load_init_weights(model: torch.nn.Module, start: Start, cfg=None) -> None:
     """``ckpt=``'s weights into a freshly built model. A checkpoint of another network is one line;
     DY-ReLU constants that differ from the config's ``act.*`` / ``head_act.*`` are one log line
-    (the checkpoint's win: they are buffers, loaded with the weights)."""
-    import dyrelu
-
+    (the checkpoint's values are what runs: they are buffers, loaded with the weights)."""
     stored = start.saved["model"]
     mine = model.state_dict()
     missing = [k for k in mine if k not in stored]
@@ -165,10 +164,11 @@ def load_init_weights(model: torch.nn.Module, start: Start, cfg=None) -> None:
         was = "/".join(str((run_cfg.get(g) or {}).get("name")) for g in ("model", "act") if isinstance(run_cfg.get(g), dict))
         now = "/".join(str(cfg[g].name) for g in ("model", "act")) if cfg is not None else "this config"
         example = (missing or unexpected or shapes)[0]
+        counts = ", ".join(f"{len(keys)} {what}" for keys, what in (
+            (missing, "weights missing"), (unexpected, "unexpected"), (shapes, "of another shape")) if keys)
         raise BadValueError(
             f"ckpt={start.path} holds another network ({was or 'unknown model'}) than this run builds ({now}): "
-            f"{len(missing)} weights missing, {len(unexpected)} unexpected, {len(shapes)} of another shape (e.g. {example}); "
-            f"pick the checkpoint's model= and act=, or another ckpt=")
+            f"{counts} (e.g. {example}); pick the checkpoint's model= and act=, or another ckpt=")
     overridden = {}
     for name, module in model.named_modules():
         if not isinstance(module, dyrelu.DyReLU):
