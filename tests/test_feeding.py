@@ -227,3 +227,19 @@ def test_gpu_data_check_runs_on_the_cpu():
 
     out = load_script("_gpu_data_check").check("cpu", quick=True)
     assert out["failures"] == [] and set(out["img_s"]) == {"decode", "gpu_decode_train", "gpu_decode_eval", "uint8_device_step"}
+
+
+def test_uint8_reader_skips_bad_files_like_today(photos, tmp_path, caplog):
+    """A truncated JPEG read by the uint8 worker is a BadImageError: skipped and named once."""
+    from data.imagenet import RobustImageFolder
+
+    for split in ("train", "val"):
+        d = tmp_path / split / "n0"
+        d.mkdir(parents=True)
+        (d / "a.JPEG").write_bytes(Path(photos[0]).read_bytes())
+        (d / "b.JPEG").write_bytes(Path(photos[1]).read_bytes()[:5000])
+    ds = RobustImageFolder(tmp_path, "train", reader=Uint8TrainReader(TrainParams(32)), scan_bad_images=False)
+    with caplog.at_level(logging.WARNING):
+        img, target = ds[1]  # b.JPEG is bad: the next sample (a.JPEG) comes back
+    assert img[0].shape == (32, 32, 3) and target == 0
+    assert ds.bad_files == [str(tmp_path / "train" / "n0" / "b.JPEG")]
