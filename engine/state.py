@@ -98,6 +98,7 @@ def read_start(last_path: Path, init_ckpt, is_main: bool = True) -> Start:
                 raise
             saved = ckpt_io.load(prev, RESUME_KEYS, f"and so is {last_path.name}: replace one with an intact copy, or {redo}")
             aside = last_path.with_name(f"{last_path.stem}.damaged{last_path.suffix}")
+            barrier()  # every rank has read last.prev.pt before rank 0 moves last.pt
             if is_main:
                 os.replace(last_path, aside)
                 log.warning("%s; resuming from the previous checkpoint %s (epoch %d, step %d) instead, the damaged "

@@ -1,8 +1,8 @@
 """Checkpoint files, in process: every loader (eval.py, inspect_dynamic.py, train.py ckpt=, resume)
 turns a damaged or foreign file into one line naming it (exit 2 at the command line); resume falls
 back to last.prev.pt; ``ckpt=`` names the DY-ReLU constants it sets over the config's.
-(The kill -9 in the middle of a checkpoint write is tests/test_resume_kill.py's ``mid_write``; the
-command-line exit code and the run folder left behind are docs/bad-input.md's train.py example.)"""
+(The kill -9 in the middle of a checkpoint write, then resume, is tests/test_resume_kill.py's
+``mid_write``.)"""
 from __future__ import annotations
 
 import importlib
@@ -68,16 +68,22 @@ def test_every_loader_turns_a_damaged_file_into_one_line(kind, tmp_path, capsys,
         load_script("inspect_dynamic").main([str(bad)])
     assert e.value.code == 2
     _one_error_line(capsys, bad)
-    # train.py ckpt=: found before anything is built or written
+    # train.py ckpt=, as train.py runs it: found before anything is built, and the run folder Hydra
+    # made (.hydra/) is removed
     from engine import loop
+    from engine.errors import exit_on_user_error
 
     monkeypatch.setattr(loop, "build_data", lambda *a, **k: pytest.fail("built the data before reading ckpt="))
-    run_dir = tmp_path / "run"
-    with pytest.raises(ckpt_io.DamagedCheckpointError, match="point ckpt= at an intact checkpoint"):
+    run_dir = tmp_path / "outputs" / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e, exit_on_user_error(run_dir):
         loop.run(compose([*TINY, f"ckpt={bad}"]), run_dir)
-    assert not (run_dir / "checkpoints").exists()
+    assert e.value.code == 2
+    assert "point ckpt= at an intact checkpoint" in _one_error_line(capsys, bad)
+    assert not (tmp_path / "outputs").exists()
     # resume of a run folder whose last.pt is damaged and has no previous checkpoint
-    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints").mkdir(parents=True)
     last = _damage(kind, run_dir / "checkpoints" / "last.pt", tmp_path)
     with pytest.raises(ckpt_io.DamagedCheckpointError, match=f"checkpoint {last} .*move the run's checkpoints folder"):
         loop.run(compose(TINY), run_dir)
