@@ -97,8 +97,8 @@ def check(device: str = "cuda", quick: bool = False) -> dict:
     torch.manual_seed(0)
     train_b, val_b = _batch(blobs, n, params), _batch(blobs, n, None)
     uint8_feed = DeviceFeed("uint8", crop, color_jitter=0.4)
-    u8 = torch.randint(0, 256, (n, crop, crop, 3), dtype=torch.uint8).pin_memory() if dev.type == "cuda" \
-        else torch.randint(0, 256, (n, crop, crop, 3), dtype=torch.uint8)
+    u8 = torch.randint(0, 256, (n, 3, crop, crop), dtype=torch.uint8)
+    u8 = u8.pin_memory() if dev.type == "cuda" else u8
     u8_batch = ((u8, train_b[0][1]), train_b[1])
     rates = {
         "decode": _rate(lambda: decode_jpeg(train_b[0][0], mode=ImageReadMode.RGB, device=dev), n, steps, dev),

@@ -23,7 +23,9 @@ Paths, each timed per image on one process pinned to one core (torch.set_num_thr
 
 The paths are timed in interleaved rounds (today, new, ... then again), and each path's rate is
 the median over the rounds, so a machine busy with other work slows them alike and their ratio
-holds. The N-worker figure runs N such processes at once, each pinned to its own core, and sums
+holds. A rate per core counts the process's CPU time (time.process_time), not the wall clock:
+the cost in core-seconds, which other processes sharing the core do not inflate (the wall-clock
+rates are in the JSON too). The N-worker figure runs N such processes at once, each pinned to its own core, and sums
 their medians. Ends with one JSON line (``train_img_s_per_core`` {today, new} and
 ``ratio_per_core`` on the ImageNet-sized images, and the rest) after a table of the cores one GPU
 needs on each path.
@@ -132,14 +134,14 @@ def _measure(core, sets: dict, crop: int, repeats: int, per_round: int, seed: in
         tr = default_collate([new_train(str(files[k % len(files)])) for k in range(DEVICE_BATCH)])
         va = default_collate([new_val(str(files[k % len(files)])) for k in range(DEVICE_BATCH)])
         encoded = collate_encoded([(enc(str(files[k % len(files)])), 0) for k in range(DEVICE_BATCH)])
-        batches[name] = {"batch": (tr[0].permute(0, 3, 1, 2), tr[1]), "batch_val": (va[0].permute(0, 3, 1, 2), va[1]),
+        batches[name] = {"batch": (tr[0], tr[1]), "batch_val": (va[0], va[1]),
                          "encoded": encoded}
-    rates = {}
+    rates, wall = {}, {}
     for _ in range(repeats):
         for name, files in sets.items():
             for tf, by_path in paths.items():
                 for path, (kind, fn) in by_path.items():
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     if kind == "image":
                         for k in range(per_round):
                             fn(str(files[k % len(files)]))
@@ -147,8 +149,13 @@ def _measure(core, sets: dict, crop: int, repeats: int, per_round: int, seed: in
                     else:
                         fn(batches[name][kind])
                         n = DEVICE_BATCH
-                    rates.setdefault(f"{name}/{tf}/{path}", []).append(n / (time.perf_counter() - t0))
+                    key = f"{name}/{tf}/{path}"
+                    rates.setdefault(key, []).append(n / max(time.process_time() - c0, 1e-9))
+                    wall.setdefault(key, []).append(n / (time.perf_counter() - t0))
+    # img/s per core = images per second of this process's CPU time: what one fully busy core
+    # does, whatever else the machine runs; the wall-clock rates come along in the JSON
     out = {k: statistics.median(v) for k, v in rates.items()}
+    out["_wall"] = {k: statistics.median(v) for k, v in wall.items()}
     out["_reduced_decodes"] = dict(new_train.stats)
     if queue is not None:
         queue.put(out)
@@ -230,6 +237,7 @@ def _report(one, many, workers, usable, draft, sets, photos, args, repeats, per_
           f"q{IMAGENET_QUALITY}; crop {args.crop}; colour jitter {JITTER}")
     print(f"one process pinned to one core, {repeats} interleaved rounds of {per_round} images, medians "
           f"({t_one:.0f} s); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print("img/s per core = images per second of the process's CPU time (wall-clock rates in the JSON's per_core_wall)")
     print(f"{'images':<16}{'transform':<10}{'today':>8}{'new':>8}{'ratio':>7}{'device step':>13}"
           f"{'new+dev':>9}{'ratio':>7}{'gpu-dec on cpu':>16}")
     for name in sets:
@@ -239,8 +247,9 @@ def _report(one, many, workers, usable, draft, sets, photos, args, repeats, per_
             gd = one.get(f"{name}/{tf}/gpu_decode_on_cpu")
             print(f"{name:<16}{tf:<10}{today:>8.0f}{new:>8.0f}{new / today:>6.2f}x{dev:>13.0f}{both:>9.0f}"
                   f"{both / today:>6.2f}x{(f'{gd:.0f}' if gd else '-'):>16}")
-    agg = {k: sum(m[k] for m in many) for k in many[0] if not k.startswith("_")}
-    print(f"\n{workers} worker processes at once, each pinned to a core ({usable} usable; {t_many:.0f} s), summed medians:")
+    agg = {k: sum(m["_wall"][k] for m in many) for k in many[0]["_wall"]}
+    print(f"\n{workers} worker processes at once, each pinned to a core ({usable} usable; {t_many:.0f} s), "
+          f"summed wall-clock medians (shares the machine with whatever else runs):")
     for name in sets:
         today, new = agg[f"{name}/train/today"], agg[f"{name}/train/new"]
         print(f"  {name:<16} train today {today:7.0f} img/s   new {new:7.0f} img/s   ratio {new / today:.2f}x")
@@ -270,6 +279,8 @@ def _report(one, many, workers, usable, draft, sets, photos, args, repeats, per_
         "ratio_incl_device_step_on_cpu": round(1.0 / (1.0 / new_pc + 1.0 / dev_pc) / today_pc, 3),
         "eval_img_s_per_core": {"today": round(r("imagenet_sized/eval/today"), 1), "new": round(r("imagenet_sized/eval/new"), 1)},
         "per_core": {k: round(v, 1) for k, v in one.items() if not k.startswith("_")},
+        "per_core_wall": {k: round(v, 1) for k, v in one["_wall"].items()},
+        "ratio_per_core_wall": round(one["_wall"]["imagenet_sized/train/new"] / one["_wall"]["imagenet_sized/train/today"], 3),
         "workers": workers, "train_img_s_workers": {k: round(v, 1) for k, v in agg.items() if "/train/" in k},
         "reduced_decode_fraction": {k: round(v, 4) for k, v in draft.items()},
         "cores_per_gpu": {k: {kk: (round(vv, 1) if isinstance(vv, float) else vv) for kk, vv in v.items()} for k, v in cores.items()},

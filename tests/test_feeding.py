@@ -63,8 +63,8 @@ def test_eval_pixels_match_classic(photos, crop, resize):
     for p in photos:
         ref = _unnormalise(classic(load_image(p)))
         img, row = uint8(p)
-        assert img.dtype == torch.uint8 and img.shape == (crop, crop, 3) and row.numel() == 0
-        new = img.permute(2, 0, 1).float()
+        assert img.dtype == torch.uint8 and img.shape == (3, crop, crop) and row.numel() == 0
+        new = img.float()
         assert (new - ref).abs().mean() <= 1.0, p
         x, _ = feed(collate_encoded([(enc(p), 0)]), "cpu")
         assert (_unnormalise(x[0]) - ref).abs().mean() <= 1.0, p
@@ -80,7 +80,7 @@ def test_train_crop_is_classic_crop_for_the_same_seed(photos):
         ref = classic(load_image(p))
         torch.manual_seed(k)
         img, row = reader(p)
-        diff = (img.permute(2, 0, 1).float() - _unnormalise(ref)).abs()
+        diff = (img.float() - _unnormalise(ref)).abs()
         assert diff.mean() < 0.05 and diff.max() <= 2.5, p
 
 
@@ -241,5 +241,5 @@ def test_uint8_reader_skips_bad_files_like_today(photos, tmp_path, caplog):
     ds = RobustImageFolder(tmp_path, "train", reader=Uint8TrainReader(TrainParams(32)), scan_bad_images=False)
     with caplog.at_level(logging.WARNING):
         img, target = ds[1]  # b.JPEG is bad: the next sample (a.JPEG) comes back
-    assert img[0].shape == (32, 32, 3) and target == 0
+    assert img[0].shape == (3, 32, 32) and target == 0
     assert ds.bad_files == [str(tmp_path / "train" / "n0" / "b.JPEG")]
