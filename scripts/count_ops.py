@@ -54,11 +54,6 @@ def _launches(func, args) -> int:
     return 1
 
 
-# op name -> positions of its tensor arguments in the last call: a Python autograd node's backward
-# returns one gradient per forward argument, its next_functions hold one edge per tensor argument
-_TENSOR_SLOTS: dict = {}
-
-
 def _counter():
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -76,13 +71,16 @@ def _counter():
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             if func.namespace == "dyrelu":
-                _TENSOR_SLOTS[func._opname] = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)
-                                               or (isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor))]
                 with self:  # the op's own ATen calls and Triton launches are what a GPU runs
                     return ops.IMPLS[func._opname](*args, **kwargs)
             if func._schema.name == "aten::_local_scalar_dense":
                 self.syncs += 1
             out = func(*args, **kwargs)
+            if func._schema.name == "aten::convolution" and args[0].is_contiguous(memory_format=torch.channels_last) \
+                    and not out.is_contiguous(memory_format=torch.channels_last):
+                # the meta convolution cannot ask cuDNN and returns bf16 outputs NCHW; cuDNN on a GPU keeps
+                # channels_last, so the layout is restored (not counted: no such copy runs on a GPU)
+                out = out.contiguous(memory_format=torch.channels_last)
             # a launch writes a CUDA tensor (prim::device, promote_types, CPU scalars launch nothing)
             outs = out if isinstance(out, (tuple, list)) else (out,)
             if any(isinstance(o, torch.Tensor) and o.device.type == "cuda" for o in outs):
@@ -128,8 +126,7 @@ def backward(root, grad) -> None:
         else:  # a Python Function's (ours): keep the gradients of its tensor arguments
             outs = node.apply(*grads)
             outs = outs if isinstance(outs, tuple) else (outs,)
-            slots = _TENSOR_SLOTS[type(node).__name__[:-len("_autogradBackward")]]
-            outs = [outs[i] for i in slots]
+            outs = [g for g, is_tensor in zip(outs, node.tensor_args) if is_tensor]
         for (nxt, slot), g in zip(node.next_functions, outs):
             if nxt is None:
                 continue
@@ -153,9 +150,15 @@ def _run_counted(fn):
         with counter:
             fn()
     ops = counter.ops
-    for name in names:
+    for name, _ in names:
         ops["triton:" + name] += 1
+    _CONFIGS.update(names)
     return ops, counter.syncs
+
+
+# every Triton configuration launched (kernel, constexprs, num_warps, dtypes) in the counted runs: each is
+# one compiled kernel (integer arguments are not specialised), so a compiled step builds this many
+_CONFIGS: set = set()
 
 
 def _fake_cuda(modules, fn):
@@ -287,7 +290,10 @@ def main(argv=None) -> int:
         print(f"site {act:<9} {sites[act]:>4} launches  " + ", ".join(f"{k} {v}" for k, v in ops.most_common()),
               flush=True)
     for act in ("relu", "dyrelu_b"):
+        _CONFIGS.clear()
         ops, sync = count_cuda_step(model, act, batch, res)
+        if act == "dyrelu_b":
+            kernels = sorted(_CONFIGS)
         steps[act] = sum(ops.values())
         syncs["step:" + act] = sync
         per_op["step:" + act] = dict(ops.most_common())
@@ -296,11 +302,13 @@ def main(argv=None) -> int:
     ok = (all(sites[a] <= b for a, b in SITE_BUDGETS.items()) and ratio <= STEP_RATIO_BUDGET
           and not any(syncs.values()))
     out = {"model": model, "batch": batch, "res": res, "dtype": "bfloat16 autocast", "memory_format": "channels_last",
-           "cuda_launches_per_site": sites, "cuda_launches_per_step": steps, "step_ratio_dyrelu_b_to_relu": ratio,
+           "cuda_launches_per_site": sites, "triton_kernels_per_step": len(kernels), "cuda_launches_per_step": steps, "step_ratio_dyrelu_b_to_relu": ratio,
            "budgets": {"site": SITE_BUDGETS, "step_ratio": STEP_RATIO_BUDGET}, "host_syncs": syncs,
            "within_budget": ok}
     if args.per_op:
         out["per_op"] = per_op
+        out["triton_kernels"] = [name + " " + " ".join(x if isinstance(x, str) else f"{x[0]}={x[1]}" for x in cfg)
+                                 for name, cfg in kernels]
     print(json.dumps(out))
     return 0 if ok else 1
 

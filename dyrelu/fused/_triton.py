@@ -472,8 +472,9 @@ def recording():
 
 @contextlib.contextmanager
 def record_launches():
-    """Launches inside are counted, not run: each appends its kernel's name to the yielded list.
-    scripts/count_ops.py runs a step on fake CUDA tensors under this (no GPU, no driver)."""
+    """Launches inside are counted, not run: each appends (kernel name, its configuration: the
+    constexprs, num_warps and the tensor arguments' dtypes) to the yielded list. scripts/count_ops.py
+    runs a step on fake CUDA tensors under this (no GPU, no driver)."""
     before = recording()
     _STATE.record = names = []
     try:
@@ -490,7 +491,8 @@ def launcher(fn, grid):
         return torch.library.wrap_triton(fn)[grid]
     names = recording()
     if names is not None:
-        return lambda *args, **kwargs: names.append(fn.__name__)
+        return lambda *args, **kwargs: names.append((fn.__name__, tuple(sorted(
+            (k, str(v)) for k, v in kwargs.items())) + tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor))))
     return fn[grid]
 
 

@@ -95,17 +95,16 @@ def _acc(x3: torch.Tensor) -> str:
 
 
 def tiles(c: int, l: int, unit_l: bool) -> Tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_L, num_warps): long tiles along the unit-stride dimension."""
+    """(BLOCK_C, BLOCK_L, num_warps): one tile class per layout, long along the unit-stride dimension.
+
+    One class, not one per shape: each class is one compiled kernel (the integers are unspecialised),
+    and a compiled MobileNetV2 step then builds one statistics kernel and one gradient pass per layout
+    (scripts/count_ops.py counts them); masked lanes on small maps cost less than more compiles."""
+    if interpreting():  # small tiles: the interpreter runs every lane in numpy
+        return min(triton.next_power_of_2(c), 64), min(triton.next_power_of_2(max(l, 1)), 64), 4
     if unit_l or c == 1:
-        bl = min(256, triton.next_power_of_2(max(l, 1)))
-        bc = max(1, min(triton.next_power_of_2(c), 2048 // bl))
-    else:
-        bc = min(64, triton.next_power_of_2(c))
-        bl = max(1, min(triton.next_power_of_2(max(l, 1)), 2048 // bc))
-    if interpreting():
-        bc = min(triton.next_power_of_2(c), 64)
-        bl = min(triton.next_power_of_2(max(l, 1)), 64)
-    return bc, bl, 4
+        return 16, 128, 4
+    return 64, 32, 4
 
 
 TARGET_PROGRAMS = 512  # enough programs to fill a GPU: rows are split along L until N x C-blocks reaches it
@@ -125,7 +124,6 @@ def row_partials(x3: torch.Tensor):
     n, c, l = x3.shape
     acc = _acc_torch(x3)
     bc, bl, warps = tiles(c, l, x3.stride(2) == 1)
-    bl = min(bl, 128) if x3.stride(2) == 1 else bl
     c_blocks = triton.cdiv(c, bc)
     split, l_per = moments_split(n, c_blocks, l, bl)
     s1 = torch.empty(split, n, c, device=x3.device, dtype=acc)

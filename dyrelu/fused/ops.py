@@ -168,6 +168,9 @@ def _autograd(op, setup, grad) -> None:
         with torch._C._AutoDispatchBelowAutograd():
             out = op(*args)
         setup(ctx, args, out)
+        # which arguments have an edge in the graph (a tool that walks it without autograd's engine,
+        # scripts/count_ops.backward, maps the backward's per-argument gradients onto them)
+        ctx.tensor_args = tuple(isinstance(a, Tensor) for a in args)
         return out
 
     fn = type(f"{op._opname}_autograd", (torch.autograd.Function,),
