@@ -71,6 +71,11 @@ class _Moments:
         return (self.s2 / self.n - m * m).clamp(min=0.0).sqrt()
 
 
+def _cv(m: _Moments) -> float:
+    """Std over images / mean over images at each position, averaged over positions."""
+    return float((m.std() / m.mean().clamp(min=1e-12)).mean())
+
+
 class LayerDynamics:
     """The measures of the module docstring for one DY-ReLU layer, accumulated over batches.
 
@@ -124,6 +129,13 @@ class LayerDynamics:
             elif self.pi_shape_ok:
                 self.pi.add(p)
 
+    @staticmethod
+    def pi_input_var_of(pi: torch.Tensor) -> float:
+        """``pi_input_var`` of one batch of attention maps pi (N, 1, *spatial)."""
+        acc = _Moments()
+        acc.add(pi.flatten(1))
+        return _cv(acc)
+
     def result(self) -> dict:
         n_img = self.a.n
         if not n_img:
@@ -153,7 +165,7 @@ class LayerDynamics:
             out[key] = float(torch.quantile(q[1] - q[0], 0.5))  # the median (the middle two averaged)
         out["pi_flatness"] = self.pi_pos_std_sum / n_img if self.has_pi else None
         if self.has_pi and self.pi_shape_ok:
-            out["pi_input_var"] = float((self.pi.std() / self.pi.mean().clamp(min=1e-12)).mean())
+            out["pi_input_var"] = _cv(self.pi)
         else:
             out["pi_input_var"] = None
         return out

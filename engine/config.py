@@ -73,7 +73,9 @@ def apply_overrides(cfg: DictConfig, overrides: Iterable[str]) -> DictConfig:
         composed = compose(([f"task={task}"] if task else []) + [o.input_line for o in group_ovr])
         for o in group_ovr:
             key = o.package or o.key_or_group
-            cfg[key] = composed[key]
+            # resolved here: a group's ${recipe.*} values (configs/recipe/) belong to this compose; a
+            # stored config may have no recipe node, or another one, to resolve them against
+            cfg[key] = OmegaConf.to_container(composed[key], resolve=True)
     rest = [o for o in parsed if o not in group_ovr]
     OmegaConf.set_struct(cfg, True)
     try:

@@ -41,7 +41,7 @@ from .validate import validate
 
 log = logging.getLogger("dyrelu.train")
 
-__all__ = ["run", "train_one_epoch", "evaluate", "tau_at"]
+__all__ = ["run", "train_one_epoch", "evaluate", "tau_at", "tau_parts", "set_scheduled_tau"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,22 +179,51 @@ def recalibrate_bn_stats(state: TrainState, loader, sampler: EpochBatchSampler, 
             recalibrate_bn(target, inputs, num_batches, state.dist.world_size)
 
 
-def tau_at(cfg, epoch: int, max_epochs: int) -> Optional[float]:
-    """DY-ReLU-C's softmax temperature for ``epoch`` (trainer.tau_schedule), or None to leave each
-    module at the ``tau`` it was built with (the default: no schedule, so ``act.tau`` holds).
+def tau_at(cfg, epoch: int, max_epochs: int, key: str = "act") -> Optional[float]:
+    """DY-ReLU-C's softmax temperature for ``epoch`` (trainer.tau_schedule) in the modules built from
+    config ``key`` (``act``: the backbone; ``head_act``: the pose head), or None to leave each module
+    at the ``tau`` it was built with (the default: no schedule, so ``act.tau`` and ``head_act.tau`` hold).
 
-    An unset ``start`` is ``act.tau``; an unset ``end`` is ``start`` (engine/validate.py rejects a
-    ``start`` that contradicts ``act.tau``).
+    An unset ``start`` is ``<key>.tau``, so the backbone and the head each start from their own
+    temperature; an unset ``end`` is that start (engine/validate.py rejects a ``start`` that
+    contradicts ``act.tau`` or ``head_act.tau``).
     """
     ts = cfg.trainer.tau_schedule
     if ts.start is None and ts.end is None:
         return None
-    act_tau = cfg.act.get("tau") if "act" in cfg else None
-    start = float(ts.start if ts.start is not None else (act_tau if act_tau is not None else 10.0))
+    own = cfg[key].get("tau") if cfg.get(key) is not None else None
+    start = float(ts.start if ts.start is not None else (own if own is not None else 10.0))
     end_value = start if ts.end is None else float(ts.end)
     end = max(1.0, float(ts.end_epoch_frac) * max_epochs)
     frac = min(1.0, epoch / end)
     return start + frac * (end_value - start)
+
+
+def tau_parts(cfg, model: torch.nn.Module) -> list:
+    """[(config key, module)]: the parts of ``model`` whose DY-ReLU-Cs were built from ``act`` and
+    from ``head_act``. A pose model (``backbone`` and ``head``, config with ``head_act``) has two;
+    any other model is all ``act``."""
+    head, backbone = getattr(model, "head", None), getattr(model, "backbone", None)
+    if cfg.get("head_act") is not None and isinstance(head, torch.nn.Module) and isinstance(backbone, torch.nn.Module):
+        return [("act", backbone), ("head_act", head)]
+    return [("act", model)]
+
+
+def set_scheduled_tau(cfg, model: torch.nn.Module, epoch: int, ema_model: Optional[torch.nn.Module] = None) -> dict:
+    """Each part's scheduled tau into its DY-ReLU-Cs (and the EMA copy's); returns the row's extras:
+    ``tau`` (backbone) and ``head_tau`` (pose head) for the parts that have a DY-ReLU-C."""
+    extras = {}
+    max_epochs = int(cfg.trainer.max_epochs)
+    for key, part in tau_parts(cfg, model):
+        tau = tau_at(cfg, epoch, max_epochs, key)
+        if tau is None:
+            return {}
+        if dyrelu.set_tau(part, tau):
+            extras["tau" if key == "act" else "head_tau"] = tau
+    if ema_model is not None:
+        for key, part in tau_parts(cfg, ema_model):
+            dyrelu.set_tau(part, tau_at(cfg, epoch, max_epochs, key))
+    return extras
 
 
 def begin_epoch(cfg, state: TrainState, epoch: int, data: Data, resumed_rng) -> tuple[dict, Iterator]:
@@ -205,13 +234,8 @@ def begin_epoch(cfg, state: TrainState, epoch: int, data: Data, resumed_rng) -> 
     data.sampler.set_epoch(epoch, state.step_in_epoch, data.num_steps - state.step_in_epoch)
     seed_epoch(cfg, state, resumed_rng, data.train_loader)
     batches = iter(data.train_loader)  # draws from the loader's own generator only
-    tau = tau_at(cfg, epoch, int(cfg.trainer.max_epochs))
-    if tau is None:
-        return {}, batches
-    uses_tau = dyrelu.set_tau(state.model, tau)
-    if state.ema is not None:
-        dyrelu.set_tau(state.ema.module, tau)
-    return ({"tau": tau} if uses_tau else {}), batches
+    ema = state.ema.module if state.ema is not None else None
+    return set_scheduled_tau(cfg, state.model, epoch, ema), batches
 
 
 def evaluate_epoch(cfg, state: TrainState, data: Data, val_batches) -> bool:

@@ -95,13 +95,15 @@ def validate(cfg: DictConfig) -> None:
 
 
 def _check_tau_schedule(cfg: DictConfig) -> None:
-    """A schedule start that contradicts act.tau is a mistake, not a silent override."""
+    """A schedule start that contradicts act.tau or head_act.tau is a mistake, not a silent override
+    (an unset start is each part's own tau: engine/loop.py tau_at)."""
     schedule = OmegaConf.select(cfg, "trainer.tau_schedule")
     start = None if schedule is None else schedule.get("start")
-    act_tau = cfg.act.get("tau") if cfg.get("act") is not None else None
-    if start is not None and act_tau is not None and float(start) != float(act_tau):
-        raise ConfigError(f"trainer.tau_schedule.start={start} contradicts act.tau={act_tau}: "
-                          "set one of them (an unset start is act.tau)")
+    for key in ("act", "head_act"):
+        own = cfg[key].get("tau") if cfg.get(key) is not None else None
+        if start is not None and own is not None and float(start) != float(own):
+            raise ConfigError(f"trainer.tau_schedule.start={start} contradicts {key}.tau={own}: set one of them "
+                              f"(an unset start is act.tau for the backbone, head_act.tau for the pose head)")
 
 
 def _check_act_values(key: str, node: DictConfig) -> None:

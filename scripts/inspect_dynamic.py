@@ -343,14 +343,49 @@ def log_wandb(run_cfg, files, summary, out: Path, run_dir: Path) -> None:
     run.finish()
 
 
+def run_images(model, task, val_ds, run_cfg, device, max_images=None, seed=0) -> int:
+    """The model (hooks attached) over the first ``max_images`` validation images; how many it saw."""
+    import torch
+
+    from engine.loaders import make_loader
+
+    n_images = len(val_ds) if max_images is None else min(len(val_ds), max_images)
+    loader = make_loader(val_ds, list(range(n_images)), int(run_cfg.data.batch_size), int(run_cfg.data.num_workers),
+                         seed, task.collate_fn())
+    seen = 0
+    with torch.no_grad():
+        for b in loader:
+            images = task.to_device(b, device, False)[0]
+            model(images)
+            seen += images.shape[0]
+    return seen
+
+
+def measure_model(model, task, val_ds, run_cfg, max_images=None, seed: int = 0) -> dict:
+    """``summarize``'s per_layer / per_block / pooled measures of ``model`` on its validation images,
+    without plots (for checks: the health test's)."""
+    from dyrelu import DyReLU
+
+    model.eval()
+    rec = Recorder(model, [], 1, 0, seed)
+    try:
+        run_images(model, task, val_ds, run_cfg, next(model.parameters()).device, max_images, seed)
+    finally:
+        rec.remove()
+    return summarize(rec, find_a2_blocks([n for n, m in model.named_modules() if isinstance(m, DyReLU)]))
+
+
+def measure(ckpt: str, overrides=(), max_images=None, seed: int = 0) -> dict:
+    """``measure_model`` on a checkpoint's model (its stored config changed by ``overrides``)."""
+    run_cfg, task, val_ds, model, _ = load_run(ckpt, overrides)
+    return measure_model(model, task, val_ds, run_cfg, max_images, seed)
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     import logging
 
-    import torch
-
     from engine.errors import exit_on_user_error
-    from engine.loaders import make_loader
     from engine.runtime import resolve_device
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
@@ -377,16 +412,7 @@ def main(argv=None) -> int:
         scatter = supp[::2] if args.blocks == "every_other" else supp
         rec = Recorder(model, supp, args.points_per_image, args.max_points, args.seed, args.band_images)
 
-        n_images = len(val_ds) if args.max_images is None else min(len(val_ds), args.max_images)
-        batch = int(run_cfg.data.batch_size)
-        loader = make_loader(val_ds, list(range(n_images)), batch, int(run_cfg.data.num_workers), args.seed,
-                             task.collate_fn())
-        seen = 0
-        with torch.no_grad():
-            for b in loader:
-                images = task.to_device(b, device, False)[0]
-                model(images)
-                seen += images.shape[0]
+        seen = run_images(model, task, val_ds, run_cfg, device, args.max_images, args.seed)
         rec.remove()
         log.info("inspected %d validation images, %d DY-ReLU layers", seen, len(rec.mods))
 

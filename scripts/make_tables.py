@@ -48,6 +48,8 @@ PRETTY_ACT = {
     "relu": "ReLU", "relu_se_hswish": "ReLU/SE/HS", "dyrelu_a": "DY-ReLU-A", "dyrelu_b": "DY-ReLU-B",
     "dyrelu_c": "DY-ReLU-C", "rrelu": "RReLU", "leaky_relu": "LeakyReLU", "prelu": "PReLU (channel-wise)",
     "prelu_shared": "PReLU (channel-shared)", "se_relu": "SE+ReLU", "maxout": "Maxout",
+    "dyrelu_a_static": "DY-ReLU-A static twin", "dyrelu_b_static": "DY-ReLU-B static twin",
+    "dyrelu_c_static": "DY-ReLU-C static twin",
 }
 METRIC_NAMES = {
     "top1": "top-1", "top5": "top-5", "ap": "AP", "ap50": "AP50", "ap75": "AP75", "apm": "APM", "apl": "APL",
@@ -364,13 +366,84 @@ class Run:
 
 
 def _read_config(run_dir: Path) -> Optional[dict]:
+    """The run's .hydra/config.yaml, its ``${recipe.*}`` values resolved (Hydra saves them unresolved)."""
     p = run_dir / ".hydra" / "config.yaml"
     if not p.is_file():
         return None
     try:
-        return yaml.safe_load(p.read_text())
+        cfg = yaml.safe_load(p.read_text())
     except Exception:
         return None
+    return _resolved(cfg) if isinstance(cfg, dict) else cfg
+
+
+def _resolved(cfg: dict) -> dict:
+    """``cfg`` with its interpolations resolved where they resolve (each top-level node alone, so one
+    that needs Hydra's runtime, e.g. ``${hydra:...}``, keeps its text and the rest still resolve)."""
+    from omegaconf import OmegaConf
+
+    root = OmegaConf.create(cfg)
+    out = {}
+    for key in cfg:
+        try:
+            out[key] = OmegaConf.to_container(root[key], resolve=True) if OmegaConf.is_config(root[key]) else root[key]
+        except Exception:
+            out[key] = cfg[key]
+    return out
+
+
+#: the paper's setting where our recipe departs from it (configs/recipe/paper.yaml)
+def _paper_recipe() -> dict:
+    return _group_defaults("recipe", "paper")
+
+
+def departures(cfg: dict) -> list:
+    """Every setting of a run's (resolved) config that departs from the paper's recipe, one text each:
+    DY-ReLU-C's tau, the spatial convs' lr, FC2's start, and our other DY-ReLU knobs when set."""
+    paper = _paper_recipe()
+    out = []
+    acts = [(k, cfg.get(k)) for k in ("act", "head_act")
+            if isinstance(cfg.get(k), dict) and str(cfg[k].get("name", "")).startswith("dyrelu")]
+    if not acts:
+        return out
+    has_c = any(a.get("tau") is not None for _, a in acts)  # the DY-ReLU-C configs carry tau
+    for key, act in acts:
+        if act.get("tau") is not None and float(act["tau"]) != float(paper["tau"]):
+            out.append(f"{key}.tau={float(act['tau']):g} (the paper: {float(paper['tau']):g})")
+        if act.get("hyper_init") is not None and act["hyper_init"] != paper["hyper_init"]:
+            out.append(f"{key}.hyper_init={act['hyper_init']} (the paper says nothing of FC2's init; "
+                       f"recipe=paper: {paper['hyper_init']}, PyTorch's default)")
+        if act.get("spatial_norm") not in (None, "none"):
+            out.append(f"{key}.spatial_norm={act['spatial_norm']} (the paper: none)")
+    optim, trainer = cfg.get("optim") or {}, cfg.get("trainer") or {}
+    hyper = float(optim.get("hyper_lr_scale") if optim.get("hyper_lr_scale") is not None else 1.0)
+    spatial = optim.get("spatial_lr_scale")
+    spatial = hyper if spatial is None else float(spatial)
+    if hyper != 1.0:
+        out.append(f"optim.hyper_lr_scale={hyper:g} (the paper: one lr for all)")
+    if has_c and spatial != float(paper["spatial_lr_scale"]):
+        out.append(f"optim.spatial_lr_scale={spatial:g} (the paper: one lr for all)")
+    if optim.get("hyper_weight_decay") is not None:
+        out.append(f"optim.hyper_weight_decay={optim['hyper_weight_decay']} (the paper: one weight decay)")
+    if trainer.get("dyrelu_warmup_epochs"):
+        out.append(f"trainer.dyrelu_warmup_epochs={trainer['dyrelu_warmup_epochs']} (lambda ramp; not in the paper)")
+    ts = trainer.get("tau_schedule") or {}
+    if has_c and (ts.get("start") is not None or ts.get("end") is not None):
+        out.append(f"trainer.tau_schedule start={ts.get('start')} end={ts.get('end')} (the paper: 10 early, no schedule given)")
+    return out
+
+
+def departure_notes(table: "Table", cells: dict) -> list:
+    """One line per departure the table's runs used, naming the entries that used it."""
+    used: dict = {}
+    entries = [rid for rid in table.runs() if cells[rid].status == "done"]
+    for rid in entries:
+        for cfg in cells[rid].configs:
+            for text in departures(cfg or {}):
+                used.setdefault(text, [])
+                if rid not in used[text]:
+                    used[text].append(rid)
+    return [f"`{text}`: " + ("every entry" if len(rids) == len(entries) else ", ".join(rids)) for text, rids in used.items()]
 
 
 def gather(dirs) -> list:
@@ -425,6 +498,7 @@ class Cell:
     values: dict = field(default_factory=dict)  # metric -> list of values (one per seed)
     dirs: list = field(default_factory=list)
     reused: Optional[str] = None  # "<table>/<row>" of the runs borrowed with --reuse
+    configs: list = field(default_factory=list)  # each seed's resolved config (departures from the paper)
 
     def mean(self, metric):
         vals = [v for v in self.values.get(metric, []) if v is not None]
@@ -458,14 +532,21 @@ def _group_defaults(group: str, name: str) -> dict:
     return (yaml.safe_load(p.read_text()) or {}) if p.is_file() else {}
 
 
+def _act_defaults(name: str, cfg: dict) -> dict:
+    """configs/act/<name>.yaml with its ``${recipe.*}`` values as the run's recipe set them (an older
+    run without a recipe node had our default recipe's values)."""
+    recipe = cfg.get("recipe") if isinstance(cfg.get("recipe"), dict) else _group_defaults("recipe", "ours")
+    return _resolved({"recipe": recipe, "act": _group_defaults("act", name)})["act"]
+
+
 def _matches_row(cfg: dict, row: Row) -> bool:
     """Whether a run's resolved config is the experiment of ``row`` (ignoring the recipe)."""
     if (cfg.get("task") or {}).get("name") != row.task or (cfg.get("model") or {}).get("name") != row.model:
         return False
-    act = {**_group_defaults("act", row.act), **row.act_overrides}
+    act = {**_act_defaults(row.act, cfg), **row.act_overrides}
     if (cfg.get("act") or {}) != act:
         return False
-    if row.head_act is not None and (cfg.get("head_act") or {}) != _group_defaults("act", row.head_act):
+    if row.head_act is not None and (cfg.get("head_act") or {}) != _act_defaults(row.head_act, cfg):
         return False
     if row.head_act is None and row.task == "kpt":
         return False
@@ -511,6 +592,7 @@ def collect(runs, table: Table, best: bool = False, reuse: bool = False) -> dict
             r = by_seed[seed]
             cell.seeds.append(seed)
             cell.dirs.append(str(r.dir))
+            cell.configs.append(r.config)
             for metric in table.metrics:
                 key = BEST_KEY.get(metric, metric) if best else metric
                 key = _comparable_key(key, r.results)
@@ -594,8 +676,8 @@ def render_table(table: Table, cells: dict, best: bool = False, demo: bool = Fal
                 cell = _ours(c, "ap") if demo else f"{_ours(c, 'ap')} / {_paper(r, 'ap')} ({_delta(c, r, 'ap')})"
                 line.append(cell + (f" [from {c.reused}]" if c.reused else ""))
             body.append(line)
-        lines += _md_table(["Backbone \\ Head"] + heads, body)
-        return "\n".join(lines) + "\n"
+        lines += _md_table(["Backbone \\ Head"] + heads, body) + [""]
+        return "\n".join(lines + _departures_block(table, cells, demo))
     sections = list(dict.fromkeys(r.section for r in table.rows))
     for sec in sections:
         rows = [r for r in table.rows if r.section == sec]
@@ -626,7 +708,16 @@ def render_table(table: Table, cells: dict, best: bool = False, demo: bool = Fal
             line.append((",".join(str(s) for s in c.seeds) if c.seeds else "—") + (f" (from {c.reused})" if c.reused else ""))
             body.append(line)
         lines += _md_table(header, body) + [""]
-    return "\n".join(lines)
+    return "\n".join(lines + _departures_block(table, cells, demo))
+
+
+def _departures_block(table: Table, cells: dict, demo: bool) -> list:
+    """Under a table set beside the paper's numbers: every departure from the paper its runs used."""
+    notes = [] if demo else departure_notes(table, cells)
+    if not notes:
+        return []
+    return ["Departures from the paper in these runs (ours; `recipe=paper` runs the paper's setting):", ""] + \
+        [f"- {n}" for n in notes] + [""]
 
 
 def table_json(table: Table, cells: dict) -> dict:
@@ -635,6 +726,7 @@ def table_json(table: Table, cells: dict) -> dict:
         c = cells[r.run]
         out.append({"row": r.id, "run": r.run, "section": r.section, "labels": r.labels, "status": c.status,
                     "seeds": c.seeds, "dirs": c.dirs, "paper": r.paper,
+                    "departures": sorted({d for cfg in c.configs for d in departures(cfg or {})}),
                     "ours": {m: {"mean": c.mean(m), "std": c.std(m), "values": c.values.get(m, [])} for m in table.metrics}})
     return {"table": table.id, "title": table.title, "rows": out}
 

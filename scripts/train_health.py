@@ -12,7 +12,8 @@ per layer to ``<out>/health.csv``:
 * ``dyrelu`` rows: mean slope of the first and second segment (``a1``, ``a2``) and intercept (``b1``),
   their spread across the samples of the batch (std over samples, averaged over channels:
   ``a_spread``, ``b_spread``), and for DY-ReLU-C the attention's mean, its largest value and the
-  share of positions it switches off, pi < 0.05 (``pi_mean``, ``pi_max``, ``pi_off``), the spatial conv's
+  share of positions it switches off, pi < 0.05 (``pi_mean``, ``pi_max``, ``pi_off``), how much it
+  varies across the batch's images (``pi_input_var``, dyrelu/dynamics.py's definition), the spatial conv's
   weight norm (``spatial_w``) and the spread of the softmax's input over positions (``z_spread``: std
   over positions of the normalised logits divided by tau, averaged over samples; 0 is a flat pi);
 * ``bn`` rows: how far the batch statistics are from the running statistics that evaluation uses
@@ -39,9 +40,10 @@ from torch import nn  # noqa: E402
 from torch.optim.optimizer import register_optimizer_step_pre_hook  # noqa: E402
 
 import dyrelu  # noqa: E402
+from dyrelu.dynamics import LayerDynamics  # noqa: E402
 
 FIELDS = ["step", "layer", "kind", "a1", "a2", "b1", "a_spread", "b_spread", "pi_mean", "pi_max", "pi_off",
-          "spatial_w", "z_spread",
+          "pi_input_var", "spatial_w", "z_spread",
           "bn_mean_shift", "bn_var_ratio", "hyper_grad", "conv_grad", "hyper_norm", "conv_norm"]
 
 
@@ -87,6 +89,7 @@ class HealthProbe:
                 pi = c.pi.float().flatten(1)
                 row.update(pi_mean=pi.mean().item(), pi_max=pi.max(1).values.mean().item(),
                            pi_off=(pi < 0.05).float().mean().item(),
+                           pi_input_var=LayerDynamics.pi_input_var_of(c.pi),
                            spatial_w=module.spatial.weight.float().norm().item(),
                            z_spread=_softmax_input(module, args[0]).flatten(1).std(1).mean().item())
             self.rows.append(row)
@@ -153,6 +156,7 @@ def summarise(rows: list[dict]) -> list[str]:
                 f"  bn shift {med('bn', 'bn_mean_shift'):.3f} (max {top('bn', 'bn_mean_shift'):.2f}) var ratio {med('bn', 'bn_var_ratio'):.2f}")
         if any(r.get("pi_mean", "") != "" for r in at):
             line += (f"  pi mean {med('dyrelu', 'pi_mean'):.3f} max {med('dyrelu', 'pi_max'):.3f}"
+                     f" input var {med('dyrelu', 'pi_input_var'):.4f}"
                      f" off {med('dyrelu', 'pi_off'):.2f} (max {top('dyrelu', 'pi_off'):.2f})"
                      f"  |w_spatial| {med('dyrelu', 'spatial_w'):.2f} (max {top('dyrelu', 'spatial_w'):.2f})"
                      f"  z/tau spread {med('dyrelu', 'z_spread'):.3f} (max {top('dyrelu', 'z_spread'):.3f})")

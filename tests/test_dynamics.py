@@ -102,6 +102,7 @@ def test_pi_measures_on_hand_made_maps():
     assert r["pi_flatness"] == pytest.approx((0 + 1 / 6) / 2)  # std over positions, mean over images
     # position 0: mean 5/12, std 1/12 -> 0.2; position 1: mean 1/4, std 1/12 -> 1/3
     assert r["pi_input_var"] == pytest.approx((0.2 + 1 / 3) / 2)
+    assert LayerDynamics.pi_input_var_of(pi) == pytest.approx(r["pi_input_var"])  # train_health.py's per-batch one
     same = torch.tensor([[0.5, 1 / 6], [0.5, 1 / 6]]).view(2, 1, 2, 1)  # peaked, the same for both images
     r = dynamics_of(a, torch.zeros_like(a), same)
     assert r["pi_input_var"] == 0 and r["pi_flatness"] > 0

@@ -322,3 +322,39 @@ def test_make_tables_logs_ours_beside_the_papers_as_a_wandb_table(tmp_path):
     assert relu["ours"] == pytest.approx(60.5) and relu["paper"] == pytest.approx(60.32)
     assert relu["delta"] == pytest.approx(60.5 - 60.32) and relu["status"] == "done" and relu["seeds"] == "0,1"
     assert {r["row"] for r in rows} >= {"relu", "dyrelu_a", "dyrelu_b", "dyrelu_c"}  # every row, run or not
+
+
+def test_make_tables_notes_every_departure_under_the_table(tmp_path, capsys):
+    """Runs beside the paper's numbers get a note of every setting of ours they used (tau, the
+    spatial lr, FC2's start ...); a run of recipe=paper and a ReLU run have none."""
+    from omegaconf import OmegaConf
+
+    from runs import compose
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import make_tables as mt
+
+    def cfg(entry, *over):
+        c = OmegaConf.to_container(compose([f"experiment={entry}", "data=demo", *over]), resolve=True)
+        c["data"]["name"] = "imagenet"  # as if on the paper's data
+        return c
+
+    ours, paper = cfg("table2/dyrelu_c"), cfg("table2/dyrelu_c", "recipe=paper")
+    assert mt.departures(paper) == [] and mt.departures(cfg("table2/relu")) == []
+    found = mt.departures(ours)
+    assert "act.tau=30 (the paper: 10)" in found and "optim.spatial_lr_scale=0.1 (the paper: one lr for all)" in found
+    assert any(d.startswith("act.hyper_init=zero") for d in found)
+    assert mt.departures({**ours, "trainer": {**ours["trainer"], "dyrelu_warmup_epochs": 2}})[-1].startswith(
+        "trainer.dyrelu_warmup_epochs=2")
+    sw = tmp_path / "sw"
+    for c, top1 in ((ours, 66.0), (cfg("table2/relu"), 60.0)):
+        d = _fake_run(sw, "table2", c["row"], 0, top1=top1, top5=1.0, params=1, madds=1)
+        (d / ".hydra" / "config.yaml").write_text(yaml.safe_dump(c))
+    assert mt.main([str(sw), "--tables", "table2", "--out", str(tmp_path / "t.md"), "--no-wandb"]) == 0
+    block = (tmp_path / "t.md").read_text().split("Departures from the paper in these runs")[1]
+    assert "- `act.tau=30 (the paper: 10)`: dyrelu_c" in block and "relu," not in block
+    # the paper's recipe: nothing to note
+    (sw / "dyrelu_c.seed0" / ".hydra" / "config.yaml").write_text(yaml.safe_dump(paper))
+    assert mt.main([str(sw), "--tables", "table2", "--out", str(tmp_path / "p.md"), "--no-wandb"]) == 0
+    assert "Departures from the paper" not in (tmp_path / "p.md").read_text()
+    capsys.readouterr()  # the tables main printed
