@@ -180,7 +180,8 @@ class DyReLU(nn.Module):
         self.spatial_bn = nn.BatchNorm2d(1) if self.spatial_norm == "bn" else None
         if hyper_init == "zero":
             # Ours, not the paper's: the paper names alpha^k, beta^k as the initial values of a^k, b^k
-            # (Eq. 3) and says nothing of FC2's init; DyHead's public DYReLU keeps PyTorch's default.
+            # (Eq. 3) and says nothing of FC2's init; DyHead's public DYReLU and the unofficial
+            # DynamicReLU (Islanna/DynamicReLU) build FC2 as a plain nn.Linear: PyTorch's default.
             # With FC2 = 0 the residuals are zero at step 0, so a fresh module is exactly
             # max_k(alpha^k x + beta^k) (times pi for C). PyTorch's default Linear init ("random")
             # starts every channel at a different random piecewise function, which on the demo left
