@@ -31,6 +31,7 @@ from .distributed import all_gather_objects, all_reduce_sum, barrier, broadcast_
 from .loaders import Data, EpochBatchSampler, build_data
 from .loggers import RunLogger
 from .precise_bn import recalibrate_bn
+from .residual_warmup import ResidualWarmup
 from .runtime import build_model, setup_process, use_channels_last, wrap_for_training
 from .signals import PreemptionHandler, StoppableBatches, StopRequested
 from .state import TrainState, build_state, checkpoint, read_start, resume, save_and_stop, save_last, seed_epoch
@@ -102,6 +103,8 @@ def train_one_epoch(state: TrainState, loader, num_steps: int, *, preempt, on_st
         if step >= num_steps:
             break
         batch = state.task.to_device(batch, state.device, state.channels_last)
+        if state.residual_warmup is not None:
+            state.residual_warmup(state.global_step)
         with state.autocast():
             loss, n = state.task.loss(model, batch)
         opt.zero_grad(set_to_none=True)
@@ -316,6 +319,7 @@ def _run(cfg, run_dir: str | Path, threads: CpuThreads) -> dict:
     data = build_data(cfg, task, dist)
     model, complexity = build_model(cfg, task, device, dist, channels_last)
     state = build_state(cfg, task, model, data, device, dist, channels_last)
+    state.residual_warmup = ResidualWarmup.from_config(cfg, model, data.num_steps)  # before a checkpoint loads
 
     # ---- resume ----------------------------------------------------------------------------
     resumed_rng = resume(state, start, cfg)

@@ -40,6 +40,8 @@ class TrainState:
     scaler: Optional[torch.amp.GradScaler] = None
     ema: Optional[torch.nn.Module] = None
     grad_clip: Optional[float] = None
+    # Called with global_step before each step's forward (engine/residual_warmup.py); None: no warmup.
+    residual_warmup: Optional[Callable[[int], None]] = None
     log_every: int = 50
     epoch: int = 0                    # the epoch being trained (0-based)
     step_in_epoch: int = 0            # optimizer steps done in this epoch

@@ -45,6 +45,7 @@ _RULES = [
     ("trainer.compile", lambda v: isinstance(v, bool), "true or false"),
     ("trainer.ema_decay", lambda v: v is None or (_is_num(v) and 0 < v < 1), "null or a number in (0, 1)"),
     ("trainer.grad_clip", lambda v: v is None or (_is_num(v) and v > 0), "null or a positive number"),
+    ("trainer.dyrelu_warmup_epochs", lambda v: v is None or (_is_num(v) and v >= 0), "a number >= 0 (0: no ramp)"),
     ("trainer.log_every", lambda v: _is_int(v) and v > 0, "a positive integer"),
     ("trainer.save_every", lambda v: v is None or (_is_int(v) and v > 0), "null or a positive integer (steps)"),
     ("trainer.threads", lambda v: v is None or (_is_int(v) and v > 0), "null (auto) or a positive integer"),
