@@ -95,13 +95,21 @@ def build_model(cfg, task: Task, device: torch.device, dist: DistInfo, channels_
     return model, complexity
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+
+
 def wrap_for_training(model, cfg, device: torch.device, dist: DistInfo):
     """torch.compile in place, then DDP: PyTorch's "Where to apply torch.compile?" page
     (docs.pytorch.org/docs/stable/compile/programming_model.where_to_apply_compile.html) says
     torch.compile does not handle wrappers like DDP well and shows ``model.compile()`` followed
     by ``DistributedDataParallel(model)``. Compiling in place keeps state_dict keys unchanged."""
     if cfg.trainer.compile:
-        model.compile()
+        mode = cfg.trainer.get("compile_mode", "default") or "default"
+        if mode not in COMPILE_MODES:
+            raise BadValueError(f"trainer.compile_mode={mode!r} is not one of {COMPILE_MODES}")
+        # reduce-overhead: CUDA graphs, so a launch-bound step (many small kernels) costs one replay;
+        # each configuration's first launch happens in the warm-up steps Inductor runs before capture
+        model.compile(mode=None if mode == "default" else mode)
     if dist.enabled:
         return DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
     return model
