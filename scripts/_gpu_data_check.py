@@ -15,8 +15,10 @@ Measures, on batches of JPEG bytes made from the COCO sample re-encoded at Image
 
 Checks: a truncated JPEG in a batch is skipped, named in one warning line, the rest decoded; the
 device's evaluation pixels match the same code run on the CPU within 2 grey levels on average
-(nvJPEG and libjpeg-turbo round differently). ``section_g(run)`` is the gpu_check.py form (``run``
-has ``.args.device``, ``.args.quick`` and ``.left()``); it returns the section's record.
+(nvJPEG and libjpeg-turbo round differently). ``section_g(run, Skip)`` is the gpu_check.py form
+(``run`` has ``.args.device`` and ``.args.quick``); it returns the section's record. Wiring, in
+gpu_check.py: ``import _gpu_data_check``; add "g" to SECTIONS and to ORDER after "d";
+``TITLES["g"] = _gpu_data_check.TITLE``; ``FUNCS["g"] = lambda run: _gpu_data_check.section_g(run, Skip)``.
 """
 from __future__ import annotations
 
@@ -134,12 +136,11 @@ def check(device: str = "cuda", quick: bool = False) -> dict:
             "note": "; ".join(f"{k} {v:,.0f} img/s" for k, v in rates.items()) + f" (batch {n}, crop {crop})"}
 
 
-def section_g(run) -> dict:
-    """gpu_check.py's form: skipped under --quick (the CI run), as its sizes mean nothing there."""
+def section_g(run, skip: type) -> dict:
+    """gpu_check.py's form; ``skip`` is its Skip class (raised under --quick, the CI run, where
+    the sizes mean nothing: ``--device cpu --quick`` of this script covers the code path)."""
     if run.args.quick:
-        from gpu_check import Skip  # noqa: the caller's Skip, so it reads as a skip, not a failure
-
-        raise Skip("not in --quick: run scripts/_gpu_data_check.py --device cpu --quick for the code path")
+        raise skip("not in --quick; scripts/_gpu_data_check.py --device cpu --quick runs the code path")
     return check(run.args.device, quick=False)
 
 
