@@ -21,6 +21,8 @@ from dyrelu.errors import BadValueError
 PHOTOS = sorted((Path(__file__).parent / "data" / "coco_sample" / "images").glob("*.jpg"))
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+# torchvision's decoders warn that TorchCodec supersedes them (0.29); they are what this path uses
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 DRAWS = 2000          # per side of the two-sample KS test: a shift of ~5% of a spread is found
 KS_P_MIN = 1e-3       # fixed seeds: the p-values are deterministic
 
@@ -95,21 +97,21 @@ def test_crop_distribution_matches_random_resized_crop(tmp_path):
     from scipy.stats import ks_2samp
     from torchvision import transforms as T
 
-    path = tmp_path / "fixed.jpg"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (72, 96, 3), dtype=np.uint8)).save(path)
+    path = tmp_path / "fixed.jpg"  # small: the readers decode it 4,000 times
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(path)
     img = Image.open(path)
     torch.manual_seed(1)
     ref = torch.tensor([T.RandomResizedCrop.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(DRAWS)],
                        dtype=torch.float32)
-    ref_scale, ref_logr = _scale_logratio(ref, 72 * 96)
-    reader = Uint8TrainReader(TrainParams(16, color_jitter=0.4))
-    enc = EncodedReader(TrainParams(16, color_jitter=0.4))
+    ref_scale, ref_logr = _scale_logratio(ref, 48 * 64)
+    reader = Uint8TrainReader(TrainParams(8, color_jitter=0.4))
+    enc = EncodedReader(TrainParams(8, color_jitter=0.4))
     torch.manual_seed(2)
     rows_u8 = torch.stack([reader(str(path))[1] for _ in range(DRAWS)])
     torch.manual_seed(3)
     rows_enc = torch.stack([enc(str(path))[1] for _ in range(DRAWS)])
     for rows in (rows_u8, rows_enc):
-        scale, logr = _scale_logratio(rows, 72 * 96)
+        scale, logr = _scale_logratio(rows, 48 * 64)
         assert ks_2samp(scale, ref_scale).pvalue > KS_P_MIN
         assert ks_2samp(logr, ref_logr).pvalue > KS_P_MIN
         assert abs(rows[:, 4].mean().item() - 0.5) < 4 * math.sqrt(0.25 / DRAWS)  # the flip
