@@ -209,10 +209,10 @@ def main(argv=None) -> int:
     from engine.errors import exit_on_user_error
 
     with exit_on_user_error():
-        repeats = args.repeats or (3 if args.quick else 9)
-        per_round = args.per_round or (12 if args.quick else 40)
+        repeats = args.repeats if args.repeats is not None else (3 if args.quick else 9)
+        per_round = args.per_round if args.per_round is not None else (12 if args.quick else 40)
         usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        workers = args.workers or usable
+        workers = args.workers if args.workers is not None else usable
         for name, v in (("--repeats", repeats), ("--per-round", per_round), ("--workers", workers), ("--crop", args.crop)):
             if v < 1:
                 raise BadValueError(f"{name}={v} must be >= 1")
