@@ -31,7 +31,14 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 OUTPUTS = {"_row_moments_kernel": {"s1_ptr", "s2_ptr"}, "_affine_rows_kernel": {"out_ptr"},
            "_pool_kernel": {"part_ptr"}, "_apply_fwd_kernel": {"y_ptr"},
-           "_apply_bwd_kernel": {"gx_ptr", "psx_ptr", "ps_ptr", "ppi_ptr"}}
+           "_apply_bwd_kernel": {"gx_ptr", "psx_ptr", "ps_ptr", "ppi_ptr"},
+           "_site_fwd1_kernel": {"m_ptr", "r_ptr", "t_ptr", "mub_ptr", "varb_ptr", "ph_ptr", "hpre_ptr", "h_ptr"},
+           "_site_fwd2_kernel": {"bA_ptr", "bB_ptr", "sig_ptr", "a_ptr"},
+           "_site_bwd1_kernel": {"dlog_ptr", "dh_ptr", "gp_ptr", "gsp_ptr", "gtp_ptr"},
+           "_site_bwd2_kernel": {"gw2_ptr", "gb2_ptr", "gw1_ptr", "gb1_ptr", "gw_ptr", "gbias_ptr", "gvar_ptr",
+                                 "alpha_ptr", "coefp_ptr", "v_ptr", "gsw_ptr", "wsz_ptr"},
+           "_site_dx_kernel": {"gx_ptr"}, "_running_kernel": {"rm_ptr", "rv_ptr", "nbt_ptr"},
+           "_site_z_kernel": {"z_ptr"}, "_site_zgrad_kernel": {"zp_ptr", "zq_ptr"}}
 
 
 @pytest.fixture(autouse=True)
@@ -150,7 +157,8 @@ def test_every_op_of_a_training_step_traces_into_triton_kernels_on_cuda(name, ac
         kernels.update(k for k in seen.elements() if k.startswith("triton:"))
     want = {"triton:_apply_fwd_kernel", "triton:_apply_bwd_kernel"}
     if name != "DyReLU":  # the BN site's statistics and their gradient
-        want |= {"triton:_row_moments_kernel", "triton:_affine_rows_kernel"}
+        want |= {"triton:_row_moments_kernel", "triton:_site_fwd1_kernel", "triton:_site_bwd1_kernel",
+                 "triton:_site_dx_kernel"}
     assert want <= set(kernels), kernels
 
 
@@ -180,3 +188,98 @@ def test_export_then_decompose_as_aotinductor_does(dynamic):
     else:
         assert not [k for k in seen if k.startswith("dyrelu.")], seen
         assert seen["triton:_apply_fwd_kernel"] == sites
+
+
+# ------------------------------------------------------------------------------------------------
+# one joint training step (forward + backward), bf16 autocast, channels_last, through functionalization
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _memoized_write_analysis(monkeypatch):
+    """Torch's analysis of which arguments a kernel writes compiles its TTIR at every launch traced; the
+    answer depends on the kernel and its constexprs only (every integer is unspecialised), so it is
+    computed once per configuration here (a 2x faster test, the same answers)."""
+    from torch._higher_order_ops import triton_kernel_wrap as tkw
+
+    cache, real = {}, tkw.get_mutated_tensors
+
+    def memo(kernel_idx, constant_args_idx, kwargs, tma):
+        fn = kernel_side_table.get_kernel(kernel_idx).fn
+        consts = kernel_side_table.get_constant_args(constant_args_idx)
+        names = {fn.arg_names[i] for i in fn.constexprs}
+        key = (fn.__name__, tuple(sorted((k, str(v)) for k, v in consts.items() if k in names)),
+               tuple(sorted((k, str(v.dtype)) for k, v in kwargs.items() if isinstance(v, torch.Tensor))))
+        if key not in cache:
+            cache[key] = real(kernel_idx, constant_args_idx, kwargs, tma)
+        return cache[key]
+
+    monkeypatch.setattr(tkw, "get_mutated_tensors", memo)
+
+
+def _small_net():
+    from torch import nn
+
+    from dyrelu.fused.bn_act import BNDyReLU
+
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), BNDyReLU(nn.BatchNorm2d(8), DyReLU(8, variant="B", reduction=2)),
+        nn.Conv2d(8, 8, 1), BNDyReLU(nn.BatchNorm2d(8), DyReLU(8, variant="C", reduction=2)),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).train().to(memory_format=torch.channels_last)
+
+
+def test_joint_training_step_bf16_channels_last_traces_into_triton_kernels():
+    """A whole training step (forward, loss, backward) traced as AOTAutograd traces it (make_fx over
+    functionalization, parameters and buffers as inputs) on fake CUDA tensors under bf16 autocast:
+    every dyrelu:: op (B and C sites, forward and backward) is traced into its Triton kernels, none is
+    left opaque. (AOTAutograd's own joint trace calls autograd's engine, which needs a CUDA driver for
+    CUDA tensors even when they are fake; scripts/count_ops.backward walks the graph instead.)"""
+    from runs import load_script
+    from torch._subclasses.functional_tensor import dispatch_functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    co = load_script("count_ops")
+    net = _small_net()
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        net = net.to("cuda")
+        x = mode.from_tensor(torch.empty(2, 3, 6, 6)).to("cuda").contiguous(memory_format=torch.channels_last)
+        names = [n for n, _ in net.named_parameters()]
+        bnames = [n for n, _ in net.named_buffers()]
+
+        def step(x, *tensors):
+            bufs = dict(zip(bnames, tensors[:len(bnames)]))
+            ps = [p.detach().requires_grad_(True) for p in tensors[len(bnames):]]
+            with co.bf16_autocast():
+                out = torch.func.functional_call(net, {**dict(zip(names, ps)), **bufs}, (x,))
+                loss = out.float().square().mean()
+            co.backward(loss, torch.ones_like(loss))
+            return [p.grad for p in ps]
+
+        gm = make_fx(dispatch_functionalize(step))(x, *net.buffers(), *[p.detach() for p in net.parameters()])
+    seen = _nodes(gm)
+    assert not [k for k in seen if k.startswith("dyrelu.")], seen
+    per_site = {"_row_moments_kernel", "_site_fwd1_kernel", "_site_fwd2_kernel", "_apply_fwd_kernel", "_running_kernel",
+                "_apply_bwd_kernel", "_site_bwd1_kernel", "_site_bwd2_kernel", "_site_dx_kernel"}
+    assert all(seen["triton:" + k] == 2 for k in per_site), seen
+    assert seen["triton:_site_z_kernel"] == seen["triton:_site_zgrad_kernel"] == 1, seen
+
+
+def test_a_second_batch_size_launches_the_same_kernel_configurations():
+    """Integers are unspecialised: a recompile for another batch size (static shapes) traces the same
+    Triton configurations, so Triton's cache serves every kernel again (nothing new to compile)."""
+    from runs import load_script
+
+    from dyrelu.fused import _triton
+
+    co = load_script("count_ops")
+    net = _small_net()
+    configs = []
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        net = net.to("cuda")
+        for batch in (2, 5):
+            x = mode.from_tensor(torch.empty(batch, 3, 6, 6)).to("cuda").contiguous(memory_format=torch.channels_last)
+            with _triton.record_launches() as launched, co._counter():
+                with co.bf16_autocast():
+                    loss = net(x).float().square().mean()
+                co.backward(loss, torch.ones_like(loss))
+            configs.append(set(launched))
+    assert configs[0] == configs[1] and len(configs[0]) >= 9, configs

@@ -40,6 +40,9 @@ from ._triton import HAS_TRITON, Plan, _cdiv
 # every side >= 16. Small enough to hold in registers at 4 warps (tests/test_triton_site_aot.py).
 BLOCK_N, BLOCK_C, BLOCK_R, BLOCK_J = 16, 64, 32, 32
 WARPS = 4
+# the hyper-function kernels hold several (16, 64) fp32 tiles and a dot's operands at once: at 4 warps
+# ptxas spilled _fwd2 (sm_80 and sm_90) and _bwd1 (sm_80); 8 warps halve each thread's share
+WARPS_HYPER = 8
 
 if HAS_TRITON:
     import triton
@@ -600,7 +603,7 @@ def coefs(x3, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lamb
     p2 = Plan("_site_fwd2_kernel", (nblocks * c_blocks,),
               dict(N=n, C=c, R=rdim, K=k, M=segments, W=width, C_BLOCKS=c_blocks),
               dict(HAS_W=weight is not None, USE_BIAS=bool(use_bias), BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C,
-                   BLOCK_R=BLOCK_R), WARPS, 1)
+                   BLOCK_R=BLOCK_R), WARPS_HYPER, 1)
     if not _triton._launch(p2, dev, (h, _f32(w2, w2), _f32(b2, b2), r, t, _f32(weight, empty), _f32(init_a, init_a),
                                      _f32(init_b, init_b), _f32(lambda_a, lambda_a), _f32(lambda_b, lambda_b),
                                      big_a, big_b, sig, a)):
@@ -628,7 +631,7 @@ def coefs_backward(psx, ps, split, m, mu, batch, l, weight, w1, w2, lambda_a, la
     gtp = torch.empty_like(gsp)
     p1 = Plan("_site_bwd1_kernel", (nblocks,), dict(N=n, C=c, R=rdim, K=k, M=segments, W=width, SPLIT=split),
               dict(HAS_W=weight is not None, USE_BIAS=bool(use_bias), BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C,
-                   BLOCK_R=BLOCK_R, BLOCK_J=BLOCK_J), WARPS, 1)
+                   BLOCK_R=BLOCK_R, BLOCK_J=BLOCK_J), WARPS_HYPER, 1)
     if not _triton._launch(p1, dev, (psx, ps, sig, a, h_pre, _f32(w1, w1), _f32(w2, w2), m, r, t, _f32(weight, empty),
                                      _f32(lambda_a, lambda_a), _f32(lambda_b, lambda_b), dlog, dh, gp, gsp, gtp)):
         return None
