@@ -5,7 +5,7 @@
     python scripts/gpu_check.py --out gpu_check --only a        # the correctness probe alone (~1 min)
     python scripts/gpu_check.py --out /tmp/gc --device cpu --quick   # the script itself, tiny sizes (CI)
 
-Sections (run in the order a, t, d, e, p, b, c; docs/gpu.md says what each checks and the targets):
+Sections (run in the order a, t, d, g, e, p, b, c; docs/gpu.md says what each checks and the targets):
   a  fused == reference on the device, output and every gradient: variants A/B/C, K=1/2/3,
      fp32/bf16/fp16, NCHW and channels_last, N=1 and N=256; the backend that ran (Triton on
      CUDA) and any fallback warning; backward twice bit for bit under deterministic algorithms;
@@ -26,6 +26,8 @@ Sections (run in the order a, t, d, e, p, b, c; docs/gpu.md says what each check
      EMA for 2 short epochs, then resumed in the same run folder for a 3rd: the loss falls and
      the resume continues; compile time reported apart from training time.
   d  inference latency at batch 1 and 64 (eval, bf16, channels_last, eager), ReLU vs DY-ReLU-B.
+  g  the input pipeline on the device (scripts/_gpu_data_check.py): JPEG decode and augmentation
+     images/s, a truncated JPEG skipped, device vs CPU evaluation pixels; skipped under --quick.
   e  a model on cuda:1 without torch.cuda.set_device (needs two GPUs).
   p  profile of one eager training step (MobileNetV2 x1.0, batch 256, bf16, channels_last) for
      ReLU, DY-ReLU-B and DY-ReLU-C under torch.profiler: device kernels per step, and the time the
@@ -62,10 +64,12 @@ from pathlib import Path
 
 from _bootstrap import ROOT  # the checkout on sys.path (the framework is not installed)
 
-SECTIONS = ("a", "b", "c", "d", "e", "p", "t")
+import _gpu_data_check  # section g (scripts/ is on sys.path: this script's own folder)
+
+SECTIONS = ("a", "b", "c", "d", "e", "g", "p", "t")
 # Run order: the cheap sections first, then b (whose compiled setting is skipped when it would
 # leave too little of the budget for c), then c.
-ORDER = ("a", "t", "d", "e", "p", "b", "c")
+ORDER = ("a", "t", "d", "g", "e", "p", "b", "c")
 C_EST_S = {True: 20, False: 120}  # section c's cost, quick / full
 TITLES = {
     "a": "fused vs reference (outputs and gradients)",
@@ -75,6 +79,7 @@ TITLES = {
     "e": "a model on cuda:1",
     "p": "profile: kernels per step, GPU busy vs wall time",
     "t": "the traced path: compiled and AOTInductor against eager",
+    "g": _gpu_data_check.TITLE,
 }
 TARGET_SPEED = {"eager": 0.6, "compiled": 0.9}  # DY-ReLU-B fused img/s over ReLU's run the same way (issue 21)
 TARGET_MEMORY = 1.15  # DY-ReLU-B fused peak memory over ReLU's, at most
@@ -902,7 +907,9 @@ def section_p(run: Run) -> dict:
 
 
 FUNCS = {"a": section_a, "b": section_b, "c": section_c, "d": section_d, "e": section_e, "p": section_p,
-         "t": section_t}
+         "t": section_t,
+         # gpu_check's own Skip: this script runs as __main__, so importing it again would make a second class
+         "g": lambda run: _gpu_data_check.section_g(run, Skip)}
 
 
 def parse(argv=None):

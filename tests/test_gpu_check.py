@@ -27,7 +27,8 @@ def test_quick_cpu_run_end_to_end(tmp_path):
     doc = json.loads((tmp_path / "gpu_check.json").read_text())
     status = {k: s["status"] for k, s in doc["sections"].items()}
     assert proc.returncode == 0, (status, doc["failures"], proc.stdout[-2000:], proc.stderr[-2000:])
-    assert status == {"a": "pass", "b": "pass", "c": "pass", "d": "pass", "e": "skip", "p": "pass", "t": "pass"}, \
+    assert status == {"a": "pass", "b": "pass", "c": "pass", "d": "pass", "e": "skip", "g": "skip", "p": "pass",
+                      "t": "pass"}, \
         doc["failures"]
     assert doc["sections"]["t"]["compiled_vs_eager_max_rel_err"] < 1e-3
     a = doc["sections"]["a"]
@@ -61,6 +62,15 @@ def test_a_failing_section_does_not_stop_the_others(tmp_path, monkeypatch):
     assert [doc["sections"][k]["status"] for k in "ade"] == ["fail", "pass", "skip"]
     assert doc["failures"] == ["a: RuntimeError: kernel exploded"]
     assert "kernel exploded" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_section_g_is_wired_and_skips_under_quick(tmp_path):
+    """(g), the input pipeline (scripts/_gpu_data_check.py), raises gpu_check's own Skip under --quick."""
+    gc = _load()
+    assert "g" in gc.SECTIONS and gc.ORDER.index("g") == gc.ORDER.index("d") + 1
+    assert gc.main(["--out", str(tmp_path), "--device", "cpu", "--quick", "--only", "g"]) == 0
+    g = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]["g"]
+    assert g["status"] == "skip" and "not in --quick" in g["reason"] and g["title"].startswith("input pipeline")
 
 
 def test_missing_package_skips_with_the_name(tmp_path, monkeypatch):
