@@ -6,6 +6,7 @@ from omegaconf import DictConfig, OmegaConf
 from dyrelu.errors import BadValueError
 
 from .optim import OPTIMIZERS, SCHEDULES
+from .runtime import COMPILE_MODES
 
 
 
@@ -43,6 +44,7 @@ _RULES = [
     ("trainer.channels_last", lambda v: v in ("auto", True, False), "one of auto, true, false"),
     ("trainer.deterministic", lambda v: isinstance(v, bool), "true or false"),
     ("trainer.compile", lambda v: isinstance(v, bool), "true or false"),
+    ("trainer.compile_mode", lambda v: v is None or v in COMPILE_MODES, f"one of {', '.join(COMPILE_MODES)}"),
     ("trainer.ema_decay", lambda v: v is None or (_is_num(v) and 0 < v < 1), "null or a number in (0, 1)"),
     ("trainer.grad_clip", lambda v: v is None or (_is_num(v) and v > 0), "null or a positive number"),
     ("trainer.dyrelu_warmup_epochs", lambda v: v is None or (_is_num(v) and v >= 0), "a number >= 0 (0: no ramp)"),

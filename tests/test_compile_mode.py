@@ -45,3 +45,17 @@ def test_reduce_overhead_means_cuda_graphs_and_a_bad_mode_is_refused():
     assert set(COMPILE_MODES) >= {"default", "reduce-overhead"}
     with pytest.raises(BadValueError, match="compile_mode"):
         wrap_for_training(_Model(), _cfg(compile_mode="fast"), torch.device("cpu"), DistInfo())
+
+
+def test_validate_refuses_a_bad_mode_before_anything_is_built():
+    """engine.validate names the valid modes in one line (trainer.compile=false included: caught at once)."""
+    from runs import compose
+
+    from engine.validate import ConfigError, validate
+
+    cfg = compose(["trainer.compile_mode=max-autotune"])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert str(err.value) == ("trainer.compile_mode='max-autotune' is not valid: expected one of "
+                              "default, reduce-overhead, max-autotune-no-cudagraphs")
+    validate(compose(["trainer.compile_mode=reduce-overhead"]))
