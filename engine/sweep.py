@@ -29,7 +29,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import yaml
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from dyrelu.errors import USER_ERROR_EXIT_CODE
 
@@ -181,6 +182,14 @@ def _read_yaml(path: Path) -> Any:
         return None
 
 
+def _resolved(cfg: dict) -> dict:
+    """The stored config with its interpolations (``${recipe.tau}``) replaced by their values, as the run saw them."""
+    try:
+        return OmegaConf.to_container(OmegaConf.create(cfg), resolve=True)
+    except OmegaConfBaseException:  # an interpolation this process cannot resolve: keep the text
+        return cfg
+
+
 def read_run(run_dir: Path) -> JobRow:
     """The summary row of one run folder: job.json, results.json, error.json and .hydra/ as present."""
     run_dir = Path(run_dir)
@@ -188,7 +197,7 @@ def read_run(run_dir: Path) -> JobRow:
     res = _read_json(run_dir / RESULTS_FILE)
     err = _read_json(run_dir / ERROR_FILE)
     cfg = _read_yaml(run_dir / ".hydra" / "config.yaml")
-    cfg = cfg if isinstance(cfg, dict) else None
+    cfg = _resolved(cfg) if isinstance(cfg, dict) else None
     overrides = job.get("overrides")
     if overrides is None:
         overrides = _read_yaml(run_dir / ".hydra" / "overrides.yaml") or []

@@ -92,3 +92,14 @@ def test_runs_that_end_at_chance_are_marked(tmp_path):
     assert "| 10.00 *at chance* (10.00) |" in md and "| 10.75 *at chance* (10.00) |" in md and "| 61.25 |" in md
     table = list(csv.DictReader(io.StringIO((tmp_path / sweep.SUMMARY_CSV).read_text())))
     assert [r["at_chance"] for r in table] == ["False", "True", "True"]
+
+
+def test_read_run_resolves_the_stored_configs_interpolations(tmp_path):
+    from engine.sweep import read_run
+
+    (tmp_path / ".hydra").mkdir()
+    stored = tmp_path / ".hydra" / "config.yaml"
+    stored.write_text("recipe: {tau: 30.0}\nact: {name: dyrelu_c, tau: '${recipe.tau}'}\n")
+    assert read_run(tmp_path).config["act"]["tau"] == 30.0
+    stored.write_text("act: {name: dyrelu_c, tau: '${nowhere.tau}'}\n")  # unresolvable: kept as written
+    assert read_run(tmp_path).config["act"]["tau"] == "${nowhere.tau}"
