@@ -66,10 +66,10 @@ from _bootstrap import ROOT  # the checkout on sys.path (the framework is not in
 
 import _gpu_data_check  # section g (scripts/ is on sys.path: this script's own folder)
 
-SECTIONS = ("a", "b", "c", "d", "e", "g", "p", "t")
+SECTIONS = ("a", "b", "c", "d", "e", "g", "p", "q", "t")
 # Run order: the cheap sections first, then b (whose compiled setting is skipped when it would
 # leave too little of the budget for c), then c.
-ORDER = ("a", "t", "d", "g", "e", "p", "b", "c")
+ORDER = ("a", "t", "d", "g", "e", "p", "q", "b", "c")
 C_EST_S = {True: 20, False: 120}  # section c's cost, quick / full
 TITLES = {
     "a": "fused vs reference (outputs and gradients)",
@@ -80,7 +80,16 @@ TITLES = {
     "p": "profile: kernels per step, GPU busy vs wall time",
     "t": "the traced path: compiled and AOTInductor against eager",
     "g": _gpu_data_check.TITLE,
+    "q": "the first-GPU numbers: site fp32 check, launches and busy time, eager / CUDA-graph / compiled img/s, memory",
 }
+# --quick: the first GPU run in one call (issue 31, item 5): the most informative sections first,
+# each started only when its time box fits before the deadline (--budget-s, counted from --since:
+# the pip install included), the rest recorded as skipped with the reason.
+QUICK_ORDER = ("a", "q", "t", "p", "d", "g", "e", "b", "c")
+QUICK_BOX_S = {"a": 45, "q": 270, "t": 60, "p": 60, "d": 30, "g": 40, "e": 20, "b": 60, "c": 20}
+QUICK_BUDGET_S = 420.0  # 7 minutes, pip install included (--since)
+QUICK_TARGETS = {"eager_ratio_min": 0.6, "graph_or_compiled_ratio_min": 0.9, "memory_ratio_max": 1.15,
+                 "cold_compile_s_max": 180.0}
 TARGET_SPEED = {"eager": 0.6, "compiled": 0.9}  # DY-ReLU-B fused img/s over ReLU's run the same way (issue 21)
 TARGET_MEMORY = 1.15  # DY-ReLU-B fused peak memory over ReLU's, at most
 
@@ -134,8 +143,12 @@ class Run:
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.t0 = time.monotonic()
-        self.doc = {"device": args.device, "quick": args.quick, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                    "env": environment(args.device), "budget_s": args.budget_s, "sections": {}}
+        if args.since is not None:  # the clock started earlier (before the pip install): count that too
+            self.t0 -= max(0.0, time.time() - args.since)
+        self.doc = {"device": args.device, "quick": args.quick, "plan_only": args.plan,
+                    "started": time.strftime("%Y-%m-%d %H:%M:%S"), "env": environment(args.device),
+                    "budget_s": args.budget_s, "since_s": round(time.monotonic() - self.t0, 1),
+                    "order": list(run_order(args)), "sections": {}}
         self.write()
 
     def left(self) -> float:
@@ -155,9 +168,23 @@ class Run:
         self.write()
         t = time.monotonic()
         print(f"== ({key}) {TITLES[key]}", flush=True)
+        box = QUICK_BOX_S[key] if self.args.quick else None
+        if box:
+            rec["time_box_s"] = box
         try:
             if self.left() < 5:
                 raise Skip(f"out of time budget ({self.args.budget_s:.0f} s)")
+            if key not in self.args.only:
+                raise Skip("not in --only")
+            if box and self.left() < box:
+                raise Skip(f"deadline: its {box} s time box does not fit in the {self.left():.0f} s left "
+                           f"of the {self.args.budget_s:.0f} s budget")
+            if self.args.plan:
+                rec.update(status="planned", left_s=round(self.left(), 1))
+                self.t0 -= box or 0  # the plan: each section taken to use its whole time box
+                print(f"   ({key}) planned" + (f", time box {box} s" if box else ""), flush=True)
+                self.write()
+                return
             rec.update(fn(self) or {})
             rec["status"] = "fail" if rec.get("failures") else "pass"
         except Skip as why:
@@ -906,8 +933,205 @@ def section_p(run: Run) -> dict:
                               f"busy {r['busy_fraction']} of wall" for r in rows)}
 
 
+# ---------------------------------------------------------------------------------------------
+# (q) the first-GPU numbers, in the order they inform: is the site right, how launch-bound is the
+# step, and eager / CUDA-graph / compiled img/s against ReLU's at the target's sizes
+# ---------------------------------------------------------------------------------------------
+def site_fp32_check(dev, variant: str, seed: int = 0) -> dict:
+    """One BN + DY-ReLU site through the fused path (bn_dyrelu) against BatchNorm2d followed by the
+    reference DY-ReLU, training mode, fp32 with TF32 off: relative errors of the output, the input
+    gradient, every parameter gradient and the running statistics."""
+    import torch
+    from torch import nn
+    import dyrelu
+    from dyrelu.fused.bn_act import bn_dyrelu
+
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        torch.manual_seed(seed)
+        c = 32
+        x = (torch.randn(8, c, 14, 14) * 2 + 1).to(dev).contiguous(memory_format=torch.channels_last)
+        bn = nn.BatchNorm2d(c)
+        act = dyrelu.DyReLU(c, variant=variant, k=2, reduction=4, hyper_init="random")
+        with torch.no_grad():
+            act.fc2.weight.normal_(0, 0.3)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_(0, 0.2)
+        bn, act = bn.to(dev).train(), act.to(dev).train()
+        bn2, act2 = copy.deepcopy(bn), copy.deepcopy(act)
+        act2.impl = "reference"
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = bn_dyrelu(xa, bn, act), act2(bn2(xb))
+        g = torch.randn_like(yb)
+        ya.backward(g)
+        yb.backward(g)
+        errs = {"y": _rel(ya.detach(), yb.detach()), "grad_x": _rel(xa.grad, xb.grad)}
+        for (name, p1), p2 in zip([*(("bn." + n, p) for n, p in bn.named_parameters()),
+                                   *(("act." + n, p) for n, p in act.named_parameters())],
+                                  [*bn2.parameters(), *act2.parameters()]):
+            if p2.grad is not None:
+                errs[f"grad_{name}"] = _rel(p1.grad, p2.grad)
+        errs["running_mean"] = _rel(bn.running_mean, bn2.running_mean)
+        errs["running_var"] = _rel(bn.running_var, bn2.running_var)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return errs
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _timed_steps(step, dev, steps: int) -> float:
+    """Seconds per step over ``steps`` calls (CUDA events around them on CUDA, wall time on the CPU)."""
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / steps
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - t) / steps
+
+
+def graph_step(step, dev, warmup: int = 3):
+    """``step`` (a whole training step on static tensors: forward, backward, optimizer) captured once
+    in a CUDA graph; returns the replay. Each configuration's first launch (Triton JIT, cuBLAS and
+    cuDNN plans, the optimizer's state) happens in the warm-up calls on a side stream, before the
+    capture, as torch.cuda.graphs asks; our ops carry no host sync (section p checks it)."""
+    import torch
+
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    torch.cuda.synchronize(dev)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    torch.cuda.synchronize(dev)
+    return graph.replay
+
+
+def section_q(run: Run) -> dict:
+    need("timm")
+    import torch
+    import torch.nn.functional as F
+    import models
+
+    dev = torch.device(run.args.device)
+    cuda = dev.type == "cuda"
+    # the target's setting on CUDA; on the CPU the same code at tiny sizes (the script, not a number)
+    name, res, batch, steps = ("mbv2_100", 224, 256, 10) if cuda else ("mbv2_035", 32, 4, 2)
+    fmt = torch.channels_last
+    failures, skipped, out = [], [], {"model": name, "res": res, "batch": batch, "dtype": "bf16 autocast",
+                                      "memory_format": "channels_last"}
+
+    # 1. the site, fp32, TF32 off
+    site = {}
+    for variant in ("B", "C"):
+        errs = site_fp32_check(dev, variant)
+        site[variant] = max(errs.values())
+        bad = {k: f"{v:.1e}" for k, v in errs.items() if not v < 1e-4}
+        if bad:
+            failures.append(f"site {variant} fp32 (TF32 off) vs BN -> DY-ReLU: rel errors {bad}")
+    out["site_fp32_max_rel_err"] = site
+
+    # 2. per activation: launches and busy time, eager img/s and peak memory, the CUDA graph
+    rows = {}
+    for act in ("relu", "dyrelu_b"):
+        torch.manual_seed(0)
+        model = models.build_model(name, act=act, num_classes=1000).to(dev).to(memory_format=fmt).train()
+        x = torch.randn(batch, 3, res, res, device=dev).contiguous(memory_format=fmt)
+        y = torch.randint(0, 1000, (batch,), device=dev)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step():
+            opt.zero_grad(set_to_none=False)  # grads stay allocated: the captured graph's static tensors
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+
+        row = profile_steps(step, dev, 3 if cuda else 1)  # two warm-up steps first: each kernel compiled
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(dev)
+        row["eager_img_s"] = round(batch / _timed_steps(step, dev, steps), 1)
+        row["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1) if cuda else None
+        if cuda:
+            try:
+                replay = graph_step(step, dev)
+                row["graph_img_s"] = round(batch / _timed_steps(replay, dev, steps), 1)
+            except Exception as err:
+                row["graph_error"] = f"{type(err).__name__}: {str(err)[:300]}"
+                failures.append(f"{act}: CUDA-graph capture of the eager step failed: {row['graph_error']}")
+        rows[act] = row
+        del model, opt, x, y
+        if cuda:
+            torch.cuda.empty_cache()
+    if not cuda:
+        skipped.append("CUDA graph: skipped: no CUDA")
+    out["rows"] = rows
+
+    # 3. compiled (Inductor, cold cache per variant: bench_act.py's workers), in its own time box
+    if cuda:
+        box = run.left() - 10
+        if box < 60:
+            skipped.append(f"compiled: deadline ({run.left():.0f} s left)")
+        else:
+            try:
+                res_c = _bench(run, ["--device", "cuda", "--model", name, "--res", str(res), "--batch", str(batch),
+                                     "--dtype", "bf16", "--channels-last", "--steps", "5", "--warmup", "2",
+                                     "--variants", "relu,dyrelu_b_fused", "--compile",
+                                     "--compile-mode", run.args.compile_mode], box, own_budget_s=box)
+                for act, v in (("relu", "relu"), ("dyrelu_b", "dyrelu_b_fused")):
+                    r = res_c["variants"].get(v, {})
+                    if "error" in r:
+                        failures.append(f"compiled {act}: {r['error']}")
+                    else:
+                        rows[act]["compiled_img_s"] = round(r["img_s"], 1)
+                        rows[act]["cold_compile_s"] = round(r["first_step_s"], 1)
+            except Exception as err:
+                failures.append(f"compiled: {type(err).__name__}: {str(err)[:300]}")
+    else:
+        skipped.append("compiled: skipped: no CUDA (section b compiles on the CPU)")
+
+    # 4. against the targets
+    base, dy = rows["relu"], rows["dyrelu_b"]
+    ratio = lambda k: round(dy[k] / base[k], 3) if dy.get(k) and base.get(k) else None  # noqa: E731
+    m = {"eager_ratio": ratio("eager_img_s"), "graph_ratio": ratio("graph_img_s"),
+         "compiled_ratio": ratio("compiled_img_s"), "memory_ratio": ratio("peak_mem_mb"),
+         "cold_compile_s": dy.get("cold_compile_s"), "launches_ratio": ratio("kernels_per_step"),
+         "busy_fraction": {a: r["busy_fraction"] for a, r in rows.items()}}
+    best = [v for v in (m["graph_ratio"], m["compiled_ratio"]) if v is not None]
+    m["graph_or_compiled_ratio"] = max(best) if best else None
+    t = QUICK_TARGETS
+    checks = {"eager_ratio": lambda v: v >= t["eager_ratio_min"],
+              "graph_or_compiled_ratio": lambda v: v >= t["graph_or_compiled_ratio_min"],
+              "memory_ratio": lambda v: v <= t["memory_ratio_max"],
+              "cold_compile_s": lambda v: v <= t["cold_compile_s_max"]}
+    for k, ok in checks.items():
+        m[f"{k}_pass"] = (bool(ok(m[k])) if m[k] is not None else None) if cuda else None
+        if m[f"{k}_pass"] is False:
+            failures.append(f"target {k}: {m[k]} (target {t})")
+    out["measured"] = m
+    out.update(failures=failures, skipped=skipped, targets=t, checked=cuda,
+               note=f"site fp32 max rel err {max(site.values()):.1e}; launches {m['launches_ratio']}x ReLU; eager "
+                    f"{m['eager_ratio']}x, graph {m['graph_ratio']}x, compiled {m['compiled_ratio']}x, memory "
+                    f"{m['memory_ratio']}x, cold compile {m['cold_compile_s']} s" + ("" if cuda else " (CPU: not targets)"))
+    return out
+
+
 FUNCS = {"a": section_a, "b": section_b, "c": section_c, "d": section_d, "e": section_e, "p": section_p,
-         "t": section_t,
+         "t": section_t, "q": section_q,
          # gpu_check's own Skip: this script runs as __main__, so importing it again would make a second class
          "g": lambda run: _gpu_data_check.section_g(run, Skip)}
 
@@ -916,7 +1140,16 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder for gpu_check.json, gpu_check.md and logs")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --quick: the CI run)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, not the GPU")
+    p.add_argument("--quick", action="store_true",
+                   help="the first GPU run in one call: every section in QUICK_ORDER, each started only when its "
+                        "time box fits before the deadline (default --budget-s 420, pip install included with "
+                        "--since); a, t, p, b, c, d at tiny sizes, q at the target's sizes on CUDA. With --device "
+                        "cpu: the script itself at tiny sizes (CI)")
+    p.add_argument("--since", type=float, default=None,
+                   help="Unix time the budget's clock started (e.g. $(date +%%s) taken before the pip install)")
+    p.add_argument("--plan", action="store_true",
+                   help="write gpu_check.json with every section of the run planned (order, time boxes, "
+                        "what the deadline would skip) without running any")
     p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections to run, e.g. a or a,b")
     p.add_argument("--budget-s", type=float, default=None,
                    help="wall-clock budget: work that would overrun it is skipped (default 285; 900 with --quick)")
@@ -928,7 +1161,7 @@ def parse(argv=None):
     if args.compile_budget_s <= 0:
         p.error(f"--compile-budget-s {args.compile_budget_s}: must be > 0")
     if args.budget_s is None:
-        args.budget_s = 900.0 if args.quick else 285.0
+        args.budget_s = (QUICK_BUDGET_S if args.device == "cuda" else 900.0) if args.quick else 285.0
     if args.device not in ("cuda", "cpu"):
         p.error(f"--device {args.device!r}: valid choices are cuda, cpu")
     only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -936,7 +1169,7 @@ def parse(argv=None):
     if bad or not only:
         p.error(f"--only {args.only!r}: valid sections are {', '.join(SECTIONS)}")
     args.only = only
-    if args.device == "cuda":
+    if args.device == "cuda" and not args.plan:
         import torch
 
         if not torch.cuda.is_available():
@@ -944,15 +1177,37 @@ def parse(argv=None):
     return args
 
 
+def run_order(args) -> tuple:
+    """The sections in the order they run: --quick's (every section named, the most informative
+    first; those not in --only are recorded as skipped), else ORDER restricted to --only."""
+    if args.quick:
+        return QUICK_ORDER
+    return tuple(k for k in ORDER if k in args.only)
+
+
+def targets_line(doc: dict) -> dict:
+    """The final JSON line: the first-GPU targets, the measured values (section q) and pass/fail per
+    target (None: not measured in this run, with the section's status saying why)."""
+    q = doc["sections"].get("q", {})
+    got = q.get("measured", {})
+    return {"targets": QUICK_TARGETS, "measured": got,
+            "pass": {k: got.get(f"{k}_pass") for k in ("eager_ratio", "graph_or_compiled_ratio", "memory_ratio",
+                                                       "cold_compile_s")},
+            "q_status": q.get("status", "not run"), "failures": len(doc["failures"]), "elapsed_s": doc["elapsed_s"],
+            "budget_s": doc["budget_s"]}
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     run = Run(args)
-    for key in ORDER:
-        if key in args.only:
-            run.section(key, FUNCS[key])
+    for key in run_order(args):
+        run.section(key, FUNCS[key])
+    run.doc["targets"] = targets_line(run.doc)
     run.write()
+    run.doc["targets"]["elapsed_s"] = run.doc["elapsed_s"]
     print(f"wrote {run.out / 'gpu_check.json'} and gpu_check.md in {run.doc['elapsed_s']} s; "
           f"{len(run.doc['failures'])} failure(s)", flush=True)
+    print(json.dumps(run.doc["targets"]), flush=True)
     return 1 if run.doc["failures"] else 0
 
 

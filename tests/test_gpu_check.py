@@ -28,7 +28,7 @@ def test_quick_cpu_run_end_to_end(tmp_path):
     status = {k: s["status"] for k, s in doc["sections"].items()}
     assert proc.returncode == 0, (status, doc["failures"], proc.stdout[-2000:], proc.stderr[-2000:])
     assert status == {"a": "pass", "b": "pass", "c": "pass", "d": "pass", "e": "skip", "g": "skip", "p": "pass",
-                      "t": "pass"}, \
+                      "q": "pass", "t": "pass"}, \
         doc["failures"]
     assert doc["sections"]["t"]["compiled_vs_eager_max_rel_err"] < 1e-3
     a = doc["sections"]["a"]
@@ -46,6 +46,12 @@ def test_quick_cpu_run_end_to_end(tmp_path):
     assert "two GPUs" in doc["sections"]["e"]["reason"] or "CUDA" in doc["sections"]["e"]["reason"]
     md = (tmp_path / "gpu_check.md").read_text()
     assert "| (a) fused vs reference" in md and "dyrelu_b_fused" in md
+    q = doc["sections"]["q"]  # the first-GPU section at tiny sizes: no CUDA graph, no compile, no target judged
+    assert q["measured"]["eager_ratio"] > 0 and q["measured"]["eager_ratio_pass"] is None
+    assert any("no CUDA" in w for w in q["skipped"]) and max(q["site_fp32_max_rel_err"].values()) < 1e-4
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert last["q_status"] == "pass" and set(last["pass"]) == {"eager_ratio", "graph_or_compiled_ratio",
+                                                                "memory_ratio", "cold_compile_s"}
 
 
 def test_a_failing_section_does_not_stop_the_others(tmp_path, monkeypatch):
@@ -186,3 +192,47 @@ def test_timeout_kills_the_whole_process_group(tmp_path):
         time.sleep(0.1)
     else:
         raise AssertionError(f"child {child} still running after the timeout")
+
+
+def test_quick_plan_on_cpu_names_every_section_and_the_targets(tmp_path, capsys):
+    """--quick --plan: the first-GPU run's plan (order, time boxes against the 7-minute deadline, the
+    pip install counted from --since) written without running anything; the final line is the targets'."""
+    import time
+
+    gc = _load()
+    assert gc.main(["--out", str(tmp_path), "--device", "cuda", "--quick", "--plan", "--since", str(time.time() - 60)]) == 0
+    doc = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert doc["budget_s"] == 420 and doc["since_s"] >= 60 and doc["order"][:2] == ["a", "q"]
+    assert set(doc["sections"]) == set(gc.SECTIONS) and list(doc["sections"]) == list(gc.QUICK_ORDER)
+    status = {k: s["status"] for k, s in doc["sections"].items()}
+    assert status["a"] == status["q"] == "planned"  # 60 s of pip install, then a's 45 s and q's 270 s fit
+    deadline = [k for k, s in doc["sections"].items() if s["status"] == "skip"]
+    assert deadline and all(doc["sections"][k]["reason"].startswith("deadline") for k in deadline)
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["targets"] == {"eager_ratio_min": 0.6, "graph_or_compiled_ratio_min": 0.9, "memory_ratio_max": 1.15,
+                               "cold_compile_s_max": 180.0}
+    assert last["pass"] == dict.fromkeys(["eager_ratio", "graph_or_compiled_ratio", "memory_ratio", "cold_compile_s"])
+
+
+def test_quick_deadline_skips_what_does_not_fit_and_keeps_the_summary(tmp_path, monkeypatch, capsys):
+    """Sections run in QUICK_ORDER; once the clock leaves less than a section's time box it is skipped
+    with the reason, and gpu_check.json still names every section."""
+    gc = _load()
+    ran = []
+
+    def fake(key, seconds):
+        def section(run):
+            ran.append(key)
+            run.t0 -= seconds  # the section "took" that long
+            return {"failures": [], "note": key}
+        return section
+
+    for key in gc.SECTIONS:
+        monkeypatch.setitem(gc.FUNCS, key, fake(key, 250 if key == "q" else 1))
+    assert gc.main(["--out", str(tmp_path), "--device", "cpu", "--quick", "--budget-s", "300"]) == 0
+    doc = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert ran[:2] == ["a", "q"] and list(doc["sections"]) == list(gc.QUICK_ORDER)
+    skipped = {k: s["reason"] for k, s in doc["sections"].items() if s["status"] == "skip"}
+    assert "t" in skipped and skipped["t"].startswith("deadline: its 60 s time box")
+    assert set(ran) | set(skipped) == set(gc.SECTIONS)
+
