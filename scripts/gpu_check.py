@@ -4,8 +4,10 @@
     python scripts/gpu_check.py --out gpu_check                 # everything, ~5 min on one H200
     python scripts/gpu_check.py --out gpu_check --only a        # the correctness probe alone (~1 min)
     python scripts/gpu_check.py --out /tmp/gc --device cpu --quick   # the script itself, tiny sizes (CI)
+    T0=$(date +%s); pip install -q timm; python scripts/gpu_check.py --out gc --quick --since $T0
+        # the first GPU run in one call: <= 7 minutes with the install (docs/gpu.md)
 
-Sections (run in the order a, t, d, g, e, p, b, c; docs/gpu.md says what each checks and the targets):
+Sections (run in the order a, t, d, g, e, p, q, b, c; --quick: a, q, t, p, d, g, e, b, c; docs/gpu.md says what each checks and the targets):
   a  fused == reference on the device, output and every gradient: variants A/B/C, K=1/2/3,
      fp32/bf16/fp16, NCHW and channels_last, N=1 and N=256; the backend that ran (Triton on
      CUDA) and any fallback warning; backward twice bit for bit under deterministic algorithms;
@@ -29,6 +31,17 @@ Sections (run in the order a, t, d, g, e, p, b, c; docs/gpu.md says what each ch
   g  the input pipeline on the device (scripts/_gpu_data_check.py): JPEG decode and augmentation
      images/s, a truncated JPEG skipped, device vs CPU evaluation pixels; skipped under --quick.
   e  a model on cuda:1 without torch.cuda.set_device (needs two GPUs).
+  q  the first-GPU numbers (MobileNetV2 x1.0, 224 px, batch 256, bf16, channels_last on CUDA; tiny
+     on the CPU): one BN + DY-ReLU-B and -C site against BN -> reference DY-ReLU in fp32 with TF32
+     off; launches per step and GPU-busy vs wall time; eager, CUDA-graph (the eager step captured
+     after warm-up on a side stream) and compiled (bench_act.py, cold cache, in what is left of the
+     budget) img/s and peak memory of ReLU and DY-ReLU-B; the targets (QUICK_TARGETS) judged.
+
+--quick runs every section in QUICK_ORDER (a, q first) and starts each only when its time box
+(QUICK_BOX_S) fits in what is left of --budget-s (420 s on CUDA, counted from --since); the others
+are recorded as skipped with the reason. a, t, p, d, b, c keep their tiny sizes there; q does not.
+The last stdout line is one JSON object: the targets, the measured values, pass/fail per target.
+--plan writes the run's plan (order, time boxes, what the deadline skips) without running any.
   p  profile of one eager training step (MobileNetV2 x1.0, batch 256, bf16, channels_last) for
      ReLU, DY-ReLU-B and DY-ReLU-C under torch.profiler: device kernels per step, and the time the
      GPU is busy (the union of kernel intervals) against the step's wall time. A launch-bound step
