@@ -223,5 +223,72 @@ def test_aot_compile():
     assert not spills, [f"{r['kernel']} {r['dtype']} sm_{r['arch']} {r['meta']}: {r}" for r in spills]
 
 
+# ------------------------------------------------------------------------------------------------
+# the site kernels (dyrelu/fused/_triton_site.py): every configuration one BN + DY-ReLU-B and -C
+# site launches (bf16 autocast, channels_last, training), as scripts/count_ops.py runs it on fake
+# CUDA, captured with its real arguments and compiled for sm_80 and sm_90: no spills
+# ------------------------------------------------------------------------------------------------
+def site_launches() -> dict:
+    """{(kernel, constexprs, warps, dtypes): (jit function, arguments, keyword arguments)} of one
+    B and one C site, forward and backward (launches recorded, not run)."""
+    from unittest import mock
+
+    from runs import load_script
+
+    count_ops = load_script("count_ops")
+    seen = {}
+
+    def launcher(fn, grid):
+        def call(*args, **kwargs):
+            dtypes = tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor))
+            key = (fn.__name__, tuple(sorted((k, str(v)) for k, v in kwargs.items())), dtypes)
+            seen.setdefault(key, (fn, [_FakeTensor(a.dtype) if isinstance(a, torch.Tensor) else a for a in args],
+                                  kwargs))
+        return call
+
+    with mock.patch.object(T, "launcher", launcher):
+        for act in ("dyrelu_b", "dyrelu_c"):
+            count_ops.count_site(act, n=4, c=32, hw=7)
+    return seen
+
+
+def compile_launch(fn, args, kwargs, arch: int, workdir: Path) -> dict:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, spec, opts = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
+    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    assert kernel.asm.get("cubin"), "no cubin"
+    return _resources(kernel.asm["cubin"], workdir, f"{fn.__name__}_{arch}_{os.getpid()}")
+
+
+@pytest.mark.slow  # one compile per site configuration and architecture (Triton's cache makes a rerun fast)
+def test_aot_compile_site_kernels(tmp_path, monkeypatch):
+    pytest.importorskip("triton.backends.nvidia")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(ROOT / ".cache" / "triton-aot"))
+    launches = site_launches()
+    names = {key[0] for key in launches}
+    assert {"_site_fwd1_kernel", "_site_fwd2_kernel", "_site_bwd1_kernel", "_site_bwd2_kernel"} <= names, names
+    bad = []
+    for key, (fn, args, kwargs) in sorted(launches.items(), key=lambda kv: repr(kv[0])):
+        for arch in ARCHS:
+            try:
+                res = compile_launch(fn, args, kwargs, arch, tmp_path)
+            except Exception as err:
+                bad.append(f"{key[0]} sm_{arch}: {type(err).__name__}: {str(err)[-500:]}")
+                continue
+            print(f"  sm_{arch} {key[0]:<22} w={kwargs.get('num_warps')} regs={res['regs']} stack={res['stack']} "
+                  f"local={res['local']}")
+            if res["local"] or res["stack"]:
+                bad.append(f"{key[0]} sm_{arch} {dict(key[1])}: spills {res}")
+    assert not bad, bad
+
+
 if __name__ == "__main__":
     _worker(int(sys.argv[1]), int(sys.argv[2]), ARCHS)
