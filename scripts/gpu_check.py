@@ -1069,7 +1069,9 @@ def section_q(run: Run) -> dict:
 
         def step():
             opt.zero_grad(set_to_none=False)  # grads stay allocated: the captured graph's static tensors
-            with torch.autocast(dev.type, dtype=torch.bfloat16):
+            # no autocast weight cache: a cast cached outside a capture is not the graph's (the CUDA
+            # graphs notes ask for cache_enabled=False); each weight is cast once per step either way
+            with torch.autocast(dev.type, dtype=torch.bfloat16, cache_enabled=False):
                 loss = F.cross_entropy(model(x), y)
             loss.backward()
             opt.step()
