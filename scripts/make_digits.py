@@ -5,8 +5,8 @@
     python scripts/make_digits.py [--out ~/.cache/dyrelu/digits] [--size 56]
     python train.py data=digits data.root=<out> act=dyrelu_b
 
-The 1,797 8x8 grey digits that scikit-learn ships (UCI's optical recognition set, 43 writers) are split
-80/20 per class with a fixed seed (1,437 train, 360 val), upscaled to ``--size`` pixels (bilinear) and
+The 1,797 8x8 grey digits that scikit-learn ships (from UCI's optical recognition set) are split
+80/20 per class with a fixed seed (1,438 train, 359 val), upscaled to ``--size`` pixels (bilinear) and
 written as PNG files to <out>/train/<digit>/ and <out>/val/<digit>/. They are real handwriting, unlike
 the demo's generated shapes, so a choice made on the demo can be checked on a second data set
 (docs/training-health.md). Nothing is downloaded: the images are inside the scikit-learn package.
