@@ -908,6 +908,17 @@ def host_syncs(step, device) -> str:
         torch.cuda.synchronize(device)
 
 
+def _training_setup(models, name, act, batch, res, dev, fmt):
+    """A seeded model in training mode, one random batch in ``fmt`` and its SGD optimizer."""
+    import torch
+
+    torch.manual_seed(0)
+    model = models.build_model(name, act=act, num_classes=1000).to(dev).to(memory_format=fmt).train()
+    x = torch.randn(batch, 3, res, res, device=dev).contiguous(memory_format=fmt)
+    y = torch.randint(0, 1000, (batch,), device=dev)
+    return model, x, y, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+
 def section_p(run: Run) -> dict:
     need("timm")
     import torch
@@ -919,11 +930,7 @@ def section_p(run: Run) -> dict:
     fmt = torch.channels_last
     rows = []
     for act in ("relu", "dyrelu_b", "dyrelu_c"):
-        torch.manual_seed(0)
-        model = models.build_model(name, act=act, num_classes=1000).to(dev).to(memory_format=fmt).train()
-        x = torch.randn(batch, 3, res, res, device=dev).contiguous(memory_format=fmt)
-        y = torch.randint(0, 1000, (batch,), device=dev)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        model, x, y, opt = _training_setup(models, name, act, batch, res, dev, fmt)
 
         def step():
             opt.zero_grad(set_to_none=True)
@@ -1061,11 +1068,7 @@ def section_q(run: Run) -> dict:
     # 2. per activation: launches and busy time, eager img/s and peak memory, the CUDA graph
     rows = {}
     for act in ("relu", "dyrelu_b"):
-        torch.manual_seed(0)
-        model = models.build_model(name, act=act, num_classes=1000).to(dev).to(memory_format=fmt).train()
-        x = torch.randn(batch, 3, res, res, device=dev).contiguous(memory_format=fmt)
-        y = torch.randint(0, 1000, (batch,), device=dev)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        model, x, y, opt = _training_setup(models, name, act, batch, res, dev, fmt)
 
         def step():
             opt.zero_grad(set_to_none=False)  # grads stay allocated: the captured graph's static tensors
