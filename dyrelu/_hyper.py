@@ -1,7 +1,8 @@
 """The hyper function of DY-ReLU (Eq. 2-3) as pure functions of tensors, and its hand-written backward.
 
 ``DyReLU.hyper`` (core.py) and the registered coefficient ops (fused/ops.py) both compute their
-coefficients here, so the math is written once; ``fused`` imports this module, never ``core``.
+coefficients here, and variant C's spatial attention (Eq. 4), so the math is written once; ``fused``
+imports this module, never ``core``.
 
 theta = 2 * sigmoid(FC2(ReLU(FC1(pooled)))) - 1, laid out as (N, 2|1, m, W) (Eq. 2)
 a = init_a + lambda_a * da,  b = init_b + lambda_b * db, segments beyond m stay at init (Eq. 3)
@@ -115,3 +116,22 @@ def hyper_backward_from(ga: Optional[Tensor], gb: Optional[Tensor], p: Tensor, h
     gw1 = dh.t() @ p
     gb1 = dh.sum(0)
     return dh @ w1, gw1, gb1, gw2, gb2
+
+
+def spatial_attention(z: torch.Tensor, tau: torch.Tensor, standardise: bool = False) -> torch.Tensor:
+    """pi = min(gamma * softmax(z / tau), 1) over all positions, gamma = positions / 3 (Eq. 4).
+
+    z: (N, 1, *spatial). ``standardise`` first divides z by its standard deviation over positions,
+    per sample (the softmax ignores the mean). Computed in (at least) float32, returned in z's dtype.
+    """
+    zf = (standardise_logits(z) if standardise else z).flatten(1)
+    dt = torch.promote_types(zf.dtype, torch.float32)
+    attn = torch.softmax(zf.to(dt) / tau.to(dt), dim=1) * (zf.shape[1] / 3.0)
+    return attn.clamp(max=1.0).reshape(z.shape).to(z.dtype)
+
+
+def standardise_logits(z: torch.Tensor) -> torch.Tensor:
+    """z (N, 1, *spatial) divided by its standard deviation over positions, per sample (float32 or wider)."""
+    zf = z.flatten(1)
+    zf = zf.to(torch.promote_types(zf.dtype, torch.float32))
+    return (zf / (zf.std(dim=1, correction=0, keepdim=True) + 1e-5)).reshape(z.shape)

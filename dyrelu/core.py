@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _hyper
+from ._hyper import spatial_attention, standardise_logits  # noqa: F401 (Eq. 4 lives with the hyper function)
 from . import fused
 from .errors import BadValueError
 
@@ -83,25 +84,6 @@ def piecewise_max(x: torch.Tensor, a: torch.Tensor, b: Optional[torch.Tensor]) -
             seg = seg + _per_sample(b[:, k], x.dim())
         y = seg if y is None else torch.maximum(y, seg)
     return y
-
-
-def spatial_attention(z: torch.Tensor, tau: torch.Tensor, standardise: bool = False) -> torch.Tensor:
-    """pi = min(gamma * softmax(z / tau), 1) over all positions, gamma = positions / 3 (Eq. 4).
-
-    z: (N, 1, *spatial). ``standardise`` first divides z by its standard deviation over positions,
-    per sample (the softmax ignores the mean). Computed in (at least) float32, returned in z's dtype.
-    """
-    zf = (standardise_logits(z) if standardise else z).flatten(1)
-    dt = torch.promote_types(zf.dtype, torch.float32)
-    attn = torch.softmax(zf.to(dt) / tau.to(dt), dim=1) * (zf.shape[1] / 3.0)
-    return attn.clamp(max=1.0).reshape(z.shape).to(z.dtype)
-
-
-def standardise_logits(z: torch.Tensor) -> torch.Tensor:
-    """z (N, 1, *spatial) divided by its standard deviation over positions, per sample (float32 or wider)."""
-    zf = z.flatten(1)
-    zf = zf.to(torch.promote_types(zf.dtype, torch.float32))
-    return (zf / (zf.std(dim=1, correction=0, keepdim=True) + 1e-5)).reshape(z.shape)
 
 
 class DyReLU(nn.Module):

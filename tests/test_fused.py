@@ -521,6 +521,8 @@ def test_triton_failure_falls_back_once_per_configuration(monkeypatch):
     calls, guarded = [], []
     for name in ("_pool_kernel", "_apply_fwd_kernel", "_apply_bwd_kernel"):
         monkeypatch.setattr(tri, name, _RaisingKernel(name, calls))
+    for name in ("_pi_fwd_kernel", "_pi_bwd_kernel"):  # variant C's Eq. 4 (_triton_site's, in the kernel table)
+        monkeypatch.setitem(tri.KERNELS, name, _RaisingKernel(name, calls))
     real_guard = tri.device_guard
     monkeypatch.setattr(tri, "device_guard", lambda d: guarded.append(d) or real_guard(d))
     monkeypatch.setattr(fused.backend, "choose", lambda x: "triton")  # as on a CUDA tensor
@@ -536,8 +538,8 @@ def test_triton_failure_falls_back_once_per_configuration(monkeypatch):
     assert torch.isfinite(loss)
     msgs = [str(w.message) for w in rec if issubclass(w.category, RuntimeWarning) and "dyrelu: Triton" in str(w.message)]
     first_calls = len(calls)
-    assert len(msgs) == first_calls == len(tri._FAILED) >= 4  # pool, forward (B, C), backward: once each
-    for kernel in ("_pool_kernel", "_apply_fwd_kernel", "_apply_bwd_kernel"):
+    assert len(msgs) == first_calls == len(tri._FAILED) >= 6  # pool, forward (B, C), backward, pi: once each
+    for kernel in ("_pool_kernel", "_apply_fwd_kernel", "_apply_bwd_kernel", "_pi_fwd_kernel", "_pi_bwd_kernel"):
         assert any(f"PTX compile failed in {kernel}" in m and "fallback kernels" in m for m in msgs), kernel
     assert all(d == x.device for d in guarded)  # launches run under the tensor's device
     torch.testing.assert_close(loss, _train_step(ref, x, y), atol=1e-5, rtol=1e-5)

@@ -65,6 +65,26 @@ def test_opcheck_coefs_and_apply(variant, k, use_bias, dyn, shape, dtype):
     _opcheck(torch.ops.dyrelu.apply_backward.default, (g, x.detach(), a, b, pi_d, pi is not None))
 
 
+@pytest.mark.parametrize("shape,dtype", [((2, 1, 4, 5), torch.float32), ((3, 1, 7), torch.float64),
+                                         ((2, 1, 4, 5), torch.bfloat16), ((1, 1, 1, 1), torch.float32)])
+def test_spatial_pi_op_is_eq4_with_autograd_bits(shape, dtype):
+    """dyrelu::spatial_pi computes the reference's Eq. 4, and on the CPU its backward runs the ATen ops
+    autograd runs for it: the same bits forward and backward (the cutoff at 1 active: small tau)."""
+    from dyrelu._hyper import spatial_attention
+
+    z = (torch.randn(shape) * 3).to(dtype).requires_grad_()
+    tau = torch.tensor(0.5)
+    _opcheck(torch.ops.dyrelu.spatial_pi.default, (z, tau))
+    _opcheck(torch.ops.dyrelu.spatial_pi_backward.default, (torch.randn(shape).to(dtype), z.detach(), tau))
+    za = z.detach().clone().requires_grad_()
+    pi, ref = torch.ops.dyrelu.spatial_pi(z, tau), spatial_attention(za, tau)
+    assert torch.equal(pi, ref) and pi.dtype == dtype
+    g = torch.randn(shape).to(dtype)
+    pi.backward(g)
+    ref.backward(g)
+    assert torch.equal(z.grad, za.grad)
+
+
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 def test_opcheck_bn_ops(layout):
     m = _act(6, "C", 2, dtype=torch.float32)

@@ -4,7 +4,7 @@ A BN + DY-ReLU site through bn_dyrelu with DYRELU_FUSED_BACKEND=triton (every la
 interpreter on the CPU) against BatchNorm2d followed by DyReLU's reference path: output, input
 gradient, every parameter gradient, running statistics. Variants A, B, C; K 1-3 (and fewer dynamic
 segments, no intercepts); fp32 and bf16; NCHW and channels_last; N = 1 and 1x1 maps; training and
-eval. Tiny shapes: the interpreter runs every lane in numpy. Checks that the site kernels ran."""
+eval; and variant C's spatial attention (``dyrelu::spatial_pi``) on maps wider than its block. Tiny shapes: the interpreter runs every lane in numpy. Checks that the site kernels ran."""
 from __future__ import annotations
 
 import os
@@ -63,9 +63,23 @@ CODE = textwrap.dedent("""
     for args, kw in cases:
         run(*args, **kw)
     run("B", 2, torch.float32, True, 2, 3, train=False)              # running statistics
+
+    # Eq. 4 alone on maps wider than one block (1,024 positions), the cutoff at 1 active (small tau)
+    from dyrelu._hyper import spatial_attention
+    for dtype in (torch.float32, torch.bfloat16):
+        z = (torch.randn(2, 1, 40, 40) * 3).to(dtype)
+        tau = torch.tensor(0.5)
+        za, zb = z.clone().requires_grad_(), z.clone().requires_grad_()
+        pa, pb = torch.ops.dyrelu.spatial_pi(za, tau), spatial_attention(zb, tau)
+        assert pa.dtype == dtype and (pb == 1).any() and (pb < 1).any()
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(pa.float(), pb.float(), rtol=tol, atol=tol)
+        g = torch.randn_like(pb)
+        pa.backward(g); pb.backward(g)
+        torch.testing.assert_close(za.grad.float(), zb.grad.float(), rtol=tol, atol=tol)
     ran = {key[0] for key in _triton._OK}
     want = {"_row_moments_kernel", "_site_fwd1_kernel", "_site_fwd2_kernel", "_site_bwd1_kernel", "_site_bwd2_kernel",
-            "_site_dx_kernel", "_running_kernel", "_site_z_kernel", "_site_zgrad_kernel"}
+            "_site_dx_kernel", "_running_kernel", "_site_z_kernel", "_site_zgrad_kernel", "_pi_fwd_kernel", "_pi_bwd_kernel"}
     assert want <= ran, want - ran
     print("ok")
 """)

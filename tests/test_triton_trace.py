@@ -38,7 +38,8 @@ OUTPUTS = {"_row_moments_kernel": {"s1_ptr", "s2_ptr"}, "_affine_rows_kernel": {
            "_site_bwd2_kernel": {"gw2_ptr", "gb2_ptr", "gw1_ptr", "gb1_ptr", "gw_ptr", "gbias_ptr", "gvar_ptr",
                                  "alpha_ptr", "coefp_ptr", "v_ptr", "gsw_ptr", "wsz_ptr"},
            "_site_dx_kernel": {"gx_ptr"}, "_running_kernel": {"rm_ptr", "rv_ptr", "nbt_ptr"},
-           "_site_z_kernel": {"z_ptr"}, "_site_zgrad_kernel": {"zp_ptr", "zq_ptr"}}
+           "_site_z_kernel": {"z_ptr"}, "_site_zgrad_kernel": {"zp_ptr", "zq_ptr"},
+           "_pi_fwd_kernel": {"pi_ptr"}, "_pi_bwd_kernel": {"gz_ptr"}}
 
 
 @pytest.fixture(autouse=True)
@@ -261,6 +262,7 @@ def test_joint_training_step_bf16_channels_last_traces_into_triton_kernels():
                 "_apply_bwd_kernel", "_site_bwd1_kernel", "_site_bwd2_kernel", "_site_dx_kernel"}
     assert all(seen["triton:" + k] == 2 for k in per_site), seen
     assert seen["triton:_site_z_kernel"] == seen["triton:_site_zgrad_kernel"] == 1, seen
+    assert seen["triton:_pi_fwd_kernel"] == seen["triton:_pi_bwd_kernel"] == 1, seen
 
 
 def test_a_second_batch_size_launches_the_same_kernel_configurations():

@@ -2,7 +2,7 @@
 
 ``supports(module, x)`` says whether the fast path applies; ``forward(module, x)`` runs it: one
 ``dyrelu::coefs`` op (pool, FC1, ReLU, FC2, 2 sigmoid - 1, the coefficients of Eq. 3, and variant
-C's spatial logits z), for C ``module.spatial_pi(z)`` (the module owns pi's math), and one
+C's spatial logits z), for C ``dyrelu::spatial_pi`` or ``module.spatial_pi(z)`` (the module owns pi's math), and one
 ``dyrelu::apply`` op. Eager mode, torch.compile, CUDA graphs and torch.export run these same ops;
 each picks its kernels at run time (``backend.py``: Triton on CUDA, C kernels or ATen loops on the
 CPU). See ops.py, and docs/performance.md for what it costs.
@@ -55,7 +55,10 @@ def supports(module, x: torch.Tensor) -> bool:
 
 def pi_from_logits(module, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """Variant C's pi (N, 1, *spatial) from its logits z through ``module.spatial_pi`` (the module owns
-    that math: normalisation, softmax, cutoff)."""
+    that math: normalisation, softmax, cutoff); where that is Eq. 4 alone (no logit normalisation),
+    through ``dyrelu::spatial_pi``, the same function in one op (one launch per direction on CUDA)."""
+    if module.spatial_bn is None and module.spatial_norm == "none":
+        return torch.ops.dyrelu.spatial_pi(z, module.tau)  # the softmax runs over all positions, any rank
     if x.dim() == 4:
         return module.spatial_pi(z)
     # other ranks: spatial_pi sees (N, 1, L, 1), as the reference's attention does

@@ -511,6 +511,61 @@ if HAS_TRITON:
         if cb == 0:
             tl.store(zq_ptr + n, tl.sum(accq, axis=0))
 
+    _INTS9 = ["L"]
+
+    @triton.jit
+    def _pi_stats(z_ptr, L, inv_tau, BLOCK_L: tl.constexpr):
+        # (max, sum of exp(u - max)) of u = z / tau over one sample's L positions (online softmax)
+        # masked lanes hold a finite floor, not -inf: -inf - -inf would be nan in the rescale
+        big = tl.full([BLOCK_L], -1e30, dtype=tl.float32)
+        tot = tl.zeros([BLOCK_L], dtype=tl.float32)
+        for l0 in range(0, L, BLOCK_L):
+            offs = l0 + tl.arange(0, BLOCK_L)
+            mk = offs < L
+            u = tl.where(mk, tl.load(z_ptr + offs, mask=mk, other=0.0).to(tl.float32) * inv_tau, -1e30)
+            new = tl.maximum(big, u)
+            tot = tot * tl.exp(big - new) + tl.where(mk, tl.exp(u - new), 0.0)
+            big = new
+        mx = tl.max(big, axis=0)
+        return mx, tl.sum(tot * tl.exp(big - mx), axis=0)
+
+    @triton.jit(do_not_specialize=_INTS9)
+    def _pi_fwd_kernel(z_ptr, tau_ptr, pi_ptr, L, BLOCK_L: tl.constexpr):
+        # Eq. 4 for one sample: pi = min(gamma softmax(z / tau), 1), gamma = L / 3, in fp32
+        n = tl.program_id(0).to(tl.int64)
+        inv_tau = 1.0 / tl.load(tau_ptr).to(tl.float32)
+        mx, tot = _pi_stats(z_ptr + n * L, L, inv_tau, BLOCK_L)
+        gamma = L / 3.0
+        for l0 in range(0, L, BLOCK_L):
+            offs = l0 + tl.arange(0, BLOCK_L)
+            u = tl.load(z_ptr + n * L + offs, mask=offs < L, other=0.0).to(tl.float32) * inv_tau
+            p = tl.minimum(tl.exp(u - mx) / tot * gamma, 1.0)
+            tl.store(pi_ptr + n * L + offs, p.to(pi_ptr.dtype.element_ty), mask=offs < L)
+
+    @triton.jit(do_not_specialize=_INTS9)
+    def _pi_bwd_kernel(g_ptr, z_ptr, tau_ptr, gz_ptr, L, BLOCK_L: tl.constexpr):
+        # grad z of Eq. 4: q = gamma s, gq = g where q <= 1, gu = s (gamma gq - sum(gamma gq s)), gz = gu / tau
+        n = tl.program_id(0).to(tl.int64)
+        inv_tau = 1.0 / tl.load(tau_ptr).to(tl.float32)
+        mx, tot = _pi_stats(z_ptr + n * L, L, inv_tau, BLOCK_L)
+        gamma = L / 3.0
+        dot = tl.zeros([BLOCK_L], dtype=tl.float32)
+        for l0 in range(0, L, BLOCK_L):
+            offs = l0 + tl.arange(0, BLOCK_L)
+            mk = offs < L
+            s = tl.exp(tl.load(z_ptr + n * L + offs, mask=mk, other=0.0).to(tl.float32) * inv_tau - mx) / tot
+            g = tl.load(g_ptr + n * L + offs, mask=mk, other=0.0).to(tl.float32)
+            gs = tl.where(s * gamma > 1.0, 0.0, g) * gamma
+            dot += tl.where(mk, gs * s, 0.0)
+        d = tl.sum(dot, axis=0)
+        for l0 in range(0, L, BLOCK_L):
+            offs = l0 + tl.arange(0, BLOCK_L)
+            mk = offs < L
+            s = tl.exp(tl.load(z_ptr + n * L + offs, mask=mk, other=0.0).to(tl.float32) * inv_tau - mx) / tot
+            g = tl.load(g_ptr + n * L + offs, mask=mk, other=0.0).to(tl.float32)
+            gs = tl.where(s * gamma > 1.0, 0.0, g) * gamma
+            tl.store(gz_ptr + n * L + offs, (s * (gs - d) * inv_tau).to(gz_ptr.dtype.element_ty), mask=mk)
+
     _INTS6 = ["C"]
 
     @triton.jit(do_not_specialize=_INTS6)
@@ -538,7 +593,8 @@ if HAS_TRITON:
     _triton.KERNELS.update(_site_fwd1_kernel=_site_fwd1_kernel, _site_fwd2_kernel=_site_fwd2_kernel,
                            _site_bwd1_kernel=_site_bwd1_kernel, _site_bwd2_kernel=_site_bwd2_kernel,
                            _site_dx_kernel=_site_dx_kernel, _running_kernel=_running_kernel,
-                           _site_z_kernel=_site_z_kernel, _site_zgrad_kernel=_site_zgrad_kernel)
+                           _site_z_kernel=_site_z_kernel, _site_zgrad_kernel=_site_zgrad_kernel,
+                           _pi_fwd_kernel=_pi_fwd_kernel, _pi_bwd_kernel=_pi_bwd_kernel)
 
 
 def ok(x: torch.Tensor, w1: torch.Tensor, k: int) -> bool:
@@ -713,3 +769,28 @@ def running_update(running_mean, running_var, num_batches_tracked, mu, var, mome
     nbt = num_batches_tracked if has_nbt else running_mean
     return _triton._launch(plan, running_mean.device, (running_mean, running_var, nbt, mu, var),
                            (0.0 if cumulative else float(momentum), float(count) / (count - 1)))
+
+
+PI_BLOCK = 1024
+
+
+def spatial_pi(z: torch.Tensor, tau: torch.Tensor) -> Optional[torch.Tensor]:
+    """Eq. 4 on logits z (N, ...) (softmax over everything after N), in z's dtype; one launch (None: failed,
+    or float64, which the torch kernels compute in float64)."""
+    if z.dtype == torch.float64:
+        return None
+    z2 = z.reshape(z.shape[0], -1).contiguous()
+    pi = torch.empty_like(z2)
+    plan = Plan("_pi_fwd_kernel", (z2.shape[0],), dict(L=z2.shape[1]), dict(BLOCK_L=PI_BLOCK), WARPS, 1)
+    return pi.reshape(z.shape) if _triton._launch(plan, z.device, (z2, tau, pi)) else None
+
+
+def spatial_pi_backward(g: torch.Tensor, z: torch.Tensor, tau: torch.Tensor) -> Optional[torch.Tensor]:
+    """grad z of ``spatial_pi`` given grad pi g, in z's dtype; one launch (None: failed, or float64)."""
+    if z.dtype == torch.float64:
+        return None
+    z2 = z.reshape(z.shape[0], -1).contiguous()
+    g2 = g.reshape(z2.shape).contiguous()
+    gz = torch.empty_like(z2)
+    plan = Plan("_pi_bwd_kernel", (z2.shape[0],), dict(L=z2.shape[1]), dict(BLOCK_L=PI_BLOCK), WARPS, 1)
+    return gz.reshape(z.shape) if _triton._launch(plan, z.device, (g2, z2, tau, gz)) else None

@@ -283,6 +283,62 @@ _autograd(apply, _apply_setup, _apply_grad)
 
 
 # ---------------------------------------------------------------------------------------
+# dyrelu::spatial_pi: variant C's Eq. 4, pi = min(gamma softmax(z / tau), 1), as one op, so that on
+# CUDA it is one launch per direction instead of about sixteen small ones. The fused path calls it
+# where pi is Eq. 4 itself (DyReLU.spatial_pi without a logit normalisation); elsewhere the module's
+# own ops run. The torch kernels are the reference's forward and, backward, the ATen ops autograd
+# runs for it, in its order: the same bits on the CPU.
+# ---------------------------------------------------------------------------------------
+@_op("spatial_pi")
+def spatial_pi(z: Tensor, tau: Tensor) -> Tensor:
+    """pi (z's shape and dtype) from logits z (N, 1, *spatial): the softmax runs over all positions."""
+    with _NoAutocast(z.device.type):
+        pi = _triton_site.spatial_pi(z, tau) if backend.choose(z) == "triton" else None
+        return _hyper.spatial_attention(z, tau) if pi is None else pi
+
+
+@_fake(spatial_pi)
+def _(z, tau):
+    return torch.empty_like(z, memory_format=torch.contiguous_format)
+
+
+@_op("spatial_pi_backward")
+def spatial_pi_backward(g: Tensor, z: Tensor, tau: Tensor) -> Tensor:
+    """grad z of ``spatial_pi`` given grad pi ``g``."""
+    with _NoAutocast(z.device.type):
+        gz = _triton_site.spatial_pi_backward(g, z, tau) if backend.choose(z) == "triton" else None
+        if gz is not None:
+            return gz
+        zf = z.flatten(1)
+        dt = torch.promote_types(zf.dtype, torch.float32)
+        s = torch.softmax(zf.to(dt) / tau.to(dt), dim=1)
+        gamma = zf.shape[1] / 3.0
+        gq = torch.where(s * gamma > 1.0, 0.0, g.reshape(zf.shape).to(dt))  # clamp(max=1)'s backward
+        gu = torch._softmax_backward_data(gq * gamma, s, 1, dt)
+        return (gu / tau.to(dt)).reshape(z.shape).to(z.dtype)
+
+
+@_fake(spatial_pi_backward)
+def _(g, z, tau):
+    return torch.empty_like(z, memory_format=torch.contiguous_format)
+
+
+def _spatial_pi_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+    ctx.set_materialize_grads(False)
+
+
+def _spatial_pi_grad(ctx, g):
+    if g is None:
+        return None, None
+    z, tau = ctx.saved_tensors
+    return torch.ops.dyrelu.spatial_pi_backward(g, z, tau), None
+
+
+_autograd(spatial_pi, _spatial_pi_setup, _spatial_pi_grad)
+
+
+# ---------------------------------------------------------------------------------------
 # dyrelu::pool
 # ---------------------------------------------------------------------------------------
 def _pool(x: Tensor) -> Tensor:
