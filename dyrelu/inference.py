@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .core import DyReLU, spatial_attention
-from .fused import _native
+from .fused import backend
+from .fused._tensors import as3d
 from .fused._torch_kernels import _consts
 
 __all__ = ["prepare_for_inference", "fold_batchnorm", "InferenceDyReLU", "MODES"]
@@ -143,17 +144,15 @@ class InferenceDyReLU(nn.Module):
             y = u if y is None else torch.maximum(y, u, out=y)
         return y.view(x.shape)
 
-    def _site_ok(self, x: torch.Tensor) -> bool:
-        """The one-call C kernel covers A and B with intercepts and every segment dynamic."""
-        return (self.spatial is None and self.use_bias and self.dynamic_segments == self.k
-                and x.dtype == self.w1.dtype and _fast_ok(x) and _native.ok(x, self.k))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        if self._site_ok(x):
-            x3 = x.view(n, x.shape[1], -1)
-            return _native.site(x3, self.w1, self.b1, self.w2, self.b2, self.offset, self.scale, self.k,
-                                self.width, inplace=self.inplace).view(x.shape)
+        fast = _fast_ok(x)
+        if fast and self.spatial is None and self.use_bias and self.dynamic_segments == self.k:
+            # A and B with intercepts and every segment dynamic: one call where a backend has the kernel
+            y = backend.run("inference_site", x, as3d(x), self.w1, self.b1, self.w2, self.b2, self.offset,
+                            self.scale, self.k, self.width, self.inplace)
+            if y is not None:
+                return y.view(x.shape)
         pi = None
         if self.spatial is not None:  # from x, before an in-place apply overwrites it
             xs = x if x.dim() == 4 else x.reshape(n, x.shape[1], -1, 1)
@@ -163,16 +162,17 @@ class InferenceDyReLU(nn.Module):
         h = F.relu(F.linear(pooled, self.w1, self.b1))
         coef = torch.addcmul(self.offset, self.scale, torch.sigmoid(F.linear(h, self.w2, self.b2))).to(x.dtype)
         groups = self.groups
-        if _fast_ok(x) and self.dynamic_segments == self.k and _native.ok(x, self.k):
-            # one read of x, one write of y (the C kernels of dyrelu.fused)
-            coef = coef.reshape(n, -1, self.k, self.width)  # (n, a|b, k, width)
-            b = coef[:, 1] if self.use_bias else None
+        y = None
+        if fast and self.dynamic_segments == self.k:
+            # one read of x, one write of y where a backend has the kernel (the C kernels of dyrelu.fused)
+            ab = coef.reshape(n, -1, self.k, self.width)  # (n, a|b, k, width)
+            b = ab[:, 1] if self.use_bias else None
             if b is None and self.has_intercept:
                 b = self.static_b.to(x.dtype).reshape(1, self.k, 1).expand(n, self.k, self.width)
-            x3 = x.view(n, x.shape[1], -1)
-            y = _native.forward(x3, coef[:, 0].contiguous(), None if b is None else b.contiguous(), None,
-                                inplace=self.inplace).view(x.shape)
-        elif _fast_ok(x):
+            y = backend.run("inference_apply", x, as3d(x), ab[:, 0], b, self.inplace)
+        if y is not None:
+            y = y.view(x.shape)
+        elif fast:
             y = self._apply_rows(x, coef.reshape(n, groups, self.width), self.dynamic_segments)
         else:
             # -1 for the batch: a constant target shape, no shape arithmetic in an exported graph

@@ -251,7 +251,7 @@ def test_triton_interpreter_bn_act():
 def test_triton_failure_falls_back(monkeypatch):
     """A Triton launch that raises warns once per configuration, loudly, naming the kernel and the
     error, and the site runs on other kernels (same values); DYRELU_FUSED_BACKEND=triton raises."""
-    from dyrelu.fused import _triton, _triton_bn
+    from dyrelu.fused import _latch, _triton, _triton_bn
 
     def boom(fn, grid):
         def run(*args, **kwargs):
@@ -259,7 +259,7 @@ def test_triton_failure_falls_back(monkeypatch):
         return run
 
     monkeypatch.setattr(dyrelu.fused.backend, "choose", lambda x: "triton")
-    monkeypatch.setattr(_triton, "_FAILED", {})
+    monkeypatch.setattr(_latch, "FAILED", {})
     monkeypatch.setattr(_triton, "_OK", set())
     monkeypatch.setattr(_triton, "launcher", boom)
     monkeypatch.setattr(_triton_bn, "available", lambda device: True)
@@ -269,9 +269,9 @@ def test_triton_failure_falls_back(monkeypatch):
     with pytest.warns(RuntimeWarning, match=r"_row_moments_kernel.*no kernel image"):
         got = bn_dyrelu(x, bn, act)
     _close(got, want, 1e-5)
-    assert any(key[0] == "_row_moments_kernel" for key in _triton._FAILED)
+    assert any(key[0] == "_row_moments_kernel" for key in _latch.FAILED)
     monkeypatch.setenv("DYRELU_FUSED_BACKEND", "triton")
-    monkeypatch.setattr(_triton, "_FAILED", {})
+    monkeypatch.setattr(_latch, "FAILED", {})
     with pytest.raises(RuntimeError, match="no kernel image"):
         bn_dyrelu(x, bn, act)
 

@@ -517,7 +517,7 @@ def test_triton_failure_falls_back_once_per_configuration(monkeypatch):
     tri = fused._triton
     monkeypatch.delenv("DYRELU_FUSED_BACKEND", raising=False)
     monkeypatch.setattr(tri, "_OK", set())
-    monkeypatch.setattr(tri, "_FAILED", {})
+    monkeypatch.setattr(fused._latch, "FAILED", {})
     calls, guarded = [], []
     for name in ("_pool_kernel", "_apply_fwd_kernel", "_apply_bwd_kernel"):
         monkeypatch.setattr(tri, name, _RaisingKernel(name, calls))
@@ -538,7 +538,7 @@ def test_triton_failure_falls_back_once_per_configuration(monkeypatch):
     assert torch.isfinite(loss)
     msgs = [str(w.message) for w in rec if issubclass(w.category, RuntimeWarning) and "dyrelu: Triton" in str(w.message)]
     first_calls = len(calls)
-    assert len(msgs) == first_calls == len(tri._FAILED) >= 6  # pool, forward (B, C), backward, pi: once each
+    assert len(msgs) == first_calls == len(fused._latch.FAILED) >= 6  # pool, forward (B, C), backward, pi: once each
     for kernel in ("_pool_kernel", "_apply_fwd_kernel", "_apply_bwd_kernel", "_pi_fwd_kernel", "_pi_bwd_kernel"):
         assert any(f"PTX compile failed in {kernel}" in m and "fallback kernels" in m for m in msgs), kernel
     assert all(d == x.device for d in guarded)  # launches run under the tensor's device
@@ -609,12 +609,12 @@ def test_forced_triton_backend_still_raises(monkeypatch):
     tri = fused._triton
     monkeypatch.setenv("DYRELU_FUSED_BACKEND", "triton")
     monkeypatch.setattr(tri, "_OK", set())
-    monkeypatch.setattr(tri, "_FAILED", {})
+    monkeypatch.setattr(fused._latch, "FAILED", {})
     monkeypatch.setattr(tri, "_apply_fwd_kernel", _RaisingKernel("_apply_fwd_kernel", []))
     x, a = torch.randn(2, 8, 5), torch.randn(2, 2, 8)
     with pytest.raises(RuntimeError, match="PTX compile failed"):
         tri.apply_forward(x, a, None, None)
-    assert not tri._FAILED
+    assert not fused._latch.FAILED
 
 
 def test_device_guard_names_the_tensor_device():
@@ -634,3 +634,26 @@ def test_public_style_baseline_matches_reference(shape, k):
     m = make(8, "B", k)
     x = torch.randn(*shape)
     torch.testing.assert_close(bench.public_style_module(m)(x), m.forward_reference(x), atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_table_names_every_kernel_each_backend_implements():
+    """backends.KERNELS is the kernel table: every kernel a backend module defines and every kernel an op
+    or the prepared network asks ``backend.run`` for is one of its names, the table a newcomer reads
+    (the module docstring) has a row for each, and every chain ends with the torch module."""
+    import inspect
+    import re
+
+    from dyrelu.fused import backend, backends
+    from dyrelu.fused.backends import bn, native, torch_ops, triton
+
+    for module in (triton, native, bn, torch_ops):
+        defined = {n for n, f in vars(module).items() if inspect.isfunction(f) and f.__module__ == module.__name__
+                   and not n.startswith("_")}
+        assert defined and defined <= set(backends.KERNELS), (module.__name__, defined - set(backends.KERNELS))
+    asked = set()
+    for path in ("dyrelu/fused/ops.py", "dyrelu/inference.py"):
+        asked |= set(re.findall(r'backend\.run\("([a-z_]+)"', (ROOT / path).read_text()))
+    assert asked and asked <= set(backends.KERNELS), asked - set(backends.KERNELS)
+    rows = {line.split()[0] for line in backends.__doc__.splitlines() if line.startswith("  ") and line.split()}
+    assert set(backends.KERNELS) <= rows, set(backends.KERNELS) - rows
+    assert all(chain[-1] == "torch" for chain in backend.CHAINS.values())

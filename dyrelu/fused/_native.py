@@ -34,10 +34,11 @@ import os
 import shutil
 import tempfile
 import threading
-import warnings
 from typing import Optional
 
 import torch
+
+from . import _latch
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(_HERE, "_cpu_kernels.c")  # the kernels (C, included by the operator file)
@@ -155,8 +156,8 @@ def library():
                 _state["lib"] = _build()
             except Exception as err:  # no compiler or ninja, read-only cache: the ATen kernels run
                 _state["error"] = _short(err)
-                warnings.warn(f"dyrelu: the native CPU kernels are not available ({_state['error']}); "
-                              "using the slower ATen kernels", RuntimeWarning, stacklevel=3)
+                _latch.fail(("native", "library"), "building the native CPU kernels", RuntimeError(_state["error"]),
+                            "the slower ATen kernels run instead")
     return _state.get("lib")
 
 

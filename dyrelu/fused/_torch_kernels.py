@@ -27,10 +27,6 @@ import torch
 Tensor = torch.Tensor
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # ---------------------------------------------------------------------------------------
 # generic broadcast kernels
 # ---------------------------------------------------------------------------------------

@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import os
 import threading
-import warnings
 from typing import NamedTuple, Optional
 
 import torch
+
+from . import _latch
+from ._tensors import acc_dtype
 
 try:  # triton is optional: without it the CUDA path uses the torch kernels
     import triton
@@ -353,16 +354,12 @@ class Plan(NamedTuple):
                 self.num_warps)
 
 
-def _acc_torch(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 _ARG_DTYPES = ("_pool_kernel", "_apply_fwd_kernel", "_apply_bwd_kernel")
 
 
 def arg_dtypes(kernel: str, dtype: torch.dtype) -> tuple:
     """The dtypes of a kernel's tensor arguments for inputs of ``dtype`` (the launches' contract)."""
-    acc = _acc_torch(dtype)
+    acc = acc_dtype(dtype)
     return {
         "_pool_kernel": (dtype, acc),
         "_apply_fwd_kernel": (dtype, dtype, acc, acc, acc),
@@ -419,7 +416,6 @@ def plan_backward(shape, layout: int, dtype: torch.dtype, k: int, has_pi: bool) 
 # launching: device guard, and a guarded first launch per configuration
 # ---------------------------------------------------------------------------------------------
 _OK: set = set()
-_FAILED: dict = {}
 MAX_REGISTERS = 128  # per thread, apply kernels: 2 blocks of 8 warps per SM
 
 
@@ -527,7 +523,7 @@ def _launch(plan: Plan, device: torch.device, tensors: tuple, args: tuple = ()) 
     if "ACC" in meta:
         meta["ACC"] = getattr(tl, meta["ACC"])
     fn = KERNELS.get(plan.kernel) or globals()[plan.kernel]
-    if key in _FAILED:
+    if _latch.failed(key):
         return False
 
     def launch():  # the kernel, or while tracing its graph node
@@ -550,12 +546,9 @@ def _launch(plan: Plan, device: torch.device, tensors: tuple, args: tuple = ()) 
     except Exception as err:
         if strict():
             raise
-        _FAILED[key] = f"{type(err).__name__}: {err}"
-        msg = (f"dyrelu: Triton kernel {plan.kernel} {plan.meta} num_warps={plan.num_warps} failed on {device} "
-               f"({type(err).__name__}: {str(err).strip()[:500]}); this configuration uses slower fallback "
-               "kernels from now on (set DYRELU_FUSED_BACKEND=triton to raise instead)")
-        logging.getLogger("dyrelu").error(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        _latch.fail(key, f"Triton kernel {plan.kernel} {plan.meta} num_warps={plan.num_warps} on {device}", err,
+                    "this configuration uses slower fallback kernels from now on "
+                    "(set DYRELU_FUSED_BACKEND=triton to raise instead)")
         return False
     _OK.add(key)
     return True
@@ -590,7 +583,7 @@ def pool(x3: torch.Tensor) -> Optional[torch.Tensor]:
     x3, layout = _prepare(x3)
     plan = plan_pool(tuple(x3.shape), layout, x3.dtype)
     n, c, _ = x3.shape
-    part = torch.empty(plan.split, n, c, device=x3.device, dtype=_acc_torch(x3.dtype))
+    part = torch.empty(plan.split, n, c, device=x3.device, dtype=acc_dtype(x3.dtype))
     if not _launch(plan, x3.device, (x3, part)):
         return None
     return part[0] if plan.split == 1 else part.sum(0)
@@ -604,7 +597,7 @@ def apply_forward(x3, a, b, pi) -> Optional[torch.Tensor]:
     x3, layout = _prepare(x3)
     n, c, _ = x3.shape
     plan = plan_forward(tuple(x3.shape), layout, x3.dtype, k, pi is not None)
-    af, bf = _coefs(a, b, c, _acc_torch(x3.dtype))
+    af, bf = _coefs(a, b, c, acc_dtype(x3.dtype))
     y3 = torch.empty_strided(x3.shape, x3.stride(), dtype=x3.dtype, device=x3.device)
     pi = af if pi is None else pi.to(af.dtype)  # pi in the accumulation dtype: one config per x dtype
     if not _launch(plan, x3.device, (x3, y3, af, bf, pi)):
@@ -623,7 +616,7 @@ def apply_backward(g3, x3, a, b, pi, need_pi: bool, raw: bool = False):
     x3, layout = _prepare(x3)
     g3 = _like(g3, x3, layout)
     n, c, l = x3.shape
-    acc = _acc_torch(x3.dtype)
+    acc = acc_dtype(x3.dtype)
     plan = plan_backward(tuple(x3.shape), layout, x3.dtype, k, pi is not None)
     af, bf = _coefs(a, b, c, acc)
     gx3 = torch.empty_strided(x3.shape, x3.stride(), dtype=x3.dtype, device=x3.device)

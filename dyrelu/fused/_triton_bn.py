@@ -24,6 +24,7 @@ import torch
 
 from . import _triton
 from ._triton import HAS_TRITON, Plan, available, interpreting
+from ._tensors import acc_dtype
 
 if HAS_TRITON:
     import triton
@@ -86,10 +87,6 @@ if HAS_TRITON:
     _triton.KERNELS.update(_row_moments_kernel=_row_moments_kernel, _affine_rows_kernel=_affine_rows_kernel)
 
 
-def _acc_torch(x3: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x3.dtype == torch.float64 else torch.float32
-
-
 def _acc(x3: torch.Tensor) -> str:
     return "float64" if x3.dtype == torch.float64 else "float32"
 
@@ -122,7 +119,7 @@ def row_partials(x3: torch.Tensor):
     """(s1, s2, split) of the statistics kernel, or None (this configuration failed: the caller
     falls back). s1, s2 (split, N, C): per L range, sum (x - x0) and sum (x - x0)^2 with x0 = x[:, :, 0]."""
     n, c, l = x3.shape
-    acc = _acc_torch(x3)
+    acc = acc_dtype(x3.dtype)
     bc, bl, warps = tiles(c, l, x3.stride(2) == 1)
     c_blocks = triton.cdiv(c, bc)
     split, l_per = moments_split(n, c_blocks, l, bl)

@@ -1,8 +1,9 @@
-"""Which kernels run a fused op on a given tensor: the one place that decides.
+"""Which kernels run a fused op on a given tensor: the one place that decides, and the kernel table.
 
-The registered ops (ops.py) ask ``choose(x)`` at run time, inside their implementations, so
+The registered ops (ops.py) call ``run(kernel, x, ...)`` at run time, inside their implementations, so
 eager, torch.compile, CUDA graphs and torch.export all run the same kernels; nothing is decided
-while tracing.
+while tracing. ``choose(x)`` picks the first backend; ``kernels(x)`` is its chain of backend modules
+(``backends/``: one module per backend, the same kernel names in each).
 
   triton  CUDA tensors when Triton imports (CPU tensors too when TRITON_INTERPRET=1 and forced with
           DYRELU_FUSED_BACKEND=triton: that is how the tests run the kernels). A kernel
@@ -26,6 +27,7 @@ import torch
 
 from ..errors import BadValueError
 from . import _native, _triton
+from .backends import bn as _k_bn, native as _k_native, torch_ops as _k_torch, triton as _k_triton
 
 BACKENDS = ("auto", "triton", "native", "bn", "torch")
 
@@ -67,16 +69,28 @@ def choose(x: torch.Tensor) -> str:
     return "torch"
 
 
-def native(x3: torch.Tensor, k: int = 1) -> bool:
-    """The C kernels take this (N, C, L) view (chosen backend native, dtype, layout, K)."""
-    return choose(x3) == "native" and _native.ok(x3, k)
+# the order in which the backend modules are asked, by the backend ``choose`` picks: the first module
+# whose kernel returns a result computes it (backends/__init__.py has the table of kernels)
+CHAINS = {"triton": ("triton", "torch"), "native": ("native", "bn", "torch"), "bn": ("bn", "torch"),
+          "torch": ("torch",)}
+MODULES = {"triton": _k_triton, "native": _k_native, "bn": _k_bn, "torch": _k_torch}
+_CHAIN_MODULES = {first: tuple(MODULES[name] for name in chain) for first, chain in CHAINS.items()}
 
 
-def native_coefs(m: torch.Tensor, w1: torch.Tensor) -> bool:
-    """The fused BN's coefficient math runs in C++ (``dyrelu_cpu::bn_coefs``) for these statistics m (N, C)
-    and hyper-function weights: chosen backend native, float32 / float64, no autocast."""
-    return choose(m) == "native" and _native.coefs_ok(m, w1)
+def kernels(x: torch.Tensor) -> tuple:
+    """The backend modules for kernels reading ``x``, in the order they are asked."""
+    return _CHAIN_MODULES[choose(x)]
 
 
-def triton(x: torch.Tensor) -> bool:
-    return choose(x) == "triton"
+def run(name: str, on: torch.Tensor, *args, **kwargs):
+    """Kernel ``name`` on ``args`` from the first module of ``kernels(on)`` that implements it and takes the
+    input, or None where none does (the caller composes the result from smaller kernels). ``on`` is the
+    tensor the kernel reads (x; the chain depends on its device and dtype). A module whose kernel failed
+    has warned once, through the one failure latch (``_latch``), and returns None."""
+    for module in _CHAIN_MODULES[choose(on)]:
+        fn = getattr(module, name, None)
+        if fn is not None:
+            out = fn(*args, **kwargs)
+            if out is not None:
+                return out
+    return None

@@ -9,20 +9,22 @@
   dyrelu::moments         per-(n, c) means and the channel variance, one read of x
   dyrelu::pool            global average pool
   dyrelu::running_update  BatchNorm's running statistics, on the device (no host sync)
+  dyrelu::spatial_pi      variant C's Eq. 4, pi = min(gamma softmax(z / tau), 1)
 
 Each differentiable op has a ``*_backward`` op (one op per direction, hand-written math), a fake
 (meta) implementation and an autograd kernel; ``torch.library.opcheck`` tests them. They are defined
 with torch.library's low-level API (``_op``, ``_fake``, ``_autograd`` below), which is cheaper per call
 than ``torch.library.custom_op``. Eager
-mode, torch.compile, CUDA graphs and torch.export all call these same ops, and each op picks its
-kernels at run time through ``backend.choose`` (Triton on CUDA, the C kernels or ATen's batch-norm
-loops on the CPU, plain torch ops otherwise). On the Triton backend, functionalization (compile,
+mode, torch.compile, CUDA graphs and torch.export all call these same ops, and each op runs its
+kernels at run time through the kernel table, ``backend.run`` (Triton on CUDA, the C kernels or ATen's
+batch-norm loops on the CPU, plain torch ops otherwise; ``backends/``); where no backend takes an input
+the op composes the result (a BN site's (N, C) math is ``site_math.py``). On the Triton backend, functionalization (compile,
 AOTInductor) traces an op's body into the graph, its launches through ``wrap_triton``
 (``_traced_body``). Outputs always have the strides of the fake
 implementation (``_match``): Inductor checks them.
 
-Variant C's pi is an input of ``apply``: it is computed by ``DyReLU.spatial_pi`` from the logits
-(the module owns that math), never inside a kernel.
+Variant C's pi is an input of ``apply``: ``dyrelu::spatial_pi`` (Eq. 4) computes it from the logits,
+or, with a logit normalisation, ``DyReLU.spatial_pi`` (the module owns that math).
 """
 from __future__ import annotations
 
@@ -33,80 +35,12 @@ from torch import Tensor
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 
 from .. import _hyper
-from . import _native, _triton, _triton_bn, _triton_site, backend
-from . import _torch_kernels as tk
-
-
-# ---------------------------------------------------------------------------------------
-# helpers
-# ---------------------------------------------------------------------------------------
-def _as3d(x: Tensor) -> Tensor:
-    """(N, C, *spatial) -> (N, C, L) without a copy when the spatial dims collapse (NCHW, NHWC)."""
-    n, c = x.shape[:2]
-    try:
-        return x.view(n, c, -1)
-    except RuntimeError:
-        return x.reshape(n, c, -1)
-
-
-def _strides_like(like: Tensor) -> tuple:
-    return torch.empty_like(like, device="meta").stride()
-
-
-def _match(t: Tensor, like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
-    """``t`` (a fresh tensor) reshaped to ``like``'s shape with the strides ``empty_like(like)`` has.
-
-    Never an autograd view of ``t`` where the strides already agree: autograd adds a second gradient
-    into a first in place only when the first is not a view."""
-    dtype = like.dtype if dtype is None else dtype
-    t = t.to(dtype)
-    if tuple(t.shape) != tuple(like.shape):
-        try:
-            t = torch.ops.aten._unsafe_view(t, like.shape)
-        except RuntimeError:
-            t = t.reshape(like.shape)
-    if t.stride() == like.stride():  # the common case (like dense, t in its layout): no meta tensor
-        return t
-    want = _strides_like(like)
-    if t.stride() == want or all(s == w for s, w, d in zip(t.stride(), want, t.shape) if d > 1):
-        return t if t.stride() == want else t.as_strided(t.shape, want)
-    out = torch.empty_like(like, dtype=dtype)
-    out.copy_(t)
-    return out
-
-
-class _Nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return None
-
-
-def _empty(ref: Tensor) -> Tensor:
-    """The placeholder for an absent gradient (an op output cannot be None)."""
-    return ref.new_empty(0)
-
-
-class _NoAutocast:
-    """Autocast off inside the kernels (they pick their own dtypes); free when autocast is off."""
-
-    def __init__(self, device_type: str):
-        self.cm = torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else None
-
-    def __enter__(self):
-        if self.cm is not None:
-            self.cm.__enter__()
-
-    def __exit__(self, *exc):
-        if self.cm is not None:
-            self.cm.__exit__(*exc)
-
-
-def _use_triton_bn(x3: Tensor) -> bool:
-    """The BN statistics kernels of _triton_bn run (each returns None where its configuration failed:
-    ``_triton._launch``'s one failure latch warns once, loudly, and the caller uses torch ops)."""
-    return backend.choose(x3) == "triton" and _triton_bn.available(x3.device)
+from . import _triton, _triton_site, backend
+from ._tensors import acc_dtype
+from .site_math import coefs_math as _bn_coefs_math
+from .site_math import coefs_math_backward as _bn_coefs_backward, folded_weight as _folded_weight
+from .site_math import scale as _scale
+from ._tensors import NoAutocast as _NoAutocast, Nothing as _Nothing, as3d as _as3d, empty as _empty, match as _match
 
 
 # ---------------------------------------------------------------------------------------
@@ -196,24 +130,9 @@ def _pi3(pi: Optional[Tensor], n: int) -> Optional[Tensor]:
 def apply(x: Tensor, a: Tensor, b: Optional[Tensor], pi: Optional[Tensor]) -> Tensor:
     """y = max_k(a_k x + b_k) [* pi]; x (N, C, *spatial), a, b (N, K, C|1), pi (N, 1, *spatial)."""
     with _NoAutocast(x.device.type):
-        n, c = x.shape[0], x.shape[1]
-        x3 = _as3d(x)
-        cdt = tk.compute_dtype(x.dtype)
-        af = a.to(cdt)
+        cdt = acc_dtype(x.dtype)
         bf = None if b is None else b.to(cdt)
-        pi3 = _pi3(pi, n)
-        which = backend.choose(x)
-        y3 = None
-        if which == "triton":
-            y3 = _triton.apply_forward(x3, af, bf, pi3)  # None: this configuration fell back
-        elif which == "native" and x.dtype == cdt and _native.ok(x3, a.shape[1]):
-            y3 = _native.forward(x3, af.contiguous(), None if bf is None else bf.contiguous(),
-                                 None if pi3 is None else pi3.to(x.dtype))
-        elif which in ("native", "bn") and tk.bn_ok(x3):
-            y3 = tk.bn_forward(x3, tk.Rows(af, bf, c), pi3)
-        if y3 is None:
-            y3 = tk.torch_forward(x3, af, bf, pi3)
-        return _match(y3, x)
+        return _match(backend.run("apply", x, _as3d(x), a.to(cdt), bf, _pi3(pi, x.shape[0])), x)
 
 
 @_fake(apply)
@@ -229,26 +148,11 @@ def apply_backward(g: Tensor, x: Tensor, a: Tensor, b: Optional[Tensor], pi: Opt
     One pass over (g, x): the winning segment is recomputed, grad_x = g a_sel [* pi],
     grad_a_k = sum(g x [sel == k]), grad_b_k = sum(g [sel == k]), grad_pi = sum_c(g max_k(...))."""
     with _NoAutocast(x.device.type):
-        n, c = x.shape[0], x.shape[1]
-        k = a.shape[1]
-        x3, g3 = _as3d(x), _as3d(g)
-        cdt = tk.compute_dtype(x.dtype)
-        af = a.to(cdt)
+        cdt = acc_dtype(x.dtype)
         bf = None if b is None else b.to(cdt)
-        pi3 = _pi3(pi, n)
         need_pi = bool(need_pi and pi is not None)
-        which = backend.choose(x)
-        out = None
-        if which == "triton":
-            out = _triton.apply_backward(g3, x3, af, bf, pi3, need_pi)
-        elif which == "native" and x.dtype == cdt and _native.ok(x3, k):
-            out = _native.backward(g3.contiguous(), x3, af.contiguous(), None if bf is None else bf.contiguous(),
-                                   None if pi3 is None else pi3.to(x.dtype), need_pi)
-        elif which in ("native", "bn") and tk.bn_ok(x3):
-            out = tk.bn_backward(g3, x3, tk.Rows(af, bf, c), pi3, need_pi, cdt)
-        if out is None:
-            out = tk.torch_backward(g3, x3, af, bf, pi3, need_pi)
-        gx3, sum_gx, sum_g, gpi = out
+        gx3, sum_gx, sum_g, gpi = backend.run("apply_backward", x, _as3d(g), _as3d(x), a.to(cdt), bf,
+                                              _pi3(pi, x.shape[0]), need_pi)
         ga = sum_gx if a.shape[2] == sum_gx.shape[2] else sum_gx.sum(2, keepdim=True)
         grad_a = _match(ga, a)
         grad_b = _empty(a)
@@ -286,15 +190,14 @@ _autograd(apply, _apply_setup, _apply_grad)
 # dyrelu::spatial_pi: variant C's Eq. 4, pi = min(gamma softmax(z / tau), 1), as one op, so that on
 # CUDA it is one launch per direction instead of about sixteen small ones. The fused path calls it
 # where pi is Eq. 4 itself (DyReLU.spatial_pi without a logit normalisation); elsewhere the module's
-# own ops run. The torch kernels are the reference's forward and, backward, the ATen ops autograd
-# runs for it, in its order: the same bits on the CPU.
+# own ops run. The torch kernels (backends/torch_ops.py) are the reference's forward and, backward,
+# the ATen ops autograd runs for it, in its order: the same bits on the CPU.
 # ---------------------------------------------------------------------------------------
 @_op("spatial_pi")
 def spatial_pi(z: Tensor, tau: Tensor) -> Tensor:
     """pi (z's shape and dtype) from logits z (N, 1, *spatial): the softmax runs over all positions."""
     with _NoAutocast(z.device.type):
-        pi = _triton_site.spatial_pi(z, tau) if backend.choose(z) == "triton" else None
-        return _hyper.spatial_attention(z, tau) if pi is None else pi
+        return backend.run("spatial_pi", z, z, tau)
 
 
 @_fake(spatial_pi)
@@ -306,16 +209,7 @@ def _(z, tau):
 def spatial_pi_backward(g: Tensor, z: Tensor, tau: Tensor) -> Tensor:
     """grad z of ``spatial_pi`` given grad pi ``g``."""
     with _NoAutocast(z.device.type):
-        gz = _triton_site.spatial_pi_backward(g, z, tau) if backend.choose(z) == "triton" else None
-        if gz is not None:
-            return gz
-        zf = z.flatten(1)
-        dt = torch.promote_types(zf.dtype, torch.float32)
-        s = torch.softmax(zf.to(dt) / tau.to(dt), dim=1)
-        gamma = zf.shape[1] / 3.0
-        gq = torch.where(s * gamma > 1.0, 0.0, g.reshape(zf.shape).to(dt))  # clamp(max=1)'s backward
-        gu = torch._softmax_backward_data(gq * gamma, s, 1, dt)
-        return (gu / tau.to(dt)).reshape(z.shape).to(z.dtype)
+        return backend.run("spatial_pi_backward", z, g, z, tau)
 
 
 @_fake(spatial_pi_backward)
@@ -342,13 +236,8 @@ _autograd(spatial_pi, _spatial_pi_setup, _spatial_pi_grad)
 # dyrelu::pool
 # ---------------------------------------------------------------------------------------
 def _pool(x: Tensor) -> Tensor:
-    """(N, C, *spatial) -> (N, C) mean in x's dtype (Triton kernel on the triton backend)."""
-    x3 = _as3d(x)
-    if backend.choose(x) == "triton":
-        pooled = _triton.pool(x3)
-        if pooled is not None:
-            return pooled.to(x.dtype)
-    return x3.mean(2)
+    """(N, C, *spatial) -> (N, C) mean in x's dtype."""
+    return backend.run("pool", x, _as3d(x))
 
 
 def _pool_grad_of(gp: Tensor, shape) -> Tensor:
@@ -362,12 +251,7 @@ def _pool_grad_of(gp: Tensor, shape) -> Tensor:
 
 def _pool_acc(x: Tensor) -> Tensor:
     """(N, C) mean over the spatial dims in the accumulation dtype (float32, float64 for float64)."""
-    x3 = _as3d(x)
-    if backend.choose(x) == "triton":
-        pooled = _triton.pool(x3)
-        if pooled is not None:
-            return pooled.contiguous()
-    return x3.mean(2, dtype=tk.compute_dtype(x.dtype))
+    return backend.run("pool_acc", x, _as3d(x))
 
 
 @_op("pool")
@@ -397,46 +281,21 @@ _autograd(pool, _pool_setup, _pool_grad)
 # output]. Computed inside the coefficient ops (no op of its own); the C kernels read x once
 # (ATen's convolution backward for this shape took 10x longer on the benchmark network).
 # ---------------------------------------------------------------------------------------
-def _folded_weight(w: Tensor, s: Optional[Tensor], t: Optional[Tensor], cdt: torch.dtype):
-    wv = w.reshape(-1).to(cdt)
-    ws = wv if s is None else wv * s.to(cdt)
-    bias = None if t is None else (wv * t.to(cdt)).sum().reshape(1)
-    return wv, ws, bias
-
-
 def _spatial_z(x: Tensor, ws: Tensor, bias: Optional[Tensor]) -> Tensor:
     """z (N, 1, *spatial) in x's dtype from the folded weights ws (C,) and bias (1,) in the compute dtype."""
     n = x.shape[0]
-    x3 = _as3d(x)
-    cdt = ws.dtype
-    if x.dtype == cdt and backend.native(x3):
-        b = torch.zeros(1, dtype=cdt) if bias is None else bias
-        z = _native.spatial_forward(x3, ws.contiguous(), b.contiguous())
-    else:
-        z = torch.matmul(ws, x3.to(cdt))
-        if bias is not None:
-            z = z + bias
+    z = backend.run("spatial_z", x, _as3d(x), ws, bias)
     return z.to(x.dtype).reshape((n, 1) + tuple(x.shape[2:])).contiguous()
 
 
 def _spatial_z_backward(gz: Tensor, x: Tensor, ws: Tensor, extra: Optional[Tensor] = None):
     """(grad_x = ws_c gz [+ extra_nc], grad ws (C,), grad bias) for ``_spatial_z``; extra (N, C) in the
     compute dtype is added per row (the pooled context's gradient / L) in the same buffer."""
-    n = x.shape[0]
-    x3 = _as3d(x)
-    cdt = ws.dtype
-    gz2 = gz.reshape(n, -1).to(cdt)
-    if x.dtype == cdt and backend.native(x3):
-        gx, g_ws = _native.spatial_backward(x3, ws.contiguous(), gz2.contiguous())
-        if extra is not None:
-            gx.add_(extra[:, :, None])
-    else:
-        gx = ws[None, :, None] * gz2[:, None, :]
-        if extra is not None:
-            gx = gx + extra[:, :, None]
-        g_ws = torch.einsum("ncl,nl->c", x3.to(cdt), gz2)
-        gx = gx.to(x.dtype)
-    return _match(gx, x), g_ws, gz2.sum()
+    gz2 = gz.reshape(x.shape[0], -1).to(ws.dtype)
+    gx, g_ws = backend.run("spatial_z_backward", x, _as3d(x), ws, gz2)
+    if extra is not None:  # in place into the kernel's fresh buffer
+        gx = gx.add_(extra[:, :, None]) if gx.dtype == x.dtype else gx + extra[:, :, None]
+    return _match(gx.to(x.dtype), x), g_ws, gz2.sum()
 
 
 def _no_z(ref: Tensor) -> Tensor:
@@ -446,10 +305,6 @@ def _no_z(ref: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------
 # dyrelu::coefs: the whole hyper function, pooling (and C's logits) included, one op per direction
 # ---------------------------------------------------------------------------------------
-def _coef_dtype(w2: Tensor) -> torch.dtype:
-    return torch.float64 if w2.dtype == torch.float64 else torch.float32
-
-
 @_op("coefs")
 def coefs(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, init_a: Tensor, init_b: Tensor,
           lambda_a: Tensor, lambda_b: Tensor, spatial_w: Optional[Tensor], segments: int, width: int,
@@ -464,13 +319,13 @@ def coefs(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, init_a: Ten
     b = b.contiguous() if use_bias else b.clone(memory_format=torch.contiguous_format)  # never init_b itself
     z = _no_z(x)
     if spatial_w is not None:
-        z = _spatial_z(x, spatial_w.reshape(-1).to(tk.compute_dtype(x.dtype)), None)
+        z = _spatial_z(x, spatial_w.reshape(-1).to(acc_dtype(x.dtype)), None)
     return a.contiguous(), b, pooled.contiguous(), z
 
 
 @_fake(coefs)
 def _(x, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, spatial_w, segments, width, use_bias):
-    n, k, dt = x.shape[0], init_a.shape[0], _coef_dtype(w2)
+    n, k, dt = x.shape[0], init_a.shape[0], acc_dtype(w2.dtype)
     z = _no_z(x) if spatial_w is None else x.new_empty((n, 1) + tuple(x.shape[2:]))
     return (x.new_empty((n, k, width), dtype=dt), x.new_empty((n, k, width), dtype=dt), x.new_empty(x.shape[:2]), z)
 
@@ -494,7 +349,7 @@ def coefs_backward(ga: Optional[Tensor], gb: Optional[Tensor], gz: Optional[Tens
     if x.dim() > 2:
         gp = gp / length
     if gz is not None and spatial_w is not None:
-        cdt = tk.compute_dtype(x.dtype)
+        cdt = acc_dtype(x.dtype)
         gx, g_ws, _ = _spatial_z_backward(gz, x, spatial_w.reshape(-1).to(cdt), gp.to(cdt))
         g_sw = g_ws.to(spatial_w.dtype).reshape(spatial_w.shape)
     else:
@@ -543,61 +398,10 @@ _autograd(coefs, _coefs_setup, _coefs_grad)
 # dyrelu::bn_coefs: BN statistics -> the hyper function on the BN output's pooled context ->
 # coefficients folded through the BN affine (bn_act.py derives it) [and C's logits on s x + t]
 # ---------------------------------------------------------------------------------------
-def _bn_fold(m, mu, var, weight, bias, eps):
-    cdt = tk.compute_dtype(m.dtype)
-    m = m.to(cdt)
-    mu = m.mean(0) if mu is None else mu.to(cdt)
-    r = torch.rsqrt(var.to(cdt) + eps)
-    s = r if weight is None else r * weight.to(cdt)
-    t = -mu * s if bias is None else torch.addcmul(bias.to(cdt), mu, s, value=-1.0)
-    pooled = torch.addcmul(t, m, s)  # DY-ReLU's context: the spatial mean of the BN output
-    return mu, r, s, t, pooled
-
-
-def _hyper_input(pooled: Tensor, w1: Tensor) -> Tensor:
-    return pooled if torch.is_autocast_enabled(pooled.device.type) else pooled.to(w1.dtype)
-
-
-def _bn_state(m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, segments, width,
-              use_bias):
-    """([r, t, ph, h_pre, h, sig, a], b): the coefficient math's intermediates that its backward reuses
-    (ph the context in the hyper function's dtype; a, b in the compute dtype), none of them an input (an
-    op's outputs may not alias its inputs: mu and s are recomputed); the same ops as ``bn_state`` in
-    _cpu_ops.cpp, which the CPU runs."""
-    _, r, s, t, pooled = _bn_fold(m, mu, var, weight, bias, eps)
-    ph = _hyper_input(pooled, w1)
-    h_pre, h, sig, a, b = _hyper.hyper_state(ph, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, segments,
-                                             width, use_bias)
-    return [r, t, ph, h_pre, h, sig, a.to(s.dtype)], b.to(s.dtype)
-
-
-def _scale(state, weight: Optional[Tensor]) -> Tensor:
-    """s = r weight (the BN's per-channel scale) from the state, as ``_bn_fold`` computes it."""
-    r = state[0]
-    return r if weight is None else r * weight.to(r.dtype)
-
-
-def _bn_coefs_math(m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, segments,
-                   width, use_bias):
-    """(A, B, state); the same ops as ``dyrelu_cpu::bn_coefs`` (_cpu_ops.cpp), which the CPU runs."""
-    state, b = _bn_state(m, mu, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b,
-                         segments, width, use_bias)
-    t, a = state[1], state[6]
-    s = _scale(state, weight)
-    big_a = (a * s).contiguous()
-    big_b = torch.addcmul(b, a, t).contiguous()  # t != 0 in general: an intercept even without DY-ReLU's own
-    return big_a, big_b, state
-
-
 def _coefs_and_state(*args):
     """(A, B, state) from the arguments of ``_bn_coefs_math``: in C++ where the CPU path applies."""
-    m, w1 = args[0], args[6]
-    return _native.bn_coefs(*args) if backend.native_coefs(m, w1) else _bn_coefs_math(*args)
-
-
-def _native_site(x3: Tensor, w1: Tensor, k: int) -> bool:
-    """A site's statistics, coefficients (and C's logits), apply and backward run as one C++ call each."""
-    return backend.native(x3, k) and _native.coefs_ok(x3, w1)
+    got = backend.run("bn_coefs_math", args[0], *args)
+    return _bn_coefs_math(*args) if got is None else got
 
 
 def _site_stats(x: Tensor, mean: Optional[Tensor], var: Optional[Tensor]):
@@ -625,28 +429,10 @@ def bn_coefs(x: Tensor, mean: Optional[Tensor], var: Optional[Tensor], weight: O
     the BN output when ``spatial_w`` is given, else empty. m (the per-(n, c) means of x) and the
     coefficient math's intermediates (``_bn_state``) are kept for backward; the batch's mean and biased
     variance (C,) are for the running update (empty when mean and var are given)."""
-    x3 = _as3d(x)
-    if _native_site(x3, w1, init_a.shape[0]):
-        big_a, big_b, z, *rest = _native.site_coefs(x3, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b,
-                                                    lambda_a, lambda_b, spatial_w, segments, width, use_bias)
-        if spatial_w is not None:
-            z = z.reshape((x.shape[0], 1) + tuple(x.shape[2:]))
-        return (big_a, big_b, z, *rest)
-    if _triton_site_ok(x, w1, init_a.shape[0]):
-        with _NoAutocast(x.device.type):  # the fake's dtypes: fp32 state, as the kernels write it
-            got = _triton_site.coefs(x3, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a,
-                                     lambda_b, segments, width, use_bias)
-            if got is None:  # a launch failed (warned): the composition, same dtypes
-                return _bn_coefs_composed(x, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b,
-                                          lambda_a, lambda_b, spatial_w, segments, width, use_bias)
-        big_a, big_b, m, mu_b, var_b, state = got
-        z = None
-        if spatial_w is not None:
-            z = _triton_site.spatial_z(_triton._prepare(x3)[0], spatial_w, state[0], state[1], weight)
-            z = None if z is None else z.reshape((x.shape[0], 1) + tuple(x.shape[2:]))
-        if z is None:
-            z = _site_z(x, spatial_w, state, weight)
-        return big_a, big_b, z, m, mu_b, var_b, state
+    got = backend.run("bn_coefs", x, x, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a,
+                      lambda_b, spatial_w, segments, width, use_bias)
+    if got is not None:
+        return got
     return _bn_coefs_composed(x, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b,
                               spatial_w, segments, width, use_bias)
 
@@ -655,7 +441,7 @@ def _site_z(x: Tensor, spatial_w: Optional[Tensor], state, weight: Optional[Tens
     """Variant C's logits on the BN output s x + t (empty without spatial_w)."""
     if spatial_w is None:
         return _no_z(x)
-    _, ws, zb = _folded_weight(spatial_w, _scale(state, weight), state[1], tk.compute_dtype(x.dtype))
+    _, ws, zb = _folded_weight(spatial_w, _scale(state, weight), state[1], acc_dtype(x.dtype))
     return _spatial_z(x, ws, zb)
 
 
@@ -671,7 +457,7 @@ def _bn_coefs_composed(x, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, 
 @_fake(bn_coefs)
 def _bn_coefs_fake(x, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a, lambda_b, spatial_w,
                    segments, width, use_bias):
-    n, c, cdt = x.shape[0], x.shape[1], tk.compute_dtype(x.dtype)
+    n, c, cdt = x.shape[0], x.shape[1], acc_dtype(x.dtype)
     if mean is None:
         m, var_used, mu_b, var_b = (x.new_empty((n, c), dtype=cdt), x.new_empty(c, dtype=cdt),
                                     x.new_empty(c, dtype=cdt), x.new_empty(c, dtype=cdt))
@@ -696,50 +482,12 @@ def bn_coefs_backward(g_big_a: Optional[Tensor], g_big_b: Optional[Tensor], gz: 
     are empty. mu, var: the statistics ``bn_coefs`` normalised with; ``batch``: they were the batch's (mu
     then is differentiated through m, and var's gradient reaches x), else the running ones (constants).
     grad x holds the statistics' gradient and, given z's, the spatial conv's, in one buffer."""
-    x3 = _as3d(x)
-    if _native_site(x3, w1, state[-1].shape[1]):
-        gx3, *grads = _native.site_coefs_backward(g_big_a, g_big_b, gz, x3, m, mu, var, batch, weight, bias, w1, w2,
-                                                  lambda_a, lambda_b, spatial_w, state, segments, width, use_bias)
-        return (_match(gx3, x), *grads)
-    k = state[-1].shape[1]
-    if _triton_site_ok(x, w1, k) and state[0].dtype == torch.float32:
-        got = _triton_coefs_backward(g_big_a, g_big_b, gz, x, m, mu, batch, weight, bias, w1, w2, lambda_a, lambda_b,
-                                     spatial_w, state, segments, width, use_bias)
-        if got is not None:
-            return got
+    got = backend.run("bn_coefs_backward", x, g_big_a, g_big_b, gz, x, m, mu, var, batch, weight, bias, w1, w2,
+                      lambda_a, lambda_b, spatial_w, state, segments, width, use_bias)
+    if got is not None:
+        return got
     return _site_backward(None, g_big_a, g_big_b, gz, x, m, mu, var, batch, weight, bias, w1, w2, lambda_a, lambda_b,
                           spatial_w, state, segments, width, use_bias)
-
-
-def _triton_coefs_backward(g_big_a, g_big_b, gz, x, m, mu, batch, weight, bias, w1, w2, lambda_a, lambda_b, spatial_w,
-                           state, segments, width, use_bias):
-    """bn_coefs_backward in three or four launches ([the logits' sums], _bwd1, _bwd2, grad x), or None."""
-    x3 = _triton._prepare(_as3d(x))[0]
-    n, c, l = x3.shape
-    k = state[-1].shape[1]
-    zeros = None
-    if g_big_a is None or g_big_b is None:
-        zeros = torch.zeros((n, k, c), dtype=torch.float32, device=x.device)
-    ga = (zeros if g_big_a is None else g_big_a.to(torch.float32).contiguous())[None]
-    gb = (zeros if g_big_b is None else g_big_b.to(torch.float32).contiguous())[None]
-    with_z = gz is not None and spatial_w is not None
-    gz2 = gz.reshape(n, l).contiguous() if with_z else None
-    zsums = _triton_site.z_sums(x3, gz2) if with_z else None
-    if with_z and zsums is None:
-        return None
-    back = _triton_site.coefs_backward(ga, gb, 1, m, mu, batch, l, weight, w1, w2, lambda_a, lambda_b, state,
-                                       segments, width, use_bias, zsums, spatial_w if with_z else None)
-    if back is None:
-        return None
-    gp, alpha, coefp, v, g_weight, g_bias, _gvar, gw1, gb1, gw2, gb2, g_sw, wsz = back
-    gx3 = torch.empty_strided(x3.shape, x3.stride(), dtype=x.dtype, device=x.device)
-    if not _triton_site.add_stats_grad(gx3, x3, alpha, coefp, v, gp, accum=False, wsz=wsz if with_z else None,
-                                       gz2=gz2):
-        return None
-    return (_match(gx3, x), _empty(m) if weight is None else g_weight.to(weight.dtype),
-            _empty(m) if bias is None else g_bias.to(bias.dtype), gw1.to(w1.dtype), gb1.to(w1.dtype),
-            gw2.to(w2.dtype), gb2.to(w2.dtype),
-            g_sw.to(spatial_w.dtype).reshape(spatial_w.shape) if with_z else _no_z(x))
 
 
 def _site_backward(gx, g_big_a, g_big_b, gz, x, m, mu, var, batch, weight, bias, w1, w2, lambda_a, lambda_b,
@@ -756,8 +504,8 @@ def _site_backward(gx, g_big_a, g_big_b, gz, x, m, mu, var, batch, weight, bias,
         g_sw = (g_ws * s + g_zb * t).to(spatial_w.dtype).reshape(spatial_w.shape)
     coef_args = (state, g_big_a, g_big_b, m, None if batch else mu, var, weight, bias, w1, w2, lambda_a, lambda_b,
                  gs_z, gt_z, segments, width, use_bias)
-    gm, gvar, *grads = (_native.bn_coefs_backward(*coef_args) if backend.native_coefs(m, w1)
-                        else _bn_coefs_backward(*coef_args))
+    got = backend.run("bn_coefs_math_backward", m, *coef_args)
+    gm, gvar, *grads = _bn_coefs_backward(*coef_args) if got is None else got
     gx = _add_stats_grad(gx, x, mu, gm, gvar, batch)
     return (gx, *grads, _no_z(x) if g_sw is None else g_sw)
 
@@ -776,58 +524,10 @@ def _add_stats_grad(gx: Optional[Tensor], x: Tensor, mu: Tensor, gm: Tensor, gva
     if not batch:
         stats = _pool_grad_of(gm, x.shape)
         return _match(stats, x) if gx is None else _add_into(gx, stats)
-    x3 = _as3d(x)
-    if gx is not None and x3.dtype == mu.dtype and backend.native(x3) and gx.is_contiguous():
-        _native.moments_backward_(_as3d(gx), x3, mu, gm, gvar)
-        return gx
+    if gx is not None and backend.run("moments_backward_", x, _as3d(gx), _as3d(x), mu, gm, gvar):
+        return gx  # added in place (the C kernel)
     stats = IMPLS["moments_backward"](x, mu, gm, gvar)
     return stats if gx is None else _add_into(gx, stats)
-
-
-def _bn_coefs_backward(state, g_big_a, g_big_b, m, mu, var, weight, bias, w1, w2, lambda_a, lambda_b, gs_z, gt_z,
-                       segments, width, use_bias):
-    """(grad m, var, weight, bias, w1, b1, w2, b2): the backward of ``_bn_coefs_math`` given its state and
-    variant C's terms of grad s and grad t (or None); mu: the mean it normalised with, if given (else the
-    batch's, m.mean(0)). The same ops as ``dyrelu_cpu::bn_coefs_backward`` (_cpu_ops.cpp), which the CPU runs."""
-    r, t, ph, h_pre, h, sig, a = state
-    ph, h = ph.to(w1.dtype), h.to(w2.dtype)  # no-ops but where autocast ran the forward's FCs
-    cdt = r.dtype
-    n, c = m.shape[0], m.shape[1]
-    mc = m.to(cdt)
-    mu_v = mc.mean(0) if mu is None else mu.to(cdt)  # as _bn_fold computes them
-    s = _scale(state, weight)
-    k = a.shape[1]
-    g_big_a = torch.zeros((n, k, c), dtype=cdt, device=m.device) if g_big_a is None else g_big_a.to(cdt)
-    g_big_b = torch.zeros((n, k, c), dtype=cdt, device=m.device) if g_big_b is None else g_big_b.to(cdt)
-    # A = a s, B = b + a t  (a broadcast over C for variant A)
-    ga = g_big_a * s + g_big_b * t
-    gb = g_big_b
-    if a.shape[2] != ga.shape[2]:
-        ga, gb = ga.sum(2, keepdim=True), gb.sum(2, keepdim=True)
-    gs = (g_big_a * a).sum((0, 1))
-    gt = (g_big_b * a).sum((0, 1))
-    if gs_z is not None:
-        gs = gs + gs_z
-    if gt_z is not None:
-        gt = gt + gt_z
-    gp, gw1, gb1, gw2, gb2 = _hyper.hyper_backward_from(ga, gb, ph, h_pre, h, sig, w1, w2, lambda_a, lambda_b,
-                                                        segments, width, use_bias)
-    gp = gp.to(cdt)
-    # pooled = m s + t
-    gm = gp * s
-    gs = gs + (gp * mc).sum(0)
-    gt = gt + gp.sum(0)
-    # t = bias - mu s
-    gs = gs - gt * mu_v
-    if mu is None:  # mu = mean over n of m
-        gm = gm - (gt * s) / n
-    # s = r weight, r = (var + eps)^-1/2
-    gr = gs if weight is None else gs * weight.to(cdt)
-    gvar = gr * (-0.5) * r * r * r
-    g_weight = _empty(m) if weight is None else (gs * r).to(weight.dtype)
-    g_bias = _empty(m) if bias is None else gt.to(bias.dtype)
-    return (gm.to(m.dtype).contiguous(), gvar.to(var.dtype).contiguous(), g_weight, g_bias,
-            gw1.contiguous(), gb1.contiguous(), gw2.contiguous(), gb2.contiguous())
 
 
 @_fake(bn_coefs_backward)
@@ -875,31 +575,8 @@ _autograd(bn_coefs, _bn_coefs_setup, _bn_coefs_grad)
 # dyrelu::moments
 # ---------------------------------------------------------------------------------------
 def _row_moments(x3: Tensor, cdt: torch.dtype) -> Tuple[Tensor, Tensor]:
-    """(per-(n, c) mean, per-(n, c) biased variance) over L, both (N, C) in ``cdt``.
-
-    CPU: two passes over the (1, N*C, L) row view that ATen runs vectorised and in parallel: the
-    row means, then the inference-mode BN backward (sums only) with g = x and mean = the row mean,
-    which gives sum (x - m) x and sum x per row in one read; sum (x - m)^2 follows exactly in math.
-    (``torch.var_mean`` and the training-mode BN statistics take 5 to 20 times longer here.) In
-    float32 the variance keeps a relative error of about 2e-8 * (mean / std)^2 of a row.
-    """
-    n, c, l = x3.shape
-    if _use_triton_bn(x3):
-        got = _triton_bn.row_moments(x3)
-        if got is not None:
-            return got
-    if x3.device.type == "cpu" and tk.bn_ok(x3):
-        rows = n * c
-        x1 = x3.view(1, rows, l)
-        m = x1.mean(2, dtype=cdt).view(rows)
-        zeros, ones = tk._consts(rows, cdt)
-        _, s_xc, s_x = torch.ops.aten.native_batch_norm_backward(
-            x1, x1, ones, m, ones, None, None, False, 0.0, [False, True, True])
-        v = (s_xc.to(cdt) - m * (s_x.to(cdt) - l * m)) / l
-        return m.view(n, c), v.view(n, c)
-    xc = x3 if x3.dtype == cdt else x3.to(cdt)
-    m = xc.mean(2)
-    return m, (xc - m[:, :, None]).square().mean(2)
+    """(per-(n, c) mean, per-(n, c) biased variance) over L, both (N, C) in ``cdt``."""
+    return backend.run("row_moments", x3, x3, cdt)
 
 
 @_op("moments")
@@ -907,10 +584,11 @@ def moments(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """(m (N, C) mean over the spatial dims, var (C,) biased variance over batch and space, mu (C,)
     the mean, not differentiable: use m.mean(0) to differentiate it), in float32 (float64 for
     float64 x). One read of x."""
-    cdt = tk.compute_dtype(x.dtype)
+    cdt = acc_dtype(x.dtype)
     x3 = _as3d(x)
-    if x.dtype == cdt and backend.native(x3):  # the same in C++ (_cpu_ops.cpp)
-        return _native.moments(x3)
+    got = backend.run("moments", x, x3)  # the same in C++ (_cpu_ops.cpp)
+    if got is not None:
+        return got
     m, v = _row_moments(x3, cdt)
     mu = m.mean(0)
     # law of total variance: within-row variance plus the variance of the row means (exact)
@@ -920,24 +598,13 @@ def moments(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
 
 @_fake(moments)
 def _(x):
-    cdt = tk.compute_dtype(x.dtype)
+    cdt = acc_dtype(x.dtype)
     return x.new_empty(x.shape[:2], dtype=cdt), x.new_empty((x.shape[1],), dtype=cdt), x.new_empty((x.shape[1],), dtype=cdt)
 
 
 def _affine_rows(x3: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
     """alpha_c x + beta_nc on (N, C, L), output like x (a fresh tensor, one pass)."""
-    n, c, l = x3.shape
-    if _use_triton_bn(x3):
-        got = _triton_bn.affine_rows(x3, alpha.contiguous(), beta.contiguous())
-        if got is not None:
-            return got
-    if x3.device.type == "cpu" and tk.bn_ok(x3):
-        rows = n * c
-        zeros, ones = tk._consts(rows, alpha.dtype)
-        w = alpha.expand(n, c).reshape(rows)
-        out = torch.batch_norm(x3.view(1, rows, l), w, beta.reshape(rows), zeros, ones, False, 0.0, 0.0, False)
-        return out.view(n, c, l)
-    return (x3 * alpha[None, :, None] + beta[:, :, None]).to(x3.dtype)
+    return backend.run("affine_rows", x3, x3, alpha, beta)
 
 
 @_op("moments_backward")
@@ -947,8 +614,9 @@ def moments_backward(x: Tensor, mu: Tensor, g_m: Optional[Tensor], g_var: Option
     x3 = _as3d(x)
     length = x3.shape[2]
     cdt = mu.dtype
-    if x3.dtype == cdt and backend.native(x3):  # the same in C++ (_cpu_ops.cpp)
-        return _match(_native.moments_backward(x3, mu, g_m, g_var), x)
+    got = backend.run("moments_backward", x, x3, mu, g_m, g_var)  # the same in C++ (_cpu_ops.cpp)
+    if got is not None:
+        return _match(got, x)
     # d m_nc / dx = 1 / L;  d var / dx = 2 (x - mu) / M  (the mean's own term cancels)
     alpha = torch.zeros(c, dtype=cdt, device=x.device) if g_var is None else g_var.to(cdt) * (2.0 / (n * length))
     beta = -(alpha * mu)
@@ -987,17 +655,8 @@ def running_update(running_mean: Tensor, running_var: Tensor, num_batches_tracke
     """BatchNorm2d's running-stat update from the batch's mean mu and biased variance var:
     momentum (or, cumulative, 1 / num_batches_tracked computed on the device: no host sync), the
     unbiased variance, num_batches_tracked + 1."""
-    if backend.choose(running_mean) == "triton" and _triton_site.running_update(
-            running_mean, running_var, num_batches_tracked, mu, var, momentum, cumulative, count):
-        return  # one launch instead of five
-    factor: object = 0.0 if cumulative else momentum
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
-        if cumulative:
-            factor = num_batches_tracked.to(running_mean.dtype).reciprocal()
-    unbiased = var * (count / (count - 1))
-    running_mean.lerp_(mu.to(running_mean.dtype), factor)
-    running_var.lerp_(unbiased.to(running_var.dtype), factor)
+    backend.run("running_update", running_mean, running_mean, running_var, num_batches_tracked, mu, var, momentum,
+                cumulative, count)
 
 
 @_fake(running_update)
@@ -1020,11 +679,10 @@ def bn_act(x: Tensor, mean: Optional[Tensor], var: Optional[Tensor], weight: Opt
            use_bias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, List[Tensor]]:
     """(y, A, B, m, batch mu, batch var, state): y = DY-ReLU(BN(x)) for variants A and B, the rest as
     ``bn_coefs`` returns it (normalised with ``mean`` and ``var``, or both None, the batch's)."""
-    x3 = _as3d(x)
-    if _native_site(x3, w1, init_a.shape[0]):
-        y3, *rest = _native.bn_act(x3, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a,
-                                   lambda_b, segments, width, use_bias)
-        return (_match(y3, x), *rest)
+    got = backend.run("bn_act", x, x, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b, lambda_a,
+                      lambda_b, segments, width, use_bias)
+    if got is not None:
+        return got
     big_a, big_b, _, *rest = IMPLS["bn_coefs"](x, mean, var, weight, bias, eps, w1, b1, w2, b2, init_a, init_b,
                                                lambda_a, lambda_b, None, segments, width, use_bias)
     return (IMPLS["apply"](x, big_a, big_b, None), big_a, big_b, *rest)
@@ -1050,43 +708,13 @@ def bn_act_backward(g: Tensor, x: Tensor, big_a: Tensor, big_b: Tensor, m: Tenso
                     use_bias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(grad x, grad weight, grad bias (empty where absent), grad w1, b1, w2, b2); the arguments as
     ``bn_coefs_backward`` takes them. The statistics' gradient is added into the apply's grad x in place."""
-    x3 = _as3d(x)
-    if _native_site(x3, w1, big_a.shape[1]):
-        gx3, *grads = _native.bn_act_backward(_as3d(g).contiguous(), x3, big_a, big_b, m, mu, var, batch, weight,
-                                              bias, w1, w2, lambda_a, lambda_b, state, segments, width, use_bias)
-        return (_match(gx3, x), *grads)
-    if _triton_site_ok(x, w1, big_a.shape[1]) and state[0].dtype == torch.float32:
-        got = _triton_site_backward(g, x, big_a, big_b, m, mu, var, batch, weight, bias, w1, w2, lambda_a, lambda_b,
-                                    state, segments, width, use_bias)
-        if got is not None:
-            return got
+    got = backend.run("bn_act_backward", x, g, x, big_a, big_b, m, mu, var, batch, weight, bias, w1, w2, lambda_a,
+                      lambda_b, state, segments, width, use_bias)
+    if got is not None:
+        return got
     gx, ga, gb, _ = IMPLS["apply_backward"](g, x, big_a, big_b, None, False)
     return _site_backward(gx, ga, gb, None, x, m, mu, var, batch, weight, bias, w1, w2, lambda_a, lambda_b, None,
                           state, segments, width, use_bias)[:7]
-
-
-def _triton_site_backward(g, x, big_a, big_b, m, mu, var, batch, weight, bias, w1, w2, lambda_a, lambda_b, state,
-                          segments, width, use_bias):
-    """bn_act_backward in four launches: the apply's backward (its partial sums left unsummed), the
-    coefficient backward's two kernels, the statistics' gradient added into grad x in place. None
-    where the apply kernel fell back (the caller runs the composition)."""
-    x3 = _as3d(x)
-    got = _triton.apply_backward(_as3d(g), x3, big_a, big_b, None, False, raw=True)
-    if got is None:
-        return None
-    gx3, psx, ps, _ = got
-    back = _triton_site.coefs_backward(psx, ps, psx.shape[0], m, mu, batch, x3.shape[2], weight, w1, w2, lambda_a,
-                                       lambda_b, state, segments, width, use_bias)
-    if back is not None:
-        gp, alpha, coefp, v, g_weight, g_bias, _gvar, gw1, gb1, gw2, gb2, _, _ = back
-        if _triton_site.add_stats_grad(gx3, _triton._prepare(x3)[0], alpha, coefp, v, gp):
-            return (_match(gx3, x), _empty(m) if weight is None else g_weight.to(weight.dtype),
-                    _empty(m) if bias is None else g_bias.to(bias.dtype), gw1.to(w1.dtype), gb1.to(w1.dtype),
-                    gw2.to(w2.dtype), gb2.to(w2.dtype))
-    # a site kernel failed (warned): the composition from the apply's sums
-    ga, gb = psx.sum(0), ps.sum(0)
-    return _site_backward(_match(gx3, x), ga, gb, None, x, m, mu, var, batch, weight, bias, w1, w2, lambda_a,
-                          lambda_b, None, state, segments, width, use_bias)[:7]
 
 
 @_fake(bn_act_backward)
