@@ -26,3 +26,25 @@ def _dyrelu_cache(tmp_path_factory):
         os.environ["DYRELU_CACHE"] = str(tmp_path_factory.mktemp("dyrelu_cache"))
     os.environ.setdefault("WANDB_MODE", "disabled")
     yield
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """``train.py trainer=smoke`` on the tiny demo (runs.TINY), run once per session: (its run folder,
+    its CompletedProcess). Several tests check different things of this same run; one that changes
+    the folder (evaluates into it, resumes it) works on a copy (``smoke_run_copy``)."""
+    from runs import TINY, run_train
+
+    run_dir = tmp_path_factory.mktemp("smoke") / "run"
+    return run_dir, run_train(run_dir, "trainer=smoke", *TINY)
+
+
+@pytest.fixture
+def smoke_run_copy(smoke_run, tmp_path):
+    """A copy of the session's smoke run at ``tmp_path / "run"``, and the run's CompletedProcess."""
+    import shutil
+
+    src, proc = smoke_run
+    dst = tmp_path / "run"
+    shutil.copytree(src, dst)
+    return dst, proc

@@ -130,3 +130,28 @@ def _read_wandb_log(path, pb, struct) -> dict:
                 for item in rec.history.item:
                     run["history"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
     return run
+
+
+class Background:
+    """train.py runs started ahead of the tests that read them, at most ``jobs`` at once (each run is
+    one thread: a 2-core machine trains two side by side at about the speed of one alone).
+
+    ``start(key, run_dir, *overrides)`` queues a run (once per key); ``get(key)`` waits for it and
+    returns ``run_train``'s CompletedProcess (re-raising its failure). ``close()`` waits for the rest."""
+
+    def __init__(self, jobs: int = 2):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=jobs)
+        self._futures: dict = {}
+
+    def start(self, key, run_dir, *overrides, timeout=900):
+        if key not in self._futures:
+            self._futures[key] = self._pool.submit(run_train, run_dir, *overrides, timeout=timeout)
+        return self._futures[key]
+
+    def get(self, key) -> subprocess.CompletedProcess:
+        return self._futures[key].result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

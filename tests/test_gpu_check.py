@@ -18,13 +18,22 @@ def _load():
     return load_script("gpu_check")
 
 
-@pytest.mark.slow
-def test_quick_cpu_run_end_to_end(tmp_path):
+@pytest.fixture(scope="module")
+def quick_cpu_run(tmp_path_factory):
+    """``gpu_check.py --device cpu --quick`` end to end, once: (process, gpu_check.json, out folder),
+    shared by the tests that read its sections (the run takes a minute on 2 cores)."""
+    out = tmp_path_factory.mktemp("gpu_check_quick")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     env.pop("DYRELU_FUSED_BACKEND", None)
-    proc = subprocess.run([sys.executable, "scripts/gpu_check.py", "--out", str(tmp_path), "--device", "cpu", "--quick"],
+    proc = subprocess.run([sys.executable, "scripts/gpu_check.py", "--out", str(out), "--device", "cpu", "--quick"],
                           capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=600)
-    doc = json.loads((tmp_path / "gpu_check.json").read_text())
+    return proc, json.loads((out / "gpu_check.json").read_text()), out
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("gpu_check_quick")
+def test_quick_cpu_run_end_to_end(quick_cpu_run):
+    proc, doc, tmp_path = quick_cpu_run
     status = {k: s["status"] for k, s in doc["sections"].items()}
     assert proc.returncode == 0, (status, doc["failures"], proc.stdout[-2000:], proc.stderr[-2000:])
     assert status == {"a": "pass", "b": "pass", "c": "pass", "d": "pass", "e": "skip", "g": "skip", "p": "pass",
@@ -150,11 +159,13 @@ def test_many_rows_tolerates_a_flip_at_a_crossing_only():
     assert len(fails) == 2 and fails[0].startswith("grad_x: 1 element(s)") and fails[1].startswith("grad_fc1.weight")
 
 
-def test_section_p_profile_on_cpu(tmp_path):
-    """(p) at quick sizes: counts and busy time per step, DY-ReLU against ReLU."""
-    gc = _load()
-    assert gc.main(["--out", str(tmp_path), "--device", "cpu", "--quick", "--only", "p"]) == 0
-    p = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]["p"]
+@pytest.mark.slow
+@pytest.mark.xdist_group("gpu_check_quick")
+def test_section_p_profile_on_cpu(quick_cpu_run):
+    """(p) at quick sizes: counts and busy time per step, DY-ReLU against ReLU (read from the quick
+    run's section p: the same code at the same sizes, not profiled a second time)."""
+    _, doc, tmp_path = quick_cpu_run
+    p = doc["sections"]["p"]
     rows = {r["act"]: r for r in p["rows"]}
     assert p["status"] == "pass" and rows["relu"]["kernels_per_step"] > 50
     assert 1.0 < rows["dyrelu_b"]["kernels_ratio"] < rows["dyrelu_c"]["kernels_ratio"]

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runs import ROOT, TINY, env, run_train
+from runs import ROOT, TINY, Background, env, run_train
 
 # 5 steps per epoch, 3 epochs, dropout and random crops on, a sync point every step.
 ARGS = [*TINY, "trainer.max_epochs=3", "trainer.deterministic=true", "trainer.log_every=1", "trainer.save_every=2",
@@ -127,24 +127,33 @@ def _last(run_dir):
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    """The uninterrupted run of each (act, workers), run once when a case first needs it."""
-    done = {}
+def straight(request, tmp_path_factory):
+    """The uninterrupted run of each (act, workers), run once. The references of every selected case
+    start in the background when the first case starts (one at a time: the cases' own killed runs
+    train beside them), and a case waits for its reference only once its own runs are done."""
+    root = tmp_path_factory.mktemp("straight")
+    refs = Background(jobs=1)
+
+    def start(act, workers):
+        refs.start((act, workers), root / f"{act}_{workers}", *_args(act, workers))
+
+    for item in request.session.items:
+        if item.module is request.module and hasattr(item, "callspec") and "act" in item.callspec.params:
+            start(item.callspec.params["act"], item.callspec.params["workers"])
 
     def get(act, workers):
-        if (act, workers) not in done:
-            run_dir = tmp_path_factory.mktemp(f"straight_{act}_{workers}")
-            run_train(run_dir, *_args(act, workers))
-            done[act, workers] = run_dir
-        return done[act, workers]
+        start(act, workers)
+        refs.get((act, workers))
+        return root / f"{act}_{workers}"
 
-    return get
+    yield get
+    refs.close()
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("resume_kill")  # one worker: the references are shared by the cases
 @pytest.mark.parametrize("act,workers,where", CASES, ids=[f"{a}-w{w}-{k}" for a, w, k in CASES])
 def test_kill9_then_rerun_ends_exactly_as_the_uninterrupted_run(tmp_path, straight, act, workers, where):
-    ref = straight(act, workers)
     run_dir = tmp_path / "run"
     args = _args(act, workers)
     cmd = [sys.executable, "-c", WRAPPER, str(ROOT / "train.py"), *args, f"hydra.run.dir={run_dir}"]
@@ -166,6 +175,7 @@ def test_kill9_then_rerun_ends_exactly_as_the_uninterrupted_run(tmp_path, straig
         assert out.count("is damaged") == 1 and "resuming from the previous checkpoint" in out, out[-3000:]
         assert "Resuming from " + str(checkpoints / "last.prev.pt") + ": epoch 1, step 2" in out
         assert not list(checkpoints.glob(".*.tmp")), "the cut write's temporary file was left behind"
+    ref = straight(act, workers)
     a, b = _last(ref), _last(run_dir)
     assert (b["epoch"], b["global_step"]) == (a["epoch"], a["global_step"]) == (3, 15)
     assert a["model"].keys() == b["model"].keys()

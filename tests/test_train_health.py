@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import dyrelu
-from runs import ROOT, run_train
+from runs import ROOT, Background
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import inspect_dynamic  # noqa: E402
@@ -39,11 +39,45 @@ def _epochs(run_dir: Path) -> list[dict]:
         return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
+# The trainings the slow tests compare, by name; each test names the ones it reads (RUNS_OF).
+RUNS = {"relu": ["act=relu"], "b": ["act=dyrelu_b"], "c0": ["act=dyrelu_c", "seed=0"], "c2": ["act=dyrelu_c", "seed=2"]}
+RUNS_OF = {
+    "test_dyrelu_b_trains_about_as_fast_as_relu": lambda params: ["relu", "b"],
+    "test_dyrelu_c_trains_and_keeps_an_input_dependent_attention": lambda params: ["relu", f"c{params['seed']}"],
+}
+#: all of this module's trainings run on one xdist worker, which starts them together
+HEALTH = pytest.mark.xdist_group("train_health")
+
+
 @pytest.fixture(scope="module")
-def relu_curve(tmp_path_factory) -> list[dict]:
-    run_dir = tmp_path_factory.mktemp("health") / "relu"
-    run_train(run_dir, "act=relu", *SHORT_DEMO, timeout=600)
-    return _epochs(run_dir)
+def trained(request, tmp_path_factory):
+    """``trained(name)``: the run folder of RUNS[name] trained on SHORT_DEMO. Every run a selected test
+    of this module reads is started at once, two at a time (one thread each: ReLU's curve and the
+    DY-ReLU runs side by side), so the tests wait for about half of the four runs' time."""
+    root = tmp_path_factory.mktemp("health")
+    runs = Background(jobs=2)
+
+    def start(name):
+        runs.start(name, root / name, *RUNS[name], *SHORT_DEMO)
+
+    start("relu")
+    for item in request.session.items:
+        if item.module is request.module and item.originalname in RUNS_OF:
+            for name in RUNS_OF[item.originalname](getattr(item, "callspec", None) and item.callspec.params):
+                start(name)
+
+    def get(name) -> Path:
+        start(name)
+        runs.get(name)
+        return root / name
+
+    yield get
+    runs.close()
+
+
+@pytest.fixture(scope="module")
+def relu_curve(trained) -> list[dict]:
+    return _epochs(trained("relu"))
 
 
 #: the median over DY-ReLU-C layers of pi_input_var that a healthy C keeps (see the module docstring)
@@ -62,10 +96,10 @@ def _check_against_relu(act: str, rows: list[dict], relu_curve: list[dict]) -> N
 
 
 @pytest.mark.slow
-def test_dyrelu_b_trains_about_as_fast_as_relu(relu_curve, tmp_path):
+@HEALTH
+def test_dyrelu_b_trains_about_as_fast_as_relu(relu_curve, trained):
     """DY-ReLU-B with act.hyper_init=random fails this test."""
-    run_train(tmp_path / "b", "act=dyrelu_b", *SHORT_DEMO, timeout=600)
-    _check_against_relu("dyrelu_b", _epochs(tmp_path / "b"), relu_curve)
+    _check_against_relu("dyrelu_b", _epochs(trained("b")), relu_curve)
 
 
 def _pi_input_var(measured: dict) -> float:
@@ -73,13 +107,14 @@ def _pi_input_var(measured: dict) -> float:
 
 
 @pytest.mark.slow
+@HEALTH
 @pytest.mark.parametrize("seed", [0, 2])  # seed 2: at chance with the paper's recipe (docs/training-health.md)
-def test_dyrelu_c_trains_and_keeps_an_input_dependent_attention(seed, relu_curve, tmp_path):
+def test_dyrelu_c_trains_and_keeps_an_input_dependent_attention(seed, relu_curve, trained):
     """DY-ReLU-C with the paper's recipe alone (act.tau=10 optim.spatial_lr_scale=1.0) fails the
     loss check on seed 2; a flattened attention fails the pi check."""
-    run_train(tmp_path / "c", "act=dyrelu_c", f"seed={seed}", *SHORT_DEMO, timeout=600)
-    _check_against_relu("dyrelu_c", _epochs(tmp_path / "c"), relu_curve)
-    run_cfg, task, val_ds, model, _ = inspect_dynamic.load_run(str(tmp_path / "c" / "checkpoints" / "last.pt"), [])
+    run_dir = trained(f"c{seed}")
+    _check_against_relu("dyrelu_c", _epochs(run_dir), relu_curve)
+    run_cfg, task, val_ds, model, _ = inspect_dynamic.load_run(str(run_dir / "checkpoints" / "last.pt"), [])
     healthy = _pi_input_var(inspect_dynamic.measure_model(model, task, val_ds, run_cfg, max_images=64))
     assert healthy >= PI_INPUT_VAR_MIN, healthy
     if seed == 2:  # the check's own negative control, once: the same network, its attention flattened
