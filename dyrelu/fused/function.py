@@ -7,7 +7,7 @@ segment and returns grad_x = g * a_sel [* pi], grad_a_k = sum_L(g x [sel == k]),
 grad_b_k = sum_L(g [sel == k]) and, for C, grad_pi = sum_c(g * max_k(...)): one pass over
 (g, x) in the Triton and C kernels; on the CPU without them a few in-place / read-only ATen
 passes (see _torch_kernels.py). Ties pick the lowest k. Which kernels run is decided by
-``backend.choose`` inside the op, at run time, in every mode (eager, compiled, exported).
+the kernel table (``backend.run``) inside the op, at run time, in every mode (eager, compiled, exported).
 """
 from __future__ import annotations
 
