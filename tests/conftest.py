@@ -7,6 +7,21 @@ import pytest
 
 # The repository root is on sys.path through pyproject's `pythonpath = ["."]`: the framework
 # (models, data, engine) runs from the checkout and is not installed.
+#
+# The suite runs on two pytest-xdist workers (pyproject: `-n 2 --dist loadscope`; `-n 0` runs it in one
+# process). loadscope gives each worker whole modules, so a module-scoped run (test_train_health's
+# trainings, test_resume_kill's references, test_gpu_check's quick run) is made once and read by all its
+# tests; a session-scoped one (smoke_run) at most once per worker. Every worker has its own data cache.
+
+
+def pytest_collection_modifyitems(config, items):
+    """On an xdist worker: the modules with slow tests first (longest work first, so that the two
+    workers finish together instead of one waiting out a long module at the end); the order inside
+    a module and among the other modules is kept. Every worker sorts its collection the same way."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    slow = {item.module.__name__ for item in items if item.get_closest_marker("slow") and getattr(item, "module", None)}
+    items.sort(key=lambda item: getattr(item, "module", None) is None or item.module.__name__ not in slow)
 
 
 @pytest.fixture(autouse=True, scope="module")

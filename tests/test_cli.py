@@ -189,7 +189,6 @@ def test_a_bug_in_a_sweep_job_keeps_its_traceback_and_the_sweep_goes_on(tmp_path
 
 
 # ---- eval.py -------------------------------------------------------------------------------------
-@pytest.mark.xdist_group("smoke_run")
 def test_eval_scores_the_whole_validation_set_once_and_writes_one_file_per_checkpoint(tmp_path, smoke_run_copy):
     run_dir, _ = smoke_run_copy  # train.py trainer=smoke on TINY (conftest): validation capped at 2 batches of 16
     cwd = tmp_path / "cwd"

@@ -206,7 +206,6 @@ def test_nonfinite_validation_loss_fails_the_run_and_results_say_so(tmp_path):
     assert "top1" not in res and res["epochs"] == 0  # no metrics of a diverged model, no epoch completed
 
 
-@pytest.mark.xdist_group("smoke_run")
 def test_completed_run_says_so_in_results(smoke_run):
     run_dir, _ = smoke_run  # train.py trainer=smoke on TINY (conftest)
     res = results(run_dir)

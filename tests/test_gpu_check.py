@@ -31,7 +31,6 @@ def quick_cpu_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("gpu_check_quick")
 def test_quick_cpu_run_end_to_end(quick_cpu_run):
     proc, doc, tmp_path = quick_cpu_run
     status = {k: s["status"] for k, s in doc["sections"].items()}
@@ -160,7 +159,6 @@ def test_many_rows_tolerates_a_flip_at_a_crossing_only():
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("gpu_check_quick")
 def test_section_p_profile_on_cpu(quick_cpu_run):
     """(p) at quick sizes: counts and busy time per step, DY-ReLU against ReLU (read from the quick
     run's section p: the same code at the same sizes, not profiled a second time)."""

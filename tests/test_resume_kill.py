@@ -151,7 +151,6 @@ def straight(request, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("resume_kill")  # one worker: the references are shared by the cases
 @pytest.mark.parametrize("act,workers,where", CASES, ids=[f"{a}-w{w}-{k}" for a, w, k in CASES])
 def test_kill9_then_rerun_ends_exactly_as_the_uninterrupted_run(tmp_path, straight, act, workers, where):
     run_dir = tmp_path / "run"

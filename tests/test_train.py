@@ -17,7 +17,6 @@ def _rows(run_dir):
         return list(csv.DictReader(f))
 
 
-@pytest.mark.xdist_group("smoke_run")
 def test_smoke_run_writes_the_run_folder_and_eval_matches(smoke_run_copy):
     run_dir, p = smoke_run_copy  # train.py trainer=smoke on TINY (conftest), copied: resumed below
     assert (run_dir / ".hydra" / "config.yaml").is_file()

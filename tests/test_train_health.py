@@ -45,8 +45,6 @@ RUNS_OF = {
     "test_dyrelu_b_trains_about_as_fast_as_relu": lambda params: ["relu", "b"],
     "test_dyrelu_c_trains_and_keeps_an_input_dependent_attention": lambda params: ["relu", f"c{params['seed']}"],
 }
-#: all of this module's trainings run on one xdist worker, which starts them together
-HEALTH = pytest.mark.xdist_group("train_health")
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +94,6 @@ def _check_against_relu(act: str, rows: list[dict], relu_curve: list[dict]) -> N
 
 
 @pytest.mark.slow
-@HEALTH
 def test_dyrelu_b_trains_about_as_fast_as_relu(relu_curve, trained):
     """DY-ReLU-B with act.hyper_init=random fails this test."""
     _check_against_relu("dyrelu_b", _epochs(trained("b")), relu_curve)
@@ -107,7 +104,6 @@ def _pi_input_var(measured: dict) -> float:
 
 
 @pytest.mark.slow
-@HEALTH
 @pytest.mark.parametrize("seed", [0, 2])  # seed 2: at chance with the paper's recipe (docs/training-health.md)
 def test_dyrelu_c_trains_and_keeps_an_input_dependent_attention(seed, relu_curve, trained):
     """DY-ReLU-C with the paper's recipe alone (act.tau=10 optim.spatial_lr_scale=1.0) fails the
