@@ -11,7 +11,8 @@ import pytest
 # The suite runs on two pytest-xdist workers (pyproject: `-n 2 --dist loadscope`; `-n 0` runs it in one
 # process). loadscope gives each worker whole modules, so a module-scoped run (test_train_health's
 # trainings, test_resume_kill's references, test_gpu_check's quick run) is made once and read by all its
-# tests; a session-scoped one (smoke_run) at most once per worker. Every worker has its own data cache.
+# tests; a session-scoped one (smoke_run) at most once per worker. Every worker has its own data cache;
+# the native C kernels are built once for both (_dyrelu_cache).
 
 
 def pytest_collection_modifyitems(config, items):
@@ -39,6 +40,10 @@ def _one_thread():
 def _dyrelu_cache(tmp_path_factory):
     if not os.environ.get("DYRELU_CACHE"):
         os.environ["DYRELU_CACHE"] = str(tmp_path_factory.mktemp("dyrelu_cache"))
+        if os.environ.get("PYTEST_XDIST_WORKER") and not os.environ.get("DYRELU_NATIVE_CACHE"):
+            # the C kernels are built once for both workers, beside their own folders (the session's
+            # base temp): cpp_extension locks the build folder, as for concurrent DDP ranks
+            os.environ["DYRELU_NATIVE_CACHE"] = str(tmp_path_factory.getbasetemp().parent / "dyrelu_native")
     os.environ.setdefault("WANDB_MODE", "disabled")
     yield
 
