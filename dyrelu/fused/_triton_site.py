@@ -529,6 +529,13 @@ if HAS_TRITON:
         mx = tl.max(big, axis=0)
         return mx, tl.sum(tot * tl.exp(big - mx), axis=0)
 
+    @triton.jit
+    def _pi_terms(z_ptr, g_ptr, offs, mk, inv_tau, mx, tot, gamma):
+        # at positions offs of one sample: s = softmax(z / tau) and gamma gq, gq = g where gamma s <= 1
+        s = tl.exp(tl.load(z_ptr + offs, mask=mk, other=0.0).to(tl.float32) * inv_tau - mx) / tot
+        g = tl.load(g_ptr + offs, mask=mk, other=0.0).to(tl.float32)
+        return s, tl.where(s * gamma > 1.0, 0.0, g) * gamma
+
     @triton.jit(do_not_specialize=_INTS9)
     def _pi_fwd_kernel(z_ptr, tau_ptr, pi_ptr, L, BLOCK_L: tl.constexpr):
         # Eq. 4 for one sample: pi = min(gamma softmax(z / tau), 1), gamma = L / 3, in fp32
@@ -553,17 +560,13 @@ if HAS_TRITON:
         for l0 in range(0, L, BLOCK_L):
             offs = l0 + tl.arange(0, BLOCK_L)
             mk = offs < L
-            s = tl.exp(tl.load(z_ptr + n * L + offs, mask=mk, other=0.0).to(tl.float32) * inv_tau - mx) / tot
-            g = tl.load(g_ptr + n * L + offs, mask=mk, other=0.0).to(tl.float32)
-            gs = tl.where(s * gamma > 1.0, 0.0, g) * gamma
+            s, gs = _pi_terms(z_ptr + n * L, g_ptr + n * L, offs, mk, inv_tau, mx, tot, gamma)
             dot += tl.where(mk, gs * s, 0.0)
         d = tl.sum(dot, axis=0)
-        for l0 in range(0, L, BLOCK_L):
+        for l0 in range(0, L, BLOCK_L):  # the terms again (recomputed, not stored: one write of gz)
             offs = l0 + tl.arange(0, BLOCK_L)
             mk = offs < L
-            s = tl.exp(tl.load(z_ptr + n * L + offs, mask=mk, other=0.0).to(tl.float32) * inv_tau - mx) / tot
-            g = tl.load(g_ptr + n * L + offs, mask=mk, other=0.0).to(tl.float32)
-            gs = tl.where(s * gamma > 1.0, 0.0, g) * gamma
+            s, gs = _pi_terms(z_ptr + n * L, g_ptr + n * L, offs, mk, inv_tau, mx, tot, gamma)
             tl.store(gz_ptr + n * L + offs, (s * (gs - d) * inv_tau).to(gz_ptr.dtype.element_ty), mask=mk)
 
     _INTS6 = ["C"]

@@ -87,7 +87,7 @@ def run(name: str, on: torch.Tensor, *args, **kwargs):
     input, or None where none does (the caller composes the result from smaller kernels). ``on`` is the
     tensor the kernel reads (x; the chain depends on its device and dtype). A module whose kernel failed
     has warned once, through the one failure latch (``_latch``), and returns None."""
-    for module in _CHAIN_MODULES[choose(on)]:
+    for module in kernels(on):
         fn = getattr(module, name, None)
         if fn is not None:
             out = fn(*args, **kwargs)
